@@ -1,0 +1,12 @@
+"""moe_ops: torch.compile-native MoE token dispatch and combine under expert parallelism.
+
+Importing this package registers ``torch.ops.moe.dispatch``, ``torch.ops.moe.combine`` and their
+backward ops. See docs/contract.md for the layouts and docs/architecture.md for the modules.
+"""
+
+from moe_ops import config, ops
+from moe_ops.api import DispatchResult, Dispatcher, combine, dispatch
+from moe_ops.validation import MoEInputError
+
+__all__ = ["DispatchResult", "Dispatcher", "MoEInputError", "combine", "config", "dispatch", "ops"]
+__version__ = "0.1.0"

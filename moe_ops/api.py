@@ -1,0 +1,131 @@
+"""The Python API over ``torch.ops.moe.*``: typed functions and a small :class:`Dispatcher`."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+import moe_ops.ops  # noqa: F401  (registers torch.ops.moe.*)
+from moe_ops.backends.base import Layout
+from moe_ops.groups import comm_for, group_name_of
+
+Group = dist.ProcessGroup | str | None
+
+
+class DispatchResult(NamedTuple):
+    """What :func:`dispatch` returns (see docs/contract.md)."""
+
+    recv_x: Tensor  #: [N, H] (ragged) or [L, C, H] (padded), x.dtype; padding rows unspecified
+    recv_weights: Tensor  #: [N] or [L, C], topk_weights.dtype; 0 on padding rows
+    tokens_per_expert: Tensor  #: [L] int32, rows per local expert
+    dropped: Tensor  #: [L] int32, routes dropped at each local expert (padded over capacity)
+    handle: list[Tensor]  #: what combine and the backward passes need; backend-private
+
+
+def dispatch(
+    x: Tensor,
+    topk_idx: Tensor,
+    topk_weights: Tensor,
+    num_experts: int,
+    *,
+    group: Group = None,
+    layout: Layout = "ragged",
+    capacity: int | None = None,
+    max_tokens_per_rank: int | None = None,
+    backend: str = "auto",
+) -> DispatchResult:
+    """Send tokens to the ranks holding their experts (``torch.ops.moe.dispatch``).
+
+    ``x`` ``[T, H]`` bf16/fp16/fp32, ``topk_idx`` ``[T, K]`` int32/int64 global expert ids (``-1`` = no
+    route), ``topk_weights`` ``[T, K]`` float32. ``layout="padded"`` takes a static bound: ``capacity``
+    rows per local expert (default the no-drop worst case ``W * max_tokens_per_rank``).
+    """
+    out = torch.ops.moe.dispatch(
+        x,
+        topk_idx,
+        topk_weights,
+        num_experts=num_experts,
+        group_name=group_name_of(group),
+        backend=backend,
+        layout=layout,
+        capacity=-1 if capacity is None else capacity,
+        max_tokens_per_rank=-1 if max_tokens_per_rank is None else max_tokens_per_rank,
+    )
+    return DispatchResult(*out)
+
+
+def combine(expert_out: Tensor, dispatched: DispatchResult, *, group: Group = None, backend: str = "auto") -> Tensor:
+    """Weighted sum of each token's expert outputs, back on its source rank (``torch.ops.moe.combine``).
+
+    ``expert_out`` has the layout of ``dispatched.recv_x``; returns ``[T, H]`` in ``expert_out.dtype``.
+    """
+    return torch.ops.moe.combine(
+        expert_out, dispatched.recv_weights, dispatched.handle, group_name=group_name_of(group), backend=backend
+    )
+
+
+class Dispatcher:
+    """Holds the group, expert count and layout of one MoE layer, so calls read ``d.dispatch(x, idx, w)``.
+
+    Build it outside compiled code: it resolves the group once (size, rank, local experts).
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        *,
+        group: Group = None,
+        layout: Layout = "ragged",
+        capacity: int | None = None,
+        max_tokens_per_rank: int | None = None,
+        backend: str = "auto",
+    ) -> None:
+        comm = comm_for(group_name_of(group))
+        if num_experts % comm.world_size:
+            raise ValueError(f"num_experts={num_experts} is not divisible by the group size {comm.world_size}")
+        if layout == "padded" and capacity is None and max_tokens_per_rank is None:
+            raise ValueError("layout='padded' needs a static bound: max_tokens_per_rank and/or capacity")
+        self.num_experts = num_experts
+        self.group_name = comm.group_name
+        self.world_size = comm.world_size
+        self.rank = comm.rank
+        self.layout: Layout = layout
+        self.capacity = capacity
+        self.max_tokens_per_rank = max_tokens_per_rank
+        self.backend = backend
+
+    @property
+    def num_local_experts(self) -> int:
+        return self.num_experts // self.world_size
+
+    @property
+    def local_experts(self) -> range:
+        """Global ids of the experts this rank holds."""
+        n = self.num_local_experts
+        return range(self.rank * n, (self.rank + 1) * n)
+
+    def dispatch(self, x: Tensor, topk_idx: Tensor, topk_weights: Tensor) -> DispatchResult:
+        return dispatch(
+            x,
+            topk_idx,
+            topk_weights,
+            self.num_experts,
+            group=self.group_name,
+            layout=self.layout,
+            capacity=self.capacity,
+            max_tokens_per_rank=self.max_tokens_per_rank,
+            backend=self.backend,
+        )
+
+    def combine(self, expert_out: Tensor, dispatched: DispatchResult) -> Tensor:
+        return combine(expert_out, dispatched, group=self.group_name, backend=self.backend)
+
+    def __repr__(self) -> str:
+        return (
+            f"Dispatcher(num_experts={self.num_experts}, group={self.group_name!r}, world_size={self.world_size}, "
+            f"layout={self.layout!r}, capacity={self.capacity}, max_tokens_per_rank={self.max_tokens_per_rank}, "
+            f"backend={self.backend!r})"
+        )

@@ -1,0 +1,107 @@
+"""The oracle: dispatch and combine over a simulated world of ``W`` ranks, in plain torch.
+
+Written for clarity, not speed. Inputs are per-rank lists (index ``r`` = rank ``r``); outputs are
+what each rank holds. Every backend is checked against this module. It is differentiable (built from
+indexing, ``stack`` and ``index_add``), so gradients are checked against it too.
+
+The contract it encodes (docs/contract.md): rank ``r`` owns global experts ``[r*L, (r+1)*L)``; rows of a
+local expert are ordered by (source rank, source token, k); ids outside ``[0, E)`` are masked; the padded
+layout keeps the first ``C`` rows of each expert and counts the rest as dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class RankReceived:
+    """What one rank holds after dispatch."""
+
+    recv_x: Tensor  #: [N, H] ragged, or [L, C, H] padded (padding rows zero)
+    recv_weights: Tensor  #: [N] or [L, C]
+    tokens_per_expert: Tensor  #: [L] int32
+    dropped: Tensor  #: [L] int32
+    sources: Tensor  #: [N, 3] or [L, C, 3] int64: (source rank, token, k) of each row; -1 on padding rows
+
+
+def _routes_to(topk_idx: list[Tensor], expert: int) -> list[tuple[int, int, int]]:
+    """All routes to global ``expert`` in (source rank, token, k) order."""
+    return [(s, t, k) for s, idx in enumerate(topk_idx) for t, k in (idx == expert).nonzero().tolist()]
+
+
+def dispatch(
+    xs: list[Tensor],
+    topk_idx: list[Tensor],
+    topk_weights: list[Tensor],
+    num_experts: int,
+    capacity: int | None = None,
+) -> list[RankReceived]:
+    """Dispatch as the contract defines it. ``capacity=None``: ragged layout; an int: padded layout."""
+    world = len(xs)
+    num_local = num_experts // world
+    hidden = xs[0].shape[1]
+    received = []
+    for rank in range(world):
+        x_rows, w_rows, src_rows, counts, dropped = [], [], [], [], []
+        for e in range(num_local):
+            routes = _routes_to(topk_idx, rank * num_local + e)
+            kept = routes if capacity is None else routes[:capacity]
+            counts.append(len(kept))
+            dropped.append(len(routes) - len(kept))
+            pad = 0 if capacity is None else capacity - len(kept)
+            x_rows += [xs[s][t] for s, t, _ in kept] + [xs[0].new_zeros(hidden)] * pad
+            w_rows += [topk_weights[s][t, k] for s, t, k in kept] + [topk_weights[0].new_zeros(())] * pad
+            src_rows += kept + [(-1, -1, -1)] * pad
+        rows = (len(x_rows),) if capacity is None else (num_local, capacity)
+        received.append(
+            RankReceived(
+                recv_x=(torch.stack(x_rows) if x_rows else xs[0].new_zeros(0, hidden)).reshape(*rows, hidden),
+                recv_weights=(torch.stack(w_rows) if w_rows else topk_weights[0].new_zeros(0)).reshape(rows),
+                tokens_per_expert=torch.tensor(counts, dtype=torch.int32),
+                dropped=torch.tensor(dropped, dtype=torch.int32),
+                sources=torch.tensor(src_rows, dtype=torch.int64).reshape(*rows, 3),
+            )
+        )
+    return received
+
+
+def combine(
+    received: list[RankReceived],
+    expert_outs: list[Tensor],
+    num_tokens: list[int],
+    recv_weights: list[Tensor] | None = None,
+) -> list[Tensor]:
+    """``out[s][t] = sum over rows (s, t, k) of recv_weights[row] * expert_out[row]``, in float64.
+
+    ``expert_outs[r]`` has the layout of ``received[r].recv_x``; ``recv_weights`` defaults to the
+    dispatched weights. Masked and dropped routes have no row and add nothing.
+    """
+    hidden = expert_outs[0].shape[-1]
+    outs = [torch.zeros(t, hidden, dtype=torch.float64) for t in num_tokens]
+    for rank, got in enumerate(received):
+        weights = got.recv_weights if recv_weights is None else recv_weights[rank]
+        sources = got.sources.reshape(-1, 3)
+        rows = (weights.reshape(-1, 1).double() * expert_outs[rank].reshape(-1, hidden).double())
+        for s in range(len(outs)):
+            mine = (sources[:, 0] == s).nonzero().squeeze(1)
+            outs[s] = outs[s].index_add(0, sources[mine, 1], rows[mine])
+    return outs
+
+
+def moe_forward(
+    x: Tensor, topk_idx: Tensor, topk_weights: Tensor, num_experts: int, expert: Callable[[int, Tensor], Tensor]
+) -> Tensor:
+    """The definition of an MoE layer on one rank, with no dispatch at all, in float64:
+    ``out[t] = sum_k topk_weights[t, k] * expert(topk_idx[t, k], x[t])`` over ids in ``[0, num_experts)``."""
+    out = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
+    for e in range(num_experts):
+        tokens, ks = (topk_idx == e).nonzero(as_tuple=True)
+        if tokens.numel():
+            contribution = topk_weights[tokens, ks].double().unsqueeze(1) * expert(e, x[tokens]).double()
+            out = out.index_add(0, tokens, contribution)
+    return out

@@ -1,0 +1,175 @@
+"""The conformance suite: run one rank's dispatch → toy experts → combine → backward with our ops,
+compute the same pipeline with :mod:`moe_ops.reference`, and compare.
+
+Dispatch is a permutation, so its outputs must match exactly (padding rows excepted: their content is
+unspecified). Combine and the gradients are sums, so they must match within a bound derived from
+float32 accumulation and one rounding to the output dtype per partial sum, scaled by the sum of the
+terms' magnitudes (the same pipeline run on absolute values).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+import moe_ops
+from moe_ops import reference
+from moe_ops.testing.problems import Problem
+
+
+@dataclass
+class RankResult:
+    """What one rank ends up with; CPU tensors."""
+
+    recv_x: Tensor
+    recv_weights: Tensor
+    tokens_per_expert: Tensor
+    dropped: Tensor
+    out: Tensor
+    grad_x: Tensor
+    grad_weights: Tensor
+
+
+def toy_experts(recv_x: Tensor, tokens_per_expert: Tensor, first_expert: int) -> Tensor:
+    """Stand-in experts: global expert ``g`` scales its rows by ``1 + g / 16`` (different per expert)."""
+    num_local = tokens_per_expert.shape[0]
+    scale = 1 + (first_expert + torch.arange(num_local, device=recv_x.device, dtype=torch.float32)) / 16
+    if recv_x.dim() == 3:
+        return recv_x * scale.to(recv_x.dtype).view(-1, 1, 1)
+    per_row = torch.repeat_interleave(scale, tokens_per_expert.long(), output_size=recv_x.shape[0])
+    return recv_x * per_row.to(recv_x.dtype).unsqueeze(1)
+
+
+def cotangent(problem: Problem, rank: int) -> Tensor:
+    """The fixed float32 gradient ``dL/d out`` of rank ``rank``."""
+    gen = torch.Generator().manual_seed(7919 * (rank + 1))
+    return torch.randn(problem.xs[rank].shape, generator=gen)
+
+
+def pipeline(problem: Problem, rank: int, *, group: object = None, backend: str = "auto") -> Callable[..., tuple[Tensor, ...]]:
+    """The rank's forward step ``(x, topk_idx, topk_weights) -> (recv_x, recv_weights, counts, dropped, out)``."""
+    first_expert = rank * problem.num_local_experts
+
+    def step(x: Tensor, topk_idx: Tensor, topk_weights: Tensor) -> tuple[Tensor, ...]:
+        d = moe_ops.dispatch(
+            x, topk_idx, topk_weights, problem.num_experts, group=group, backend=backend, **problem.dispatch_kwargs()
+        )
+        out = moe_ops.combine(toy_experts(d.recv_x, d.tokens_per_expert, first_expert), d, group=group, backend=backend)
+        return d.recv_x, d.recv_weights, d.tokens_per_expert, d.dropped, out
+
+    return step
+
+
+def run_rank(
+    problem: Problem,
+    rank: int,
+    *,
+    group: object = None,
+    backend: str = "auto",
+    device: str | torch.device = "cpu",
+    step: Callable[..., tuple[Tensor, ...]] | None = None,
+) -> RankResult:
+    """Run the pipeline (or a compiled ``step`` of it) on rank ``rank``'s inputs, forward and backward."""
+    x = problem.xs[rank].to(device).requires_grad_()
+    weights = problem.topk_weights[rank].to(device).requires_grad_()
+    step = step or pipeline(problem, rank, group=group, backend=backend)
+    recv_x, recv_weights, counts, dropped, out = step(x, problem.topk_idx[rank].to(device), weights)
+    (out.float() * cotangent(problem, rank).to(device)).sum().backward()
+    assert x.grad is not None and weights.grad is not None
+    return RankResult(
+        *(t.detach().cpu() for t in (recv_x, recv_weights, counts, dropped, out, x.grad, weights.grad))
+    )
+
+
+def _reference_run(problem: Problem, absolute: bool) -> list[RankResult]:
+    """The pipeline through the reference, in float64 from the expert outputs on. With ``absolute``,
+    inputs and cotangents are replaced by their absolute values: outputs are then magnitudes."""
+    fix = torch.abs if absolute else (lambda t: t)
+    xs = [fix(x).detach().clone().requires_grad_() for x in problem.xs]
+    ws = [fix(w).detach().clone().requires_grad_() for w in problem.topk_weights]
+    got = reference.dispatch(xs, problem.topk_idx, ws, problem.num_experts, problem.reference_capacity)
+    ys = [
+        toy_experts(g.recv_x, g.tokens_per_expert, r * problem.num_local_experts).double()
+        for r, g in enumerate(got)
+    ]
+    outs = reference.combine(got, ys, [x.shape[0] for x in xs])
+    loss = sum((out * fix(cotangent(problem, r)).double()).sum() for r, out in enumerate(outs))
+    grads = torch.autograd.grad(loss, xs + ws, allow_unused=True) if loss.requires_grad else [None] * 2 * len(xs)
+    world = problem.world_size
+    results = []
+    for r, g in enumerate(got):
+        gx, gw = grads[r], grads[world + r]
+        results.append(
+            RankResult(
+                g.recv_x.detach(),
+                g.recv_weights.detach(),
+                g.tokens_per_expert,
+                g.dropped,
+                outs[r].detach(),
+                torch.zeros_like(xs[r]) if gx is None else gx,
+                torch.zeros_like(ws[r]) if gw is None else gw,
+            )
+        )
+    return results
+
+
+def expected(problem: Problem) -> tuple[list[RankResult], list[RankResult]]:
+    """``(reference results, magnitudes)`` for every rank."""
+    return _reference_run(problem, absolute=False), _reference_run(problem, absolute=True)
+
+
+def valid_rows(tokens_per_expert: Tensor, capacity: int) -> Tensor:
+    """``[L, C]`` bool: which rows of a padded layout hold a route."""
+    return torch.arange(capacity).unsqueeze(0) < tokens_per_expert.long().unsqueeze(1)
+
+
+def _unit_roundoff(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps / 2
+
+
+def assert_close_to_reference(
+    name: str, ours: Tensor, ref: Tensor, magnitude: Tensor, dtype: torch.dtype, top_k: int, context: str
+) -> None:
+    """``|ours - ref| <= (8 u + (K + 8) u_fp32) |magnitude| + 8 s`` elementwise, with ``u`` the unit
+    roundoff and ``s`` the subnormal spacing of the token dtype ``dtype`` (tokens, expert outputs and
+    output gradients are rounded to it)."""
+    assert ours.shape == ref.shape, f"{name}: shape {tuple(ours.shape)} != reference {tuple(ref.shape)} ({context})"
+    assert not torch.isnan(ours).any(), f"{name}: NaN ({context})"
+    bound = (8 * _unit_roundoff(dtype) + (top_k + 8) * _unit_roundoff(torch.float32)) * magnitude.double()
+    bound = bound + 8 * torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
+    err = (ours.double() - ref.double()).abs()
+    worst = (err - bound).argmax() if err.numel() else None
+    assert bool((err <= bound).all()), (
+        f"{name}: error {err.flatten()[worst].item():.3e} above bound {bound.flatten()[worst].item():.3e} "
+        f"at flat index {worst.item()} ({context})"
+    )
+
+
+def assert_rank_matches(problem: Problem, rank: int, ours: RankResult, ref: RankResult, mag: RankResult) -> None:
+    """Dispatch exactly, combine and gradients within the accumulation bound."""
+    ctx = f"rank {rank}; {problem.description}"
+    assert torch.equal(ours.tokens_per_expert, ref.tokens_per_expert), (
+        f"tokens_per_expert {ours.tokens_per_expert.tolist()} != {ref.tokens_per_expert.tolist()} ({ctx})"
+    )
+    assert torch.equal(ours.dropped, ref.dropped), f"dropped {ours.dropped.tolist()} != {ref.dropped.tolist()} ({ctx})"
+    assert ours.tokens_per_expert.dtype == torch.int32 and ours.dropped.dtype == torch.int32, ctx
+    assert ours.recv_x.shape == ref.recv_x.shape, f"recv_x shape {tuple(ours.recv_x.shape)} != {tuple(ref.recv_x.shape)} ({ctx})"
+    assert ours.recv_x.dtype == problem.xs[rank].dtype, ctx
+    if problem.layout == "padded":
+        rows = valid_rows(ref.tokens_per_expert, ref.recv_x.shape[1])
+        assert torch.equal(ours.recv_x[rows], ref.recv_x[rows]), f"recv_x rows differ ({ctx})"
+        assert torch.equal(ours.recv_weights[~rows], torch.zeros_like(ours.recv_weights[~rows])), (
+            f"recv_weights not 0 on padding rows ({ctx})"
+        )
+    else:
+        assert torch.equal(ours.recv_x, ref.recv_x), f"recv_x differs ({ctx})"
+    assert torch.equal(ours.recv_weights, ref.recv_weights), f"recv_weights differ ({ctx})"
+    top_k, dtype = problem.topk_idx[rank].shape[1], problem.xs[rank].dtype
+    assert ours.out.dtype == dtype and ours.grad_x.dtype == dtype, ctx
+    for name in ("out", "grad_x", "grad_weights"):
+        assert_close_to_reference(
+            name, getattr(ours, name), getattr(ref, name), getattr(mag, name), dtype, top_k, ctx
+        )

@@ -1,0 +1,144 @@
+"""Routing problems over a simulated world, and a Hypothesis strategy that draws them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from hypothesis import strategies as st
+from torch import Tensor
+
+PATTERNS = ("uniform", "one_expert", "one_rank", "sparse", "all_masked")
+HIDDEN_SIZES = (1, 7, 64, 128, 1000)
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass
+class Problem:
+    """One dispatch/combine call on every rank of a simulated world (index = rank)."""
+
+    xs: list[Tensor]
+    topk_idx: list[Tensor]
+    topk_weights: list[Tensor]
+    num_experts: int
+    layout: str = "ragged"
+    capacity: int | None = None
+    max_tokens_per_rank: int | None = None
+    description: str = field(default="", compare=False)
+
+    @property
+    def world_size(self) -> int:
+        return len(self.xs)
+
+    @property
+    def num_local_experts(self) -> int:
+        return self.num_experts // self.world_size
+
+    @property
+    def reference_capacity(self) -> int | None:
+        """The capacity the reference uses: ``None`` for ragged, the resolved ``C`` for padded."""
+        if self.layout == "ragged":
+            return None
+        if self.capacity is not None:
+            return self.capacity
+        bound = self.max_tokens_per_rank if self.max_tokens_per_rank is not None else self.xs[0].shape[0]
+        return self.world_size * bound
+
+    def dispatch_kwargs(self) -> dict[str, object]:
+        return dict(layout=self.layout, capacity=self.capacity, max_tokens_per_rank=self.max_tokens_per_rank)
+
+
+def _routes(gen: torch.Generator, tokens: int, top_k: int, experts: list[int]) -> Tensor:
+    """``[tokens, top_k]`` distinct ids drawn from ``experts`` per row (``-1`` where fewer than ``top_k``)."""
+    pool = torch.tensor(experts, dtype=torch.int64)
+    take = min(top_k, len(experts))
+    order = torch.rand(tokens, len(experts), generator=gen).argsort(dim=1)[:, :take]
+    ids = pool[order]
+    return torch.cat([ids, ids.new_full((tokens, top_k - take), -1)], dim=1)
+
+
+def make_problem(
+    tokens: list[int],
+    hidden: int,
+    num_experts: int,
+    top_k: int,
+    *,
+    pattern: str = "uniform",
+    mask_fraction: float = 0.0,
+    out_of_range: bool = False,
+    dtype: torch.dtype = torch.float32,
+    id_dtype: torch.dtype = torch.int64,
+    layout: str = "ragged",
+    capacity: int | None = None,
+    max_tokens_per_rank: int | None = None,
+    seed: int = 0,
+) -> Problem:
+    """Build a problem deterministically from ``seed``. ``pattern`` picks the experts routes may use:
+    ``uniform`` all; ``one_expert`` expert 0 only; ``one_rank`` the last rank's; ``sparse`` a few;
+    ``all_masked`` none. ``out_of_range`` replaces some ids by values outside ``[0, E)`` (they act as masked)."""
+    gen = torch.Generator().manual_seed(seed)
+    world = len(tokens)
+    num_local = num_experts // world
+    experts = {
+        "uniform": list(range(num_experts)),
+        "one_expert": [0],
+        "one_rank": list(range((world - 1) * num_local, num_experts)),
+        "sparse": sorted(torch.randperm(num_experts, generator=gen)[: max(1, num_experts // 8)].tolist()),
+        "all_masked": [],
+    }[pattern]
+    xs, idx, weights = [], [], []
+    for t in tokens:
+        ids = _routes(gen, t, top_k, experts)
+        ids[torch.rand(t, top_k, generator=gen) < mask_fraction] = -1
+        if out_of_range:
+            bad = torch.rand(t, top_k, generator=gen) < 0.1
+            junk = torch.tensor([num_experts, num_experts + 7, -2, -1000], dtype=torch.int64)
+            ids[bad] = junk[torch.randint(0, 4, (t, top_k), generator=gen)][bad]
+        xs.append(torch.randn(t, hidden, generator=gen).to(dtype))
+        idx.append(ids.to(id_dtype))
+        weights.append(torch.rand(t, top_k, generator=gen))
+    description = (
+        f"T={tokens} H={hidden} E={num_experts} K={top_k} {pattern} mask={mask_fraction} oor={out_of_range} "
+        f"{dtype} {id_dtype} {layout} C={capacity} Tmax={max_tokens_per_rank} seed={seed}"
+    )
+    return Problem(xs, idx, weights, num_experts, layout, capacity, max_tokens_per_rank, description)
+
+
+@st.composite
+def problems(
+    draw: st.DrawFn,
+    world_size: int,
+    *,
+    max_tokens: int = 512,
+    max_experts: int = 256,
+    hidden_sizes: tuple[int, ...] = HIDDEN_SIZES,
+    dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES,
+    layouts: tuple[str, ...] = ("ragged", "padded"),
+    out_of_range: bool = True,
+) -> Problem:
+    """Draw a :class:`Problem` for ``world_size`` ranks: uneven token counts (0 included), K = 1…8,
+    E up to ``max_experts``, masked and out-of-range ids, every routing pattern, both layouts."""
+    num_local = draw(st.integers(1, max(1, max_experts // world_size)))
+    num_experts = num_local * world_size
+    top_k = draw(st.integers(1, min(8, num_experts)))
+    tokens = draw(st.lists(st.integers(0, max_tokens), min_size=world_size, max_size=world_size))
+    layout = draw(st.sampled_from(layouts))
+    capacity = max_tokens_per_rank = None
+    if layout == "padded":
+        max_tokens_per_rank = max(tokens) + draw(st.integers(0, 3))
+        capacity = draw(st.one_of(st.none(), st.integers(0, 6)))
+    return make_problem(
+        tokens,
+        draw(st.sampled_from(hidden_sizes)),
+        num_experts,
+        top_k,
+        pattern=draw(st.sampled_from(PATTERNS)),
+        mask_fraction=draw(st.sampled_from((0.0, 0.0, 0.3))),
+        out_of_range=out_of_range and draw(st.booleans()),
+        dtype=draw(st.sampled_from(dtypes)),
+        id_dtype=draw(st.sampled_from((torch.int32, torch.int64))),
+        layout=layout,
+        capacity=capacity,
+        max_tokens_per_rank=max_tokens_per_rank,
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )

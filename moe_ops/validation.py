@@ -1,0 +1,136 @@
+"""Input checks of the ops: metadata always (on real and fake tensors alike), values behind a switch.
+
+Every message names the argument at fault. Metadata checks use shapes, dtypes and devices only, so
+they run identically in the fake kernels (at trace time) and before any communication at run time.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+TOKEN_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+ID_DTYPES = (torch.int32, torch.int64)
+WEIGHT_DTYPES = (torch.float32, torch.float64)
+
+
+class MoEInputError(ValueError):
+    """A dispatch/combine argument is malformed. Raised before any token moves."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise MoEInputError(message)
+
+
+def _check_tensor(name: str, t: object, ndim: int, dtypes: tuple[torch.dtype, ...]) -> None:
+    _require(isinstance(t, Tensor), f"{name} must be a Tensor, got {type(t).__name__}")
+    assert isinstance(t, Tensor)
+    _require(t.dim() == ndim, f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+    _require(t.dtype in dtypes, f"{name} must have dtype in ({names}), got {t.dtype}")
+    _require(t.is_contiguous(), f"{name} must be contiguous, got strides {t.stride()}")
+
+
+def check_dispatch(
+    x: Tensor,
+    topk_idx: Tensor,
+    topk_weights: Tensor,
+    num_experts: int,
+    world_size: int,
+    layout: str,
+    capacity: int,
+    max_tokens_per_rank: int,
+) -> None:
+    """Metadata checks of ``moe.dispatch`` (see docs/contract.md)."""
+    _check_tensor("x", x, 2, TOKEN_DTYPES)
+    _check_tensor("topk_idx", topk_idx, 2, ID_DTYPES)
+    _check_tensor("topk_weights", topk_weights, 2, WEIGHT_DTYPES)
+    for name, t in (("topk_idx", topk_idx), ("topk_weights", topk_weights)):
+        _require(t.device == x.device, f"{name} is on {t.device} but x is on {x.device}")
+    _require(
+        topk_idx.shape[0] == x.shape[0],
+        f"topk_idx has {topk_idx.shape[0]} rows but x has {x.shape[0]} tokens",
+    )
+    _require(topk_idx.shape[1] >= 1, "topk_idx must have at least one column (top-k >= 1)")
+    _require(
+        topk_weights.shape == topk_idx.shape,
+        f"topk_weights has shape {tuple(topk_weights.shape)} but topk_idx has {tuple(topk_idx.shape)}",
+    )
+    _require(num_experts >= 1, f"num_experts must be >= 1, got {num_experts}")
+    _require(
+        num_experts % world_size == 0,
+        f"num_experts={num_experts} is not divisible by the group size {world_size}",
+    )
+    _require(layout in ("ragged", "padded"), f"layout must be 'ragged' or 'padded', got {layout!r}")
+    if layout == "ragged":
+        _require(
+            capacity == -1 and max_tokens_per_rank == -1,
+            "capacity and max_tokens_per_rank apply to layout='padded' only (leave them at -1)",
+        )
+    _require(capacity >= -1, f"capacity must be -1 (worst case, never drops) or >= 0, got {capacity}")
+    _require(
+        max_tokens_per_rank >= -1,
+        f"max_tokens_per_rank must be -1 (use x's token count) or >= 0, got {max_tokens_per_rank}",
+    )
+    if max_tokens_per_rank >= 0:
+        _require(
+            x.shape[0] <= max_tokens_per_rank,
+            f"x has {x.shape[0]} tokens, more than max_tokens_per_rank={max_tokens_per_rank}",
+        )
+
+
+def check_values(topk_idx: Tensor, topk_weights: Tensor, num_experts: int) -> None:
+    """Value checks (host sync): ids in ``[0, num_experts)`` or ``-1``, no duplicates per row, no NaN weight."""
+    valid = topk_idx >= 0
+    bad = (topk_idx < -1) | (topk_idx >= num_experts)
+    if bool(bad.any()):
+        first = topk_idx[bad][0].item()
+        raise MoEInputError(f"topk_idx holds id {first}, outside [0, {num_experts}) and not -1")
+    ordered = torch.sort(torch.where(valid, topk_idx, -1 - torch.arange(
+        topk_idx.shape[1], device=topk_idx.device, dtype=topk_idx.dtype)), dim=1).values
+    if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
+        raise MoEInputError("topk_idx has a duplicate expert id within one row")
+    if bool(torch.isnan(topk_weights).any()):
+        raise MoEInputError("topk_weights holds NaN")
+
+
+def _same_shape(a: tuple, b: tuple) -> bool:
+    """Shape equality that never guards on unbacked (data-dependent) sizes: those are deferred to run time."""
+    if len(a) != len(b):
+        return False
+    if all(isinstance(d, int) for d in (*a, *b)):
+        return tuple(a) == tuple(b)
+    for da, db in zip(a, b):
+        torch._check(da == db, lambda: f"shape mismatch {tuple(a)} vs {tuple(b)}")
+    return True
+
+
+def check_rows(name: str, t: object, rows_shape: tuple, trailing: int, dtypes: tuple[torch.dtype, ...]) -> None:
+    """``t`` must be ``rows_shape`` plus ``trailing`` more dims (the dispatch layout), of a dtype in ``dtypes``."""
+    _require(isinstance(t, Tensor), f"{name} must be a Tensor, got {type(t).__name__}")
+    assert isinstance(t, Tensor)
+    _require(
+        t.dim() == len(rows_shape) + trailing and _same_shape(tuple(t.shape[: len(rows_shape)]), tuple(rows_shape)),
+        f"{name} has shape {tuple(t.shape)}, expected leading dims {tuple(rows_shape)} then {trailing} more "
+        "(the layout of the dispatch that made the handle)",
+    )
+    _check_tensor(name, t, len(rows_shape) + trailing, dtypes)
+
+
+def check_layout_rank(name: str, t: object) -> None:
+    """``t`` must be layout rows: 2-D (ragged ``[N, H]``) or 3-D (padded ``[L, C, H]``)."""
+    _require(isinstance(t, Tensor), f"{name} must be a Tensor, got {type(t).__name__}")
+    assert isinstance(t, Tensor)
+    _require(t.dim() in (2, 3), f"{name} must be [N, H] (ragged) or [L, C, H] (padded), got shape {tuple(t.shape)}")
+
+
+def check_handle(handle: object, expected_len: int, backend: str) -> None:
+    """``handle`` must be the list of int tensors that ``dispatch`` returned for ``backend``."""
+    ok = isinstance(handle, (list, tuple)) and len(handle) == expected_len and all(isinstance(t, Tensor) for t in handle)
+    _require(ok, f"handle must be the {expected_len} tensors moe.dispatch returned for backend {backend!r}")
+    route_map = handle[0]  # type: ignore[index]
+    _require(
+        route_map.dim() == 2 and route_map.dtype == torch.int64,
+        f"handle[0] must be the int64 [T, K] route map, got {route_map.dtype} of shape {tuple(route_map.shape)}",
+    )

@@ -1,0 +1,26 @@
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+# Example counts: "ci" is the default (CPU CI, 2 cores); "thorough" for a longer local run.
+settings.register_profile(
+    "ci", max_examples=200, deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile("thorough", parent=settings.get_profile("ci"), max_examples=1000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(CUDA)
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def device(request: pytest.FixtureRequest) -> str:
+    """Every device test runs on the CPU and, where present, on CUDA."""
+    return request.param

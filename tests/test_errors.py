@@ -1,0 +1,112 @@
+"""Bad input: clear errors naming the argument; out-of-range ids are masked (checks off) or rejected (checks on)."""
+
+import re
+
+import pytest
+import torch
+
+import moe_ops
+from moe_ops import MoEInputError, validation
+
+T, H, K, E = 6, 8, 2, 4
+
+
+def good() -> dict[str, torch.Tensor]:
+    return dict(x=torch.randn(T, H), topk_idx=torch.randint(0, E, (T, K)), topk_weights=torch.rand(T, K))
+
+
+def call(**changes: object) -> None:
+    args = good() | {k: v for k, v in changes.items() if k in ("x", "topk_idx", "topk_weights")}
+    kwargs = dict(num_experts=E) | {k: v for k, v in changes.items() if k not in args}
+    torch.ops.moe.dispatch(args["x"], args["topk_idx"], args["topk_weights"], **kwargs)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(x=torch.randn(T, H, 1)), "x must be 2-D"),
+        (dict(x=torch.randn(T)), "x must be 2-D"),
+        (dict(x=torch.randint(0, 3, (T, H))), "x must have dtype"),
+        (dict(topk_idx=torch.rand(T, K)), "topk_idx must have dtype"),
+        (dict(topk_idx=torch.randint(0, E, (T,))), "topk_idx must be 2-D"),
+        (dict(topk_weights=torch.rand(T, K).bfloat16()), "topk_weights must have dtype"),
+        (dict(topk_idx=torch.randint(0, E, (T + 1, K)), topk_weights=torch.rand(T + 1, K)), "topk_idx has 7 rows but x has 6"),
+        (dict(topk_weights=torch.rand(T, K + 1)), "topk_weights has shape (6, 3) but topk_idx has (6, 2)"),
+        (dict(topk_idx=torch.zeros(T, 0, dtype=torch.int64), topk_weights=torch.zeros(T, 0)), "at least one column"),
+        (dict(x=torch.randn(H, T).t()), "x must be contiguous"),
+        (dict(topk_idx=torch.randint(0, E, (K, T)).t()), "topk_idx must be contiguous"),
+        (dict(topk_idx=torch.randint(0, E, (T, K), device="meta")), "topk_idx is on meta but x is on cpu"),
+        (dict(num_experts=0), "num_experts must be >= 1"),
+        (dict(layout="dense"), "layout must be 'ragged' or 'padded'"),
+        (dict(capacity=4), "apply to layout='padded' only"),
+        (dict(layout="padded", capacity=-3), "capacity must be -1"),
+        (dict(layout="padded", max_tokens_per_rank=T - 1), "x has 6 tokens, more than max_tokens_per_rank=5"),
+        (dict(backend="nccl-magic"), "unknown backend 'nccl-magic'"),
+    ],
+)
+def test_dispatch_metadata(changes: dict[str, object], message: str) -> None:
+    with pytest.raises((MoEInputError, ValueError), match=re.escape(message)):
+        call(**changes)
+
+
+def test_experts_not_divisible_by_group() -> None:
+    g = good()
+    with pytest.raises(MoEInputError, match="num_experts=4 is not divisible by the group size 3"):
+        validation.check_dispatch(g["x"], g["topk_idx"], g["topk_weights"], 4, 3, "ragged", -1, -1)
+
+
+def test_combine_metadata() -> None:
+    d = moe_ops.dispatch(**good(), num_experts=E)
+    n = d.recv_x.shape[0]
+    with pytest.raises(MoEInputError, match=re.escape(f"expert_out has shape ({n + 1}, 8), expected leading dims ({n},)")):
+        torch.ops.moe.combine(torch.randn(n + 1, H), d.recv_weights, d.handle)
+    with pytest.raises(MoEInputError, match="recv_weights has shape"):
+        torch.ops.moe.combine(d.recv_x, d.recv_weights[:-1], d.handle)
+    with pytest.raises(MoEInputError, match="handle must be the 2 tensors"):
+        torch.ops.moe.combine(d.recv_x, d.recv_weights, d.handle[:1])
+    with pytest.raises(MoEInputError, match="expert_out must be"):
+        torch.ops.moe.combine(d.recv_x.reshape(-1), d.recv_weights, d.handle)
+    with pytest.raises(MoEInputError, match="recv_weights must have dtype"):
+        torch.ops.moe.combine(d.recv_x, d.recv_weights.half(), d.handle)
+    padded = moe_ops.dispatch(**good(), num_experts=E, layout="padded", capacity=2)
+    with pytest.raises(MoEInputError, match="expected leading dims"):
+        torch.ops.moe.combine(padded.recv_x, padded.recv_weights, d.handle)
+
+
+JUNK_IDS = [E, E + 1, 2**40, -2, -(2**31), 2**31 - 1]
+
+
+@pytest.mark.parametrize("layout", ["ragged", "padded"])
+def test_out_of_range_ids_are_masked_when_unchecked(device: str, layout: str) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(len(JUNK_IDS), H, device=device)
+    junk = torch.tensor(JUNK_IDS, device=device).unsqueeze(1)
+    good_ids = torch.arange(len(JUNK_IDS), device=device).remainder(E).unsqueeze(1)
+    w = torch.rand(len(JUNK_IDS), 2, device=device)
+    kw = dict(layout="padded", capacity=3) if layout == "padded" else {}
+    a = moe_ops.dispatch(x, torch.cat([junk, good_ids], 1), w, E, **kw)
+    b = moe_ops.dispatch(x, torch.cat([torch.full_like(junk, -1), good_ids], 1), w, E, **kw)
+    assert torch.equal(a.tokens_per_expert, b.tokens_per_expert) and torch.equal(a.recv_x, b.recv_x)
+    assert torch.equal(moe_ops.combine(a.recv_x, a), moe_ops.combine(b.recv_x, b))
+
+
+@pytest.mark.parametrize(
+    "idx, weights, message",
+    [
+        ([[0, 4]], [[0.5, 0.5]], "topk_idx holds id 4, outside [0, 4) and not -1"),
+        ([[-2, 1]], [[0.5, 0.5]], "topk_idx holds id -2"),
+        ([[1, 1]], [[0.5, 0.5]], "duplicate expert id within one row"),
+        ([[1, 2]], [[float("nan"), 0.5]], "topk_weights holds NaN"),
+    ],
+)
+def test_value_checks(idx: list[list[int]], weights: list[list[float]], message: str) -> None:
+    x, idx_t, w = torch.randn(1, H), torch.tensor(idx), torch.tensor(weights)
+    with moe_ops.config.value_checks(True):
+        with pytest.raises(MoEInputError, match=re.escape(message)):
+            moe_ops.dispatch(x, idx_t, w, E)
+    moe_ops.dispatch(x, idx_t, w, E)  # checks off: runs, bad ids masked
+
+
+def test_value_checks_accept_masked_routes() -> None:
+    with moe_ops.config.value_checks(True):
+        moe_ops.dispatch(torch.randn(2, H), torch.tensor([[-1, -1], [3, -1]]), torch.rand(2, 2), E)

@@ -1,0 +1,82 @@
+"""The local backend (world size 1) against the reference: Hypothesis-drawn problems and fixed edge cases."""
+
+import pytest
+import torch
+from hypothesis import given
+
+import moe_ops
+from moe_ops.testing import conformance
+from moe_ops.testing.problems import PATTERNS, Problem, make_problem, problems
+
+
+def check(problem: Problem, device: str) -> None:
+    ours = conformance.run_rank(problem, 0, backend="local", device=device)
+    ref, mag = conformance.expected(problem)
+    conformance.assert_rank_matches(problem, 0, ours, ref[0], mag[0])
+
+
+@given(problem=problems(world_size=1))
+def test_property_cpu(problem: Problem) -> None:
+    check(problem, "cpu")
+
+
+@pytest.mark.cuda
+@given(problem=problems(world_size=1))
+def test_property_cuda(problem: Problem) -> None:
+    check(problem, "cuda")
+
+
+@pytest.mark.parametrize("layout", ["ragged", "padded"])
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_patterns(device: str, layout: str, pattern: str) -> None:
+    kw = dict(capacity=3, max_tokens_per_rank=64) if layout == "padded" else {}
+    check(make_problem([64], 32, 16, 4, pattern=pattern, layout=layout, seed=1, **kw), device)
+
+
+@pytest.mark.parametrize("layout", ["ragged", "padded"])
+def test_no_tokens(device: str, layout: str) -> None:
+    kw = dict(max_tokens_per_rank=0) if layout == "padded" else {}
+    check(make_problem([0], 64, 8, 2, layout=layout, **kw), device)
+
+
+@pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64])
+def test_largest_shape(device: str, id_dtype: torch.dtype) -> None:
+    check(make_problem([512], 1000, 256, 8, id_dtype=id_dtype, dtype=torch.bfloat16, mask_fraction=0.1, seed=5), device)
+
+
+def test_worked_example(device: str) -> None:
+    """A hand-worked layout: 4 tokens, E = 3, K = 2, capacity 2 (the contract's ordering, drop and count)."""
+    x = torch.arange(4.0, device=device).repeat_interleave(2).view(4, 2)  # token t's row is [t, t]
+    idx = torch.tensor([[2, 0], [0, -1], [0, 2], [7, 1]], device=device)  # 7: out of range = masked
+    w = torch.tensor([[0.1, 0.2], [0.3, 0.4], [0.5, 0.6], [0.7, 0.8]], device=device)
+    ragged = moe_ops.dispatch(x, idx, w, 3)
+    # expert 0 gets (t0,k1), (t1,k0), (t2,k0); expert 1 gets (t3,k1); expert 2 gets (t0,k0), (t2,k1)
+    assert ragged.recv_x[:, 0].tolist() == [0, 1, 2, 3, 0, 2]
+    assert ragged.recv_weights.tolist() == pytest.approx([0.2, 0.3, 0.5, 0.8, 0.1, 0.6])
+    assert ragged.tokens_per_expert.tolist() == [3, 1, 2]
+    assert ragged.dropped.tolist() == [0, 0, 0]
+    padded = moe_ops.dispatch(x, idx, w, 3, layout="padded", capacity=2)
+    assert padded.recv_x.shape == (3, 2, 2)
+    assert padded.tokens_per_expert.tolist() == [2, 1, 2] and padded.dropped.tolist() == [1, 0, 0]
+    assert padded.recv_x[0, :, 0].tolist() == [0, 1] and padded.recv_x[2, :, 0].tolist() == [0, 2]
+    assert padded.recv_weights.flatten().tolist() == pytest.approx([0.2, 0.3, 0.8, 0.0, 0.1, 0.6])
+    # combine with expert_out = recv_x: token 2 lost its expert-0 route to the drop
+    out = moe_ops.combine(padded.recv_x.clone(), padded)
+    assert out[:, 0].tolist() == pytest.approx([0.0 * 0.3, 1 * 0.3, 2 * 0.6, 3 * 0.8])
+
+
+def test_capacity_drops_are_earliest_tokens_first() -> None:
+    """All 10 tokens to expert 1, capacity 4: tokens 0..3 are kept, 6 routes dropped and counted."""
+    x = torch.randn(10, 8)
+    idx = torch.full((10, 1), 1)
+    d = moe_ops.dispatch(x, idx, torch.ones(10, 1), 2, layout="padded", capacity=4)
+    assert d.tokens_per_expert.tolist() == [0, 4] and d.dropped.tolist() == [0, 6]
+    assert torch.equal(d.recv_x[1], x[:4])
+    out = moe_ops.combine(d.recv_x.clone(), d)
+    assert torch.equal(out[:4], x[:4]) and torch.equal(out[4:], torch.zeros(6, 8))
+
+
+def test_worst_case_capacity_never_drops() -> None:
+    problem = make_problem([50], 16, 4, 4, pattern="one_expert", layout="padded", max_tokens_per_rank=50)
+    d = moe_ops.dispatch(*(t[0] for t in (problem.xs, problem.topk_idx, problem.topk_weights)), 4, **problem.dispatch_kwargs())
+    assert d.recv_x.shape == (4, 50, 16) and d.dropped.sum() == 0 and d.tokens_per_expert.tolist() == [50, 0, 0, 0]
