@@ -5,6 +5,13 @@
 needs a device-to-host sync per call and cannot run inside a CUDA-graph capture. With it off, ids
 outside the range behave as masked (``-1``) routes; no kernel reads or writes out of bounds whatever
 the values. The environment variable ``MOE_OPS_CHECK_VALUES=1`` turns it on at import.
+
+``handshake``: when a multi-rank call agrees with its peers (moe_ops/handshake.py) before moving
+tokens. ``"auto"`` (default): on every call where that costs no device-to-host sync — the ragged
+layout (which syncs anyway) and CPU tensors — and, for the padded layout on an accelerator, on the
+first call of each signature only (so decode steps neither sync nor break CUDA-graph capture).
+``"always"``: on every call outside a CUDA-graph capture (one small sync per padded call on GPU).
+``MOE_OPS_HANDSHAKE`` sets it at import.
 """
 
 from __future__ import annotations
@@ -14,6 +21,12 @@ import os
 from collections.abc import Iterator
 
 check_values: bool = os.environ.get("MOE_OPS_CHECK_VALUES", "0") == "1"
+handshake: str = os.environ.get("MOE_OPS_HANDSHAKE", "auto")
+
+
+def handshake_every_call(layout: str, device_type: str) -> bool:
+    """Whether a multi-rank call of ``layout`` on ``device_type`` tensors agrees with its peers every time."""
+    return handshake == "always" or check_values or layout == "ragged" or device_type == "cpu"
 
 
 @contextlib.contextmanager

@@ -1,20 +1,44 @@
 """The ops: ``torch.ops.moe.dispatch`` / ``combine``, their backward ops, fake kernels and autograd.
 
 This module is the only place ops are defined. The kernels here are device-agnostic routers: they
-validate, resolve the group and the backend, and call the backend's method; every backend returns the
-layouts of docs/contract.md. Backward passes are ops too, so a compiled training step traces them.
+validate, agree with the peers (:mod:`moe_ops.handshake`), resolve the backend and call it; every
+backend returns the layouts of docs/contract.md. Backward passes are ops too, so a compiled training
+step traces them.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from torch import Tensor
 
 from moe_ops import backends, config, validation
 from moe_ops.backends.base import Backend, DispatchPlan, Layout
+from moe_ops.errors import MoEInputError
 from moe_ops.groups import Comm, comm_for
+from moe_ops.handshake import Handshake
 
 DispatchReturn = tuple[Tensor, Tensor, Tensor, Tensor, list[Tensor]]
+Checked = TypeVar("Checked")
+
+
+def _agreed(handshake: Handshake, check: Callable[[], Checked]) -> Checked:
+    """Run the local ``check``; a failure is first shared with the peers, so every rank raises it."""
+    try:
+        return check()
+    except (MoEInputError, ValueError) as error:
+        handshake.exchange(error=error)
+        raise
+
+
+def _size(t: Tensor, d: int) -> int:
+    """``t.shape[d]``, or -1 where ``t`` has no dim ``d`` (signatures are built before validation)."""
+    return t.shape[d] if -t.dim() <= d < t.dim() else -1
+
+
+# --- dispatch -------------------------------------------------------------------------------------
 
 
 def _dispatch_plan(
@@ -22,13 +46,13 @@ def _dispatch_plan(
     topk_idx: Tensor,
     topk_weights: Tensor,
     num_experts: int,
-    group_name: str,
+    comm: Comm,
     backend: str,
     layout: str,
     capacity: int,
     max_tokens_per_rank: int,
+    handshake: Handshake | None,
 ) -> tuple[Backend, DispatchPlan]:
-    comm = comm_for(group_name)
     validation.check_dispatch(
         x, topk_idx, topk_weights, num_experts, comm.world_size, layout, capacity, max_tokens_per_rank
     )
@@ -40,21 +64,9 @@ def _dispatch_plan(
         num_experts=num_experts,
         capacity=capacity if layout == "padded" else None,
         max_tokens_per_rank=bound,
+        handshake=handshake,
     )
     return backends.resolve(backend, x.device.type, comm.world_size, plan.layout), plan
-
-
-def _layout_of(rows: Tensor) -> Layout:
-    return "ragged" if rows.dim() == 2 else "padded"
-
-
-def _layout_backend(name: str, arg: str, rows: Tensor, handle: list[Tensor], group_name: str) -> tuple[Backend, Comm]:
-    """Resolve the backend of a combine/backward call from its layout-shaped argument ``arg``."""
-    comm = comm_for(group_name)
-    validation.check_layout_rank(arg, rows)
-    impl = backends.resolve(name, rows.device.type, comm.world_size, _layout_of(rows))
-    validation.check_handle(handle, impl.handle_len, impl.name)
-    return impl, comm
 
 
 @torch.library.custom_op("moe::dispatch", mutates_args=())
@@ -79,12 +91,39 @@ def dispatch(
     equal on every rank). Returns ``(recv_x, recv_weights, tokens_per_expert [L] int32,
     dropped [L] int32, handle)``.
     """
-    impl, plan = _dispatch_plan(
-        x, topk_idx, topk_weights, num_experts, group_name, backend, layout, capacity, max_tokens_per_rank
+    comm = comm_for(group_name)
+    padded_bound = (max_tokens_per_rank if max_tokens_per_rank >= 0 else _size(x, 0)) if layout == "padded" else -1
+    handshake = Handshake(
+        comm,
+        "dispatch",
+        dict(
+            num_experts=num_experts,
+            hidden=_size(x, -1),
+            top_k=_size(topk_idx, -1),
+            dtype=x.dtype,
+            weight_dtype=topk_weights.dtype,
+            layout=layout,
+            capacity=capacity,
+            max_tokens_per_rank=padded_bound,
+            backend=backend,
+            device=x.device.type,
+        ),
+        x.device,
+        every_call=config.handshake_every_call(layout, x.device.type),
     )
-    if config.check_values:
-        validation.check_values(topk_idx, topk_weights, num_experts)
-    return tuple(impl.dispatch(x, topk_idx, topk_weights, plan))  # type: ignore[return-value]
+
+    def check() -> tuple[Backend, DispatchPlan]:
+        checked = _dispatch_plan(
+            x, topk_idx, topk_weights, num_experts, comm, backend, layout, capacity, max_tokens_per_rank, handshake
+        )
+        if config.check_values:
+            validation.check_values(topk_idx, topk_weights, num_experts)
+        return checked
+
+    impl, plan = _agreed(handshake, check)
+    outputs = impl.dispatch(x, topk_idx, topk_weights, plan)
+    assert handshake.done, f"backend {impl.name!r} moved tokens without the handshake"
+    return tuple(outputs)  # type: ignore[return-value]
 
 
 @dispatch.register_fake
@@ -101,7 +140,7 @@ def _dispatch_fake(
     max_tokens_per_rank: int = -1,
 ) -> DispatchReturn:
     impl, plan = _dispatch_plan(
-        x, topk_idx, topk_weights, num_experts, group_name, backend, layout, capacity, max_tokens_per_rank
+        x, topk_idx, topk_weights, num_experts, comm_for(group_name), backend, layout, capacity, max_tokens_per_rank, None
     )
     num_local = plan.num_local_experts
     if plan.capacity is None:
@@ -118,6 +157,89 @@ def _dispatch_fake(
     )
 
 
+# --- combine and the backward ops: validated against the handle ----------------------------------
+
+
+def _layout_of(rows: Tensor) -> Layout:
+    return "ragged" if rows.dim() == 2 else "padded"
+
+
+def _handle_backend(
+    op: str,
+    backend: str,
+    group_name: str,
+    layout_rows: tuple[str, Tensor],
+    rows_args: list[tuple[str, Tensor, int, tuple[torch.dtype, ...]]],
+    handle: list[Tensor],
+    exchange: bool,
+    extra_check: Callable[[], None] = lambda: None,
+) -> tuple[Backend, Comm]:
+    """Resolve and validate a call taking a dispatch ``handle``; ``layout_rows`` is the argument whose
+    rank gives the layout, ``rows_args`` the arguments that must have the layout's rows
+    (name, tensor, trailing dims, dtypes). With ``exchange``, agree with the peers afterwards."""
+    comm = comm_for(group_name)
+    name, rows = layout_rows
+    handshake = Handshake(
+        comm,
+        op,
+        dict(
+            layout_rank=rows.dim(),
+            padded_experts=_size(rows, 0) if rows.dim() == 3 else -1,
+            padded_capacity=_size(rows, 1) if rows.dim() == 3 else -1,
+            hidden=_size(rows, -1),
+            dtype=rows.dtype,
+            top_k=_size(handle[0], 1) if handle and isinstance(handle[0], Tensor) else -1,
+            backend=backend,
+            device=rows.device.type,
+        ),
+        rows.device,
+        every_call=config.handshake_every_call(_layout_of(rows), rows.device.type),
+    )
+
+    def check() -> tuple[Backend, Comm]:
+        validation.check_layout_rank(name, rows)
+        impl = backends.resolve(backend, rows.device.type, comm.world_size, _layout_of(rows))
+        validation.check_handle(handle, impl.handle_len(_layout_of(rows)), impl.name)
+        shape = impl.rows_shape(handle)
+        for arg, t, trailing, dtypes in rows_args:
+            validation.check_rows(arg, t, shape, trailing, dtypes)
+        extra_check()
+        return impl, comm
+
+    checked = _agreed(handshake, check) if exchange else check()
+    if exchange:
+        handshake.exchange()
+    return checked
+
+
+def _combine_backend(
+    expert_out: Tensor,
+    recv_weights: Tensor,
+    handle: list[Tensor],
+    group_name: str,
+    backend: str,
+    exchange: bool,
+    grad_out: Tensor | None = None,
+) -> tuple[Backend, Comm]:
+    """``combine`` (or, given ``grad_out [T, H]``, ``combine_backward``) resolved and validated."""
+
+    def check_grad_out() -> None:
+        if grad_out is not None:
+            expected = (handle[0].shape[0], expert_out.shape[-1])
+            validation.check_rows("grad_out", grad_out, expected, 0, validation.TOKEN_DTYPES)
+
+    return _handle_backend(
+        "combine" if grad_out is None else "combine_backward",
+        backend,
+        group_name,
+        ("expert_out", expert_out),
+        [("expert_out", expert_out, 1, validation.TOKEN_DTYPES), ("recv_weights", recv_weights, 0, validation.WEIGHT_DTYPES)],
+        handle,
+        exchange,
+        check_grad_out,
+    )
+
+
 @torch.library.custom_op("moe::combine", mutates_args=())
 def combine(
     expert_out: Tensor, recv_weights: Tensor, handle: list[Tensor], *, group_name: str = "", backend: str = "auto"
@@ -128,24 +250,33 @@ def combine(
     and ``handle`` from that dispatch. Returns ``out [T, H]`` in ``expert_out.dtype``:
     ``out[t] = sum_k w[t, k] * expert_out(t, k)``, accumulated in float32; masked and dropped routes add 0.
     """
-    impl, comm = _combine_backend(expert_out, recv_weights, handle, group_name, backend)
+    impl, comm = _combine_backend(expert_out, recv_weights, handle, group_name, backend, exchange=True)
     return impl.combine(expert_out, recv_weights, handle, comm)
-
-
-def _combine_backend(expert_out: Tensor, recv_weights: Tensor, handle: list[Tensor], group_name: str, backend: str) -> tuple[Backend, Comm]:
-    impl, comm = _layout_backend(backend, "expert_out", expert_out, handle, group_name)
-    rows = impl.rows_shape(handle)
-    validation.check_rows("expert_out", expert_out, rows, 1, validation.TOKEN_DTYPES)
-    validation.check_rows("recv_weights", recv_weights, rows, 0, validation.WEIGHT_DTYPES)
-    return impl, comm
 
 
 @combine.register_fake
 def _combine_fake(
     expert_out: Tensor, recv_weights: Tensor, handle: list[Tensor], *, group_name: str = "", backend: str = "auto"
 ) -> Tensor:
-    _combine_backend(expert_out, recv_weights, handle, group_name, backend)
+    _combine_backend(expert_out, recv_weights, handle, group_name, backend, exchange=False)
     return expert_out.new_empty(handle[0].shape[0], expert_out.shape[-1])
+
+
+def _dispatch_backward_backend(
+    grad_recv_x: Tensor, grad_recv_weights: Tensor, handle: list[Tensor], group_name: str, backend: str, exchange: bool
+) -> tuple[Backend, Comm]:
+    return _handle_backend(
+        "dispatch_backward",
+        backend,
+        group_name,
+        ("grad_recv_x", grad_recv_x),
+        [
+            ("grad_recv_x", grad_recv_x, 1, validation.TOKEN_DTYPES),
+            ("grad_recv_weights", grad_recv_weights, 0, validation.WEIGHT_DTYPES),
+        ],
+        handle,
+        exchange,
+    )
 
 
 @torch.library.custom_op("moe::dispatch_backward", mutates_args=())
@@ -154,25 +285,15 @@ def dispatch_backward(
 ) -> tuple[Tensor, Tensor]:
     """Backward of ``dispatch``: ``grad_x [T, H]`` sums the gradients of each token's copies (reverse
     exchange); ``grad_topk_weights [T, K]`` returns each route's ``grad_recv_weights`` (0 if masked or dropped)."""
-    impl, comm = _dispatch_backward_backend(grad_recv_x, grad_recv_weights, handle, group_name, backend)
+    impl, comm = _dispatch_backward_backend(grad_recv_x, grad_recv_weights, handle, group_name, backend, exchange=True)
     return impl.dispatch_backward(grad_recv_x, grad_recv_weights, handle, comm)
-
-
-def _dispatch_backward_backend(
-    grad_recv_x: Tensor, grad_recv_weights: Tensor, handle: list[Tensor], group_name: str, backend: str
-) -> tuple[Backend, Comm]:
-    impl, comm = _layout_backend(backend, "grad_recv_x", grad_recv_x, handle, group_name)
-    rows = impl.rows_shape(handle)
-    validation.check_rows("grad_recv_x", grad_recv_x, rows, 1, validation.TOKEN_DTYPES)
-    validation.check_rows("grad_recv_weights", grad_recv_weights, rows, 0, validation.WEIGHT_DTYPES)
-    return impl, comm
 
 
 @dispatch_backward.register_fake
 def _dispatch_backward_fake(
     grad_recv_x: Tensor, grad_recv_weights: Tensor, handle: list[Tensor], *, group_name: str = "", backend: str = "auto"
 ) -> tuple[Tensor, Tensor]:
-    _dispatch_backward_backend(grad_recv_x, grad_recv_weights, handle, group_name, backend)
+    _dispatch_backward_backend(grad_recv_x, grad_recv_weights, handle, group_name, backend, exchange=False)
     num_tokens, top_k = handle[0].shape
     return grad_recv_x.new_empty(num_tokens, grad_recv_x.shape[-1]), grad_recv_weights.new_empty(num_tokens, top_k)
 
@@ -190,16 +311,8 @@ def combine_backward(
     """Backward of ``combine``: for layout row ``i`` fed by source token ``t``,
     ``grad_expert_out[i] = recv_weights[i] * grad_out[t]`` and ``grad_recv_weights[i] = <grad_out[t], expert_out[i]>``;
     padding rows get 0."""
-    impl, comm = _combine_backward_backend(grad_out, expert_out, recv_weights, handle, group_name, backend)
+    impl, comm = _combine_backend(expert_out, recv_weights, handle, group_name, backend, True, grad_out)
     return impl.combine_backward(grad_out, expert_out, recv_weights, handle, comm)
-
-
-def _combine_backward_backend(
-    grad_out: Tensor, expert_out: Tensor, recv_weights: Tensor, handle: list[Tensor], group_name: str, backend: str
-) -> tuple[Backend, Comm]:
-    impl, comm = _combine_backend(expert_out, recv_weights, handle, group_name, backend)
-    validation.check_rows("grad_out", grad_out, (handle[0].shape[0], expert_out.shape[-1]), 0, validation.TOKEN_DTYPES)
-    return impl, comm
 
 
 @combine_backward.register_fake
@@ -212,7 +325,7 @@ def _combine_backward_fake(
     group_name: str = "",
     backend: str = "auto",
 ) -> tuple[Tensor, Tensor]:
-    _combine_backward_backend(grad_out, expert_out, recv_weights, handle, group_name, backend)
+    _combine_backend(expert_out, recv_weights, handle, group_name, backend, False, grad_out)
     return torch.empty_like(expert_out), torch.empty_like(recv_weights)
 
 

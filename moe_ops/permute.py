@@ -5,7 +5,9 @@ Four primitives serve every backend's local stage, forward and backward:
 * :func:`expand` — token rows to layout rows (dispatch; combine's backward),
 * :func:`reduce` — layout rows back to token rows, weighted or not (combine; dispatch's backward),
 * :func:`gather_routes` — a per-row value back to its ``[M, K]`` route (grad of the router weights),
-* :func:`expand_grad` — combine's backward on the layout rows.
+* :func:`expand_grad` — combine's backward on the layout rows;
+
+and :func:`take` / :func:`take_columns`, safe gathers that read nothing for index ``-1``.
 
 Sums accumulate in at least float32 (float64 stays float64) and are rounded once at the end.
 """
@@ -27,6 +29,19 @@ def _take_rows(src: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
         return src.new_zeros(*index.shape, *src.shape[1:]), valid
     rows = src.index_select(0, index.clamp(min=0).reshape(-1)).reshape(*index.shape, *src.shape[1:])
     return rows, valid
+
+
+def take(src: Tensor, index: Tensor) -> Tensor:
+    """``src[index]`` (rows), zero where ``index < 0``; reads nothing out of bounds, ``src`` may be empty."""
+    rows, valid = _take_rows(src, index)
+    return torch.where(valid.reshape(*valid.shape, *([1] * (src.dim() - 1))), rows, 0)
+
+
+def take_columns(values: Tensor, index: Tensor) -> Tensor:
+    """``[T, K]``: ``values[index[t, k], k]`` for ``values [S, K]``, zero where ``index < 0``."""
+    k = values.shape[1]
+    flat = torch.where(index >= 0, index * k + torch.arange(k, device=index.device), -1)
+    return take(values.reshape(-1), flat)
 
 
 def expand(tokens: Tensor, weights: Tensor, row_src: Tensor) -> tuple[Tensor, Tensor]:

@@ -83,7 +83,7 @@ def expert_layout(local_ids: Tensor, num_local_experts: int, capacity: int | Non
     the rest are dropped and counted.
     """
     m, k = local_ids.shape
-    flat = local_ids.reshape(-1)
+    flat = local_ids.reshape(-1).long()
     buckets = bucketize(flat, num_local_experts)
     valid = flat >= 0
     if capacity is None:

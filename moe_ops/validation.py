@@ -9,13 +9,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from moe_ops.errors import MoEInputError
+
 TOKEN_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 ID_DTYPES = (torch.int32, torch.int64)
 WEIGHT_DTYPES = (torch.float32, torch.float64)
-
-
-class MoEInputError(ValueError):
-    """A dispatch/combine argument is malformed. Raised before any token moves."""
 
 
 def _require(condition: bool, message: str) -> None:

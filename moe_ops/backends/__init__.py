@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from moe_ops import handshake
 from moe_ops.backends.base import Backend, DispatchOutputs, DispatchPlan, Layout
 
 _REGISTRY: dict[str, Backend] = {}
@@ -10,6 +11,7 @@ _REGISTRY: dict[str, Backend] = {}
 def register(backend: Backend) -> Backend:
     """Make ``backend`` selectable by its name."""
     _REGISTRY[backend.name] = backend
+    handshake.code(backend.name)  # lets handshake errors name a peer's backend
     return backend
 
 
@@ -39,9 +41,11 @@ def resolve(name: str, device_type: str, world_size: int, layout: Layout) -> Bac
 
 
 def _register_builtin() -> None:
+    from moe_ops.backends.collective import CollectiveBackend
     from moe_ops.backends.local import LocalBackend
 
     register(LocalBackend())
+    register(CollectiveBackend())
 
 
 _register_builtin()

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from moe_ops.groups import Comm
+from moe_ops.handshake import Handshake
 
 Layout = Literal["ragged", "padded"]
 
@@ -21,7 +22,8 @@ class DispatchPlan:
     comm: Comm
     num_experts: int
     capacity: int | None  #: None: ragged layout; C: padded layout with C rows per local expert
-    max_tokens_per_rank: int | None  #: static bound on any rank's token count (padded); None: this rank's T
+    max_tokens_per_rank: int  #: static bound on every rank's token count (padded layout; ragged: this rank's T)
+    handshake: Handshake | None  #: a multi-rank backend calls handshake.exchange(...) before moving any token
 
     @property
     def num_local_experts(self) -> int:
@@ -44,14 +46,15 @@ class Backend(ABC):
     """One transport. Each method is the real kernel of one op; shapes follow docs/contract.md.
 
     ``handle[0]`` must be an int64 ``[T, K]`` tensor on the source rank (the ops read ``T`` and ``K``
-    from it); the rest of the handle is the backend's own.
+    from it); the rest of the handle is the backend's own. A multi-rank ``dispatch`` must call
+    ``plan.handshake.exchange(payload)`` once before any token moves (the ops have already agreed for
+    combine and the backward passes).
     """
 
     name: ClassVar[str]
     device_types: ClassVar[frozenset[str]]
     layouts: ClassVar[frozenset[Layout]]
     multi_rank: ClassVar[bool]
-    handle_len: ClassVar[int]
 
     @abstractmethod
     def dispatch(self, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, plan: DispatchPlan) -> DispatchOutputs: ...
@@ -71,6 +74,10 @@ class Backend(ABC):
         self, grad_out: Tensor, expert_out: Tensor, recv_weights: Tensor, handle: list[Tensor], comm: Comm
     ) -> tuple[Tensor, Tensor]:
         """``(grad_expert_out like expert_out, grad_recv_weights like recv_weights)``."""
+
+    @abstractmethod
+    def handle_len(self, layout: Layout) -> int:
+        """How many tensors ``dispatch`` returns in the handle for ``layout``."""
 
     @abstractmethod
     def rows_shape(self, handle: list[Tensor]) -> tuple[int, ...]:

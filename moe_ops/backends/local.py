@@ -8,7 +8,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from moe_ops import permute, routing
-from moe_ops.backends.base import Backend, DispatchOutputs, DispatchPlan, int64_like
+from moe_ops.backends.base import Backend, DispatchOutputs, DispatchPlan, Layout, int64_like
 from moe_ops.groups import Comm
 
 
@@ -17,7 +17,6 @@ class LocalBackend(Backend):
     device_types = frozenset({"cpu", "cuda", "npu"})
     layouts = frozenset({"ragged", "padded"})
     multi_rank = False
-    handle_len = 2
 
     def dispatch(self, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, plan: DispatchPlan) -> DispatchOutputs:
         local_ids = routing.local_expert_ids(topk_idx, plan.num_experts, 1, 0)
@@ -43,6 +42,9 @@ class LocalBackend(Backend):
     ) -> tuple[Tensor, Tensor]:
         route_row, row_src = handle
         return permute.expand_grad(grad_out, expert_out, recv_weights, row_src, route_row.shape[1])
+
+    def handle_len(self, layout: Layout) -> int:
+        return 2
 
     def rows_shape(self, handle: list[Tensor]) -> tuple[int, ...]:
         return tuple(handle[1].shape)

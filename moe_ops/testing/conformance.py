@@ -173,3 +173,89 @@ def assert_rank_matches(problem: Problem, rank: int, ours: RankResult, ref: Rank
         assert_close_to_reference(
             name, getattr(ours, name), getattr(ref, name), getattr(mag, name), dtype, top_k, ctx
         )
+
+
+def rank_task(rank: int, problem: Problem, backend: str = "auto", compiled: bool = False) -> tuple[RankResult, object]:
+    """One rank's part of a multi-rank conformance check (run by :class:`moe_ops.testing.harness.World`
+    inside a gloo group): the pipeline on this rank's inputs over the default group, eager or compiled
+    with ``fullgraph=True, dynamic=True``. Returns the result and, if compiled, the compile stats."""
+    import torch.distributed as dist
+
+    from moe_ops.testing import compile_stats
+
+    group = dist.group.WORLD.group_name
+    if not compiled:
+        return run_rank(problem, rank, group=group, backend=backend), None
+    compile_stats.reset()
+    step = torch.compile(pipeline(problem, rank, group=group, backend=backend), fullgraph=True, dynamic=True)
+    return run_rank(problem, rank, group=group, backend=backend, step=step), compile_stats.read()
+
+
+def check_world(world: object, problem: Problem, backend: str = "auto", compiled: bool = False) -> None:
+    """Run ``problem`` on every rank of ``world`` and compare each rank with the reference."""
+    outputs = world.run(rank_task, problem, backend, compiled)  # type: ignore[attr-defined]
+    ref, mag = expected(problem)
+    for rank, (ours, stats) in enumerate(outputs):
+        assert_rank_matches(problem, rank, ours, ref[rank], mag[rank])
+        if compiled:
+            assert stats.graph_breaks == 0, f"rank {rank}: {stats} ({problem.description})"
+
+
+BAD_INPUTS = ("hidden", "num_experts", "topk_idx_dtype", "expert_out_rows")
+
+
+def bad_input_task(rank: int, problem: Problem, backend: str, bad_rank: int, mutation: str) -> None:
+    """The pipeline with one malformed argument on ``bad_rank`` only (one of :data:`BAD_INPUTS`).
+    Every rank must raise the same :class:`moe_ops.MoEInputError` (the test checks) and none may hang."""
+    import torch.distributed as dist
+
+    group = dist.group.WORLD.group_name
+    bad = rank == bad_rank
+    x, idx, w = problem.xs[rank], problem.topk_idx[rank], problem.topk_weights[rank]
+    num_experts = problem.num_experts
+    if bad and mutation == "hidden":
+        x = torch.cat([x, x[:, :1]], dim=1)
+    if bad and mutation == "num_experts":
+        num_experts *= 2
+    if bad and mutation == "topk_idx_dtype":
+        idx = idx.float()
+    d = moe_ops.dispatch(x, idx, w, num_experts, group=group, backend=backend, **problem.dispatch_kwargs())
+    expert_out = d.recv_x[:-1] if bad and mutation == "expert_out_rows" else d.recv_x
+    moe_ops.combine(expert_out, d, group=group, backend=backend)
+
+
+def die_task(rank: int, problem: Problem, backend: str, victim: int) -> None:
+    """Dispatch on every rank, then ``victim`` exits without a word and the others combine: they must
+    fail with :class:`moe_ops.MoECommunicationError` within the process group's timeout."""
+    import os
+
+    import torch.distributed as dist
+
+    group = dist.group.WORLD.group_name
+    d = moe_ops.dispatch(
+        problem.xs[rank], problem.topk_idx[rank], problem.topk_weights[rank], problem.num_experts,
+        group=group, backend=backend, **problem.dispatch_kwargs(),
+    )
+    if rank == victim:
+        os._exit(3)
+    moe_ops.combine(d.recv_x, d, group=group, backend=backend)
+
+
+def opcheck_task(rank: int, problem: Problem, backend: str) -> None:
+    """``torch.library.opcheck`` of dispatch and combine on this rank's inputs over the default group
+    (every rank runs the same sequence of op calls, so the collectives inside stay matched)."""
+    import torch.distributed as dist
+
+    kwargs = dict(
+        num_experts=problem.num_experts, group_name=dist.group.WORLD.group_name, backend=backend,
+        layout=problem.layout,
+        capacity=-1 if problem.capacity is None else problem.capacity,
+        max_tokens_per_rank=-1 if problem.max_tokens_per_rank is None else problem.max_tokens_per_rank,
+    )
+    x = problem.xs[rank].clone().requires_grad_()
+    w = problem.topk_weights[rank].clone().requires_grad_()
+    torch.library.opcheck(torch.ops.moe.dispatch.default, (x, problem.topk_idx[rank], w), kwargs)
+    recv_x, recv_w, _, _, handle = torch.ops.moe.dispatch(x, problem.topk_idx[rank], w, **kwargs)
+    comm = dict(group_name=kwargs["group_name"], backend=backend)
+    expert_out = recv_x.detach().clone().requires_grad_()
+    torch.library.opcheck(torch.ops.moe.combine.default, (expert_out, recv_w.detach().clone().requires_grad_(), handle), comm)
