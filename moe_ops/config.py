@@ -12,6 +12,11 @@ layout (which syncs anyway) and CPU tensors — and, for the padded layout on an
 first call of each signature only (so decode steps neither sync nor break CUDA-graph capture).
 ``"always"``: on every call outside a CUDA-graph capture (one small sync per padded call on GPU).
 ``MOE_OPS_HANDSHAKE`` sets it at import.
+
+``kernels``: who runs the local stage (layout, permute, reductions). ``"auto"`` (default): the Triton
+kernels on CUDA tensors when Triton imports, plain torch elsewhere. ``"torch"``: plain torch always.
+``"triton"``: Triton always, CPU tensors too (only meaningful under ``TRITON_INTERPRET=1``, which is
+how CI tests the kernels). ``MOE_OPS_KERNELS`` sets it at import.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from collections.abc import Iterator
 
 check_values: bool = os.environ.get("MOE_OPS_CHECK_VALUES", "0") == "1"
 handshake: str = os.environ.get("MOE_OPS_HANDSHAKE", "auto")
+kernels: str = os.environ.get("MOE_OPS_KERNELS", "auto")
 
 
 def handshake_every_call(layout: str, device_type: str) -> bool:

@@ -39,6 +39,11 @@ def first_occurrence(keys: Tensor) -> Tensor:
     return (keys >= 0) & ~repeated
 
 
+def unique_routes(route_row: Tensor) -> Tensor:
+    """``route_row`` with a row repeated within ``route_row[t]`` kept at its first ``k`` only (-1 elsewhere)."""
+    return torch.where(first_occurrence(route_row), route_row, -1)
+
+
 @dataclass(frozen=True)
 class Buckets:
     """Stable bucketing of ``R`` keys into ``B`` buckets (key ``B`` or ``-1`` = no bucket)."""

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from moe_ops import permute, routing
+from moe_ops import permute, routing, stage
 from moe_ops.backends.base import Backend, DispatchOutputs, DispatchPlan, Layout, int64_like
 from moe_ops.groups import Comm
 from moe_ops.handshake import collective
@@ -49,11 +49,6 @@ def _splits(handle: list[Tensor]) -> tuple[list[int] | None, list[int] | None]:
         return None, None
     sent, received = handle[3].tolist()
     return sent, received
-
-
-def _unique_slots(send_slot: Tensor) -> Tensor:
-    """``send_slot`` with repeats within a row set to -1: each (token, destination) row counted once."""
-    return torch.where(routing.first_occurrence(send_slot), send_slot, -1)
 
 
 def _slot_tokens(send_slot: Tensor, num_slots: int, padded_bound: int | None) -> Tensor:
@@ -114,19 +109,18 @@ class CollectiveBackend(Backend):
 
         received = _exchange(comm, "moe.dispatch all_to_all", send, send_splits, recv_splits)
         tokens, ids, weights = row_format.views(received)
-        layout = routing.expert_layout(ids, plan.num_local_experts, plan.capacity, num_rows)
-        recv_x, recv_weights = permute.expand(tokens, weights, layout.row_src)
-        handle = [send_slot, layout.route_row, layout.row_src]
+        out = stage.dispatch_rows(tokens, weights, ids, plan.num_local_experts, plan.capacity, num_rows)
+        handle = [send_slot, out.route_row, out.row_src]
         if plan.capacity is None:
             handle.append(torch.tensor([send_splits, recv_splits], dtype=torch.int64))
-        return DispatchOutputs(recv_x, recv_weights, layout.tokens_per_expert, layout.dropped, handle)
+        return DispatchOutputs(out.recv_x, out.recv_weights, out.tokens_per_expert, out.dropped, handle)
 
     def combine(self, expert_out: Tensor, recv_weights: Tensor, handle: list[Tensor], comm: Comm) -> Tensor:
         send_slot, route_row, _ = handle[:3]
         sent, received = _splits(handle)
-        partial = permute.reduce(expert_out.flatten(0, -2), route_row, recv_weights.reshape(-1))
+        partial = stage.reduce(expert_out.flatten(0, -2), route_row, recv_weights.reshape(-1))
         back = _exchange(comm, "moe.combine all_to_all", partial, received, sent)
-        return permute.reduce(back, _unique_slots(send_slot), None)
+        return stage.reduce(back, send_slot, None, unique=True)
 
     def dispatch_backward(
         self, grad_recv_x: Tensor, grad_recv_weights: Tensor, handle: list[Tensor], comm: Comm
@@ -137,11 +131,11 @@ class CollectiveBackend(Backend):
         row_format = RowFormat(((grad_recv_x.shape[-1], grad_recv_x.dtype), (top_k, grad_recv_weights.dtype)))
         rows = row_format.empty(route_row.shape[0], grad_recv_x.device)
         grad_tokens, grad_weights = row_format.views(rows)
-        grad_tokens.copy_(permute.reduce(grad_recv_x.flatten(0, -2), route_row, None))
+        grad_tokens.copy_(stage.reduce(grad_recv_x.flatten(0, -2), route_row, None))
         grad_weights.copy_(permute.gather_routes(grad_recv_weights.reshape(-1), route_row))
         back = _exchange(comm, "moe.dispatch_backward all_to_all", rows, received, sent)
         grad_tokens, grad_weights = row_format.views(back)
-        grad_x = permute.reduce(grad_tokens, _unique_slots(send_slot), None)
+        grad_x = stage.reduce(grad_tokens, send_slot, None, unique=True)
         return grad_x, permute.take_columns(grad_weights, send_slot)
 
     def combine_backward(
@@ -155,7 +149,7 @@ class CollectiveBackend(Backend):
             num_slots, padded_bound = sum(sent), None
         rows = permute.take(grad_out, _slot_tokens(send_slot, num_slots, padded_bound))
         grad_tokens = _exchange(comm, "moe.combine_backward all_to_all", rows, sent, received)
-        return permute.expand_grad(grad_tokens, expert_out, recv_weights, row_src, send_slot.shape[1])
+        return stage.expand_grad(grad_tokens, expert_out, recv_weights, route_row, row_src)
 
     def handle_len(self, layout: Layout) -> int:
         return 4 if layout == "ragged" else 3

@@ -77,7 +77,10 @@ def _worker(rank: int, world_size: int, port: int, pg_timeout: float, tasks: Any
 class World:
     """``world_size`` worker processes in one gloo group (see the module docstring)."""
 
-    def __init__(self, world_size: int, *, pg_timeout: float = 30.0, start_timeout: float = 120.0) -> None:
+    def __init__(
+        self, world_size: int, *, pg_timeout: float = 30.0, start_timeout: float = 120.0, env: dict[str, str] | None = None
+    ) -> None:
+        """``env``: environment variables the workers start with (on top of this process's)."""
         ctx = mp.get_context("spawn")
         self.world_size = world_size
         self.pg_timeout = pg_timeout
@@ -88,8 +91,14 @@ class World:
             ctx.Process(target=_worker, args=(r, world_size, port, pg_timeout, self._tasks[r], self._results), daemon=True)
             for r in range(world_size)
         ]
-        for p in self._procs:
-            p.start()
+        saved = dict(os.environ)
+        os.environ.update(env or {})  # spawned children copy the environment at start
+        try:
+            for p in self._procs:
+                p.start()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
         self._next_id = 0
         self.alive = True
         ready = self._collect("ready", start_timeout)

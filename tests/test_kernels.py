@@ -1,0 +1,80 @@
+"""The Triton kernels on the CPU under TRITON_INTERPRET=1 (in worker processes started with it set),
+through the same conformance suite: the local backend (W = 1) and the collective backend (W = 2)
+with ``moe_ops.config.kernels = "triton"``. Shapes are small (the interpreter is slow) but cover
+several route chunks, H not a multiple of the block, T = 0, int32 and int64 ids, drops.
+
+Examples: INTERPRET_EXAMPLES Hypothesis problems per world size, plus the fixed cases below.
+"""
+
+import pytest
+from hypothesis import given, settings
+
+from moe_ops.testing import conformance
+from moe_ops.testing.harness import World
+from moe_ops.testing.problems import Problem, make_problem, problems
+
+pytestmark = pytest.mark.multiproc
+
+INTERPRET = {"TRITON_INTERPRET": "1", "MOE_OPS_KERNELS": "triton"}
+INTERPRET_EXAMPLES = {1: 60, 2: 25}
+_worlds: dict[int, World] = {}
+
+
+def world(size: int) -> World:
+    if size not in _worlds or not _worlds[size].alive:
+        _worlds[size] = World(size, env=INTERPRET)
+    return _worlds[size]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_worlds():
+    yield
+    for w in _worlds.values():
+        w.close()
+    _worlds.clear()
+
+
+def test_workers_run_the_interpreter() -> None:
+    """Guard against a vacuous pass: the workers really take the Triton path, interpreted."""
+    assert world(1).run(_kernel_mode) == [("triton", True, True)]
+
+
+def _kernel_mode(rank: int) -> tuple[str, bool, bool]:
+    import torch
+
+    from moe_ops import config, stage
+    from moe_ops.kernels import layout
+
+    return config.kernels, stage.use_triton(torch.zeros(1)), type(layout._scatter_rows).__name__ == "InterpretedFunction"
+
+
+@pytest.mark.parametrize("size", [1, 2])
+def test_property(size: int) -> None:
+    @settings(max_examples=INTERPRET_EXAMPLES[size])
+    @given(problem=problems(world_size=size, max_tokens=40, max_experts=16, hidden_sizes=(1, 7, 40)))
+    def check(problem: Problem) -> None:
+        conformance.check_world(world(size), problem, "auto")
+
+    check()
+
+
+CASES = {
+    "several chunks, ragged": dict(tokens=[70], hidden=24, experts=8, top_k=4),
+    "several chunks, padded drops": dict(tokens=[70], hidden=24, experts=8, top_k=4, layout="padded", capacity=9, max_tokens_per_rank=70),
+    "H over one block": dict(tokens=[3], hidden=1500, experts=4, top_k=2),
+    "bins exactly a power of two": dict(tokens=[20], hidden=8, experts=7, top_k=3),
+    "no tokens": dict(tokens=[0], hidden=8, experts=4, top_k=2),
+    "int32 ids, out of range": dict(tokens=[30], hidden=8, experts=4, top_k=2, out_of_range=True, id_dtype="int32"),
+    "many experts, prefix loops": dict(tokens=[280], hidden=4, experts=256, top_k=8),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_cases(case: str) -> None:
+    import torch
+
+    kw = dict(CASES[case])
+    if kw.get("id_dtype") == "int32":
+        kw["id_dtype"] = torch.int32
+    tokens, hidden, experts, top_k = (kw.pop(k) for k in ("tokens", "hidden", "experts", "top_k"))
+    conformance.check_world(world(1), make_problem(tokens, hidden, experts, top_k, mask_fraction=0.1, seed=7, **kw), "auto")

@@ -1,0 +1,292 @@
+"""Dispatch / combine on one GPU: moe_ops against plain torch and torch.compile of plain torch,
+side by side in one run, with the memory floor measured in the same run.
+
+    python3 tools/bench.py                       # the issue-4 table
+    python3 tools/bench.py --config 8192,4096,64,6 --out bench-results
+    python3 tools/bench.py --sweep               # also try kernel block shapes
+    python3 tools/bench.py --collective          # also the collective backend at W = 1 over NCCL
+
+The floor of a step is the bytes it must move (each input row read once, each output row written
+once) over the copy bandwidth measured here (a large device-to-device copy, bytes read + written).
+Times are medians of CUDA-event timings (triton.testing.do_bench, L2 flushed before each run) over
+inputs rotated among several sets. Writes bench.json and bench.png into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+import triton
+from triton.testing import do_bench
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import moe_ops  # noqa: E402
+from moe_ops.kernels import layout as layout_kernels  # noqa: E402
+from moe_ops.kernels import reduce as reduce_kernels  # noqa: E402
+
+TABLE = [(4096, 7168, 256, 8), (16384, 4096, 128, 8), (128, 7168, 256, 8)]
+DECODE_TOKENS = 512  # configs with T <= this are also run as a padded decode round trip in a CUDA graph
+
+
+def progress(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def median_ms(fn: Callable[[], object]) -> float:
+    return float(do_bench(fn, warmup=25, rep=200, return_mode="median"))
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes read + written per second by a 1 GiB device-to-device copy."""
+    src = torch.empty(2**30, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src))
+    return 2 * src.numel() / (ms * 1e-3)
+
+
+# --- the plain-torch baseline (what users write today) ---------------------------------------------
+
+
+def torch_dispatch(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """argsort of the T*K expert ids + index_select: expert-major rows, all routes kept."""
+    order = torch.argsort(idx.reshape(-1), stable=True)
+    token = order // idx.shape[1]
+    return x.index_select(0, token), w.reshape(-1)[order], token
+
+
+def torch_combine(expert_out: torch.Tensor, recv_w: torch.Tensor, token: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """index_add of the weighted rows into their tokens."""
+    out = torch.zeros(num_tokens, expert_out.shape[1], dtype=expert_out.dtype, device=expert_out.device)
+    return out.index_add_(0, token, expert_out * recv_w.unsqueeze(1).to(expert_out.dtype))
+
+
+# --- inputs --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Inputs:
+    x: torch.Tensor
+    idx: torch.Tensor
+    w: torch.Tensor
+
+
+def make_inputs(tokens: int, hidden: int, experts: int, top_k: int, dtype: torch.dtype, device: torch.device, l2_bytes: int) -> list[Inputs]:
+    """Enough input sets that cycling through them does not fit in L2 (at least 4x its size)."""
+    per_set = tokens * hidden * dtype.itemsize
+    sets = max(1, min(16, math.ceil(4 * l2_bytes / max(per_set, 1))))
+    out = []
+    for _ in range(sets):
+        scores = torch.rand(tokens, experts, device=device)
+        w, idx = torch.topk(scores, top_k, dim=-1)
+        out.append(Inputs(torch.randn(tokens, hidden, device=device, dtype=dtype), idx, w / w.sum(-1, keepdim=True)))
+    return out
+
+
+def rotating(fns: list[Callable[[], object]]) -> Callable[[], object]:
+    state = {"i": 0}
+
+    def call() -> object:
+        state["i"] = (state["i"] + 1) % len(fns)
+        return fns[state["i"]]()
+
+    return call
+
+
+# --- one config ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    tokens: int
+    hidden: int
+    experts: int
+    top_k: int
+    floor_ms: float
+    ms: dict[str, float] = field(default_factory=dict)  # "<impl> <step>" -> ms
+    notes: dict[str, float] = field(default_factory=dict)
+
+
+def bench_config(tokens: int, hidden: int, experts: int, top_k: int, dtype: torch.dtype, bw: float, device: torch.device, l2: int, compiled_baseline: bool) -> Row:
+    sets = make_inputs(tokens, hidden, experts, top_k, dtype, device, l2)
+    row_bytes = hidden * dtype.itemsize
+    moved = (tokens + tokens * top_k) * row_bytes  # read x + write T*K rows (combine: the reverse)
+    row = Row(tokens, hidden, experts, top_k, floor_ms=moved / bw * 1e3)
+
+    ours = [torch.ops.moe.dispatch(s.x, s.idx, s.w, num_experts=experts) for s in sets]
+    row.ms["moe_ops dispatch"] = median_ms(rotating([lambda s=s: torch.ops.moe.dispatch(s.x, s.idx, s.w, num_experts=experts) for s in sets]))
+    row.ms["moe_ops combine"] = median_ms(rotating([lambda d=d: torch.ops.moe.combine(d[0], d[1], d[4]) for d in ours]))
+    check = torch.ops.moe.combine(ours[0][0], ours[0][1], ours[0][4])
+    torch.testing.assert_close(check.float(), (sets[0].x.float() * 1.0), rtol=2e-2, atol=2e-2)  # weights sum to 1
+
+    plain = [torch_dispatch(s.x, s.idx, s.w) for s in sets]
+    row.ms["torch dispatch"] = median_ms(rotating([lambda s=s: torch_dispatch(s.x, s.idx, s.w) for s in sets]))
+    row.ms["torch combine"] = median_ms(rotating([lambda p=p: torch_combine(p[0], p[1], p[2], tokens) for p in plain]))
+    if compiled_baseline:
+        cd, cc = torch.compile(torch_dispatch), torch.compile(torch_combine)
+        row.ms["torch.compile dispatch"] = median_ms(rotating([lambda s=s: cd(s.x, s.idx, s.w) for s in sets]))
+        row.ms["torch.compile combine"] = median_ms(rotating([lambda p=p: cc(p[0], p[1], p[2], tokens) for p in plain]))
+
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    d = torch.ops.moe.dispatch(sets[0].x, sets[0].idx, sets[0].w, num_experts=experts)
+    torch.cuda.synchronize()
+    outputs = sum(t.numel() * t.element_size() for t in (d[0], d[1], d[2], d[3], *d[4]))
+    row.notes["dispatch peak extra MB beyond outputs"] = (torch.cuda.max_memory_allocated() - base - outputs) / 2**20
+    del d
+
+    if tokens <= DECODE_TOKENS:
+        row.ms["moe_ops decode round trip (CUDA graph)"] = decode_graph_ms(sets, experts, tokens, moe=True)
+        row.ms["torch decode round trip (CUDA graph)"] = decode_graph_ms(sets, experts, tokens, moe=False)
+    return row
+
+
+def decode_graph_ms(sets: list[Inputs], experts: int, tokens: int, moe: bool) -> float:
+    """Dispatch (padded, worst-case capacity) + combine, captured once per input set, replays rotated."""
+    graphs = []
+    for s in sets:
+        if moe:
+            def step(s: Inputs = s) -> torch.Tensor:
+                d = torch.ops.moe.dispatch(s.x, s.idx, s.w, num_experts=experts, layout="padded")
+                return torch.ops.moe.combine(d[0], d[1], d[4])
+        else:
+            def step(s: Inputs = s) -> torch.Tensor:
+                recv, rw, token = torch_dispatch(s.x, s.idx, s.w)
+                return torch_combine(recv, rw, token, tokens)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            step()
+        graphs.append(g)
+    return median_ms(rotating([g.replay for g in graphs]))
+
+
+def sweep(dtype: torch.dtype, device: torch.device, l2: int) -> list[dict[str, object]]:
+    """Kernel block shapes at T=4096, H=7168, E=256, K=8: dispatch (scatter) and combine (reduce) times."""
+    tokens, hidden, experts, top_k = TABLE[0]
+    sets = make_inputs(tokens, hidden, experts, top_k, dtype, device, l2)
+    ours = [torch.ops.moe.dispatch(s.x, s.idx, s.w, num_experts=experts) for s in sets]
+    results = []
+    for block in (512, 1024, 2048):
+        for warps in (2, 4, 8):
+            layout_kernels.SCATTER_H_BLOCK, layout_kernels.SCATTER_WARPS = block, warps
+            reduce_kernels.REDUCE_H_BLOCK, reduce_kernels.REDUCE_WARPS = block, warps
+            dispatch = median_ms(rotating([lambda s=s: torch.ops.moe.dispatch(s.x, s.idx, s.w, num_experts=experts) for s in sets]))
+            combine = median_ms(rotating([lambda d=d: torch.ops.moe.combine(d[0], d[1], d[4]) for d in ours]))
+            results.append({"h_block": block, "warps": warps, "dispatch ms": dispatch, "combine ms": combine})
+            progress(f"sweep block={block} warps={warps}: dispatch {dispatch:.3f} ms, combine {combine:.3f} ms")
+    return results
+
+
+def collective_w1(dtype: torch.dtype, device: torch.device, l2: int) -> dict[str, float]:
+    """The collective backend over a one-rank NCCL group (the transport runs, nothing crosses a link)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl", init_method="tcp://127.0.0.1:29511", rank=0, world_size=1, device_id=device)
+    group = dist.group.WORLD.group_name
+    tokens, hidden, experts, top_k = TABLE[0]
+    sets = make_inputs(tokens, hidden, experts, top_k, dtype, device, l2)
+    out = {}
+    for backend in ("local", "collective"):
+        kw = dict(num_experts=experts, group_name=group if backend == "collective" else "", backend=backend)
+        ds = [torch.ops.moe.dispatch(s.x, s.idx, s.w, **kw) for s in sets]
+        out[f"{backend} ragged dispatch ms"] = median_ms(rotating([lambda s=s: torch.ops.moe.dispatch(s.x, s.idx, s.w, **kw) for s in sets]))
+        comb = dict(group_name=kw["group_name"], backend=backend)
+        out[f"{backend} ragged combine ms"] = median_ms(rotating([lambda d=d: torch.ops.moe.combine(d[0], d[1], d[4], **comb) for d in ds]))
+        progress(f"collective W=1: {backend} done")
+    return out
+
+
+def chart(rows: list[Row], bw: float, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, step in zip(axes, ("dispatch", "combine"), strict=True):
+        labels = [f"T={r.tokens}\nH={r.hidden}\nE={r.experts} K={r.top_k}" for r in rows]
+        impls = ["moe_ops", "torch", "torch.compile"]
+        width = 0.8 / len(impls)
+        for i, impl in enumerate(impls):
+            vals = [r.floor_ms / r.ms[f"{impl} {step}"] * bw / 1e9 if f"{impl} {step}" in r.ms else 0 for r in rows]
+            ax.bar([x + i * width for x in range(len(rows))], vals, width, label=impl)
+        ax.axhline(bw / 1e9, color="k", linestyle="--", label="copy bandwidth (floor)")
+        ax.set_xticks([x + width for x in range(len(rows))], labels)
+        ax.set_ylabel("achieved GB/s (floor bytes / time)")
+        ax.set_title(step)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", action="append", default=[], help="T,H,E,K (repeatable); default: the issue-4 table")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--out", default="bench-results")
+    parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--collective", action="store_true")
+    parser.add_argument("--no-compile-baseline", action="store_true")
+    args = parser.parse_args(argv)
+    device, dtype = torch.device("cuda"), getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    props = torch.cuda.get_device_properties(device)
+    l2 = getattr(props, "L2_cache_size", 50 * 2**20)
+    configs = [tuple(int(v) for v in c.split(",")) for c in args.config] or TABLE
+    progress(f"{props.name}, torch {torch.__version__}, triton {triton.__version__}")
+    bw = copy_bandwidth(device)
+    progress(f"copy bandwidth {bw / 1e9:.0f} GB/s")
+    rows = []
+    for c in configs:
+        progress(f"config T,H,E,K = {c}")
+        rows.append(bench_config(*c, dtype=dtype, bw=bw, device=device, l2=l2, compiled_baseline=not args.no_compile_baseline))
+    result: dict[str, object] = {
+        "date": datetime.date.today().isoformat(),
+        "device": props.name,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "dtype": args.dtype,
+        "copy_bandwidth_GBps": bw / 1e9,
+        "rows": [asdict(r) for r in rows],
+        "command": "python3 tools/bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    if args.sweep:
+        result["sweep"] = sweep(dtype, device, l2)
+    if args.collective:
+        result["collective_w1"] = collective_w1(dtype, device, l2)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bench.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    chart(rows, bw, os.path.join(args.out, "bench.png"))
+    print(f"{props.name}, torch {torch.__version__}, triton {triton.__version__}, {args.dtype}, copy bandwidth {bw / 1e9:.0f} GB/s")
+    for r in rows:
+        print(f"\nT={r.tokens} H={r.hidden} E={r.experts} K={r.top_k}: floor {r.floor_ms:.3f} ms per step")
+        for name, ms in r.ms.items():
+            base = r.ms.get(name.replace("moe_ops", "torch"))
+            ratio = f"  {base / ms:5.2f}x faster than torch" if name.startswith("moe_ops") and base else ""
+            print(f"  {name:42s} {ms:8.3f} ms  {ms / r.floor_ms:6.2f}x floor{ratio}")
+        for name, v in r.notes.items():
+            print(f"  {name}: {v:.1f}")
+    for key in ("sweep", "collective_w1"):
+        if key in result:
+            print(f"\n{key}: {json.dumps(result[key], indent=1)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
