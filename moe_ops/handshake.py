@@ -63,25 +63,21 @@ def collective(what: str, comm: Comm, fn, *args, **kwargs):  # type: ignore[no-u
 
 
 class Handshake:
-    """The agreement step of one op call on ``comm`` (a no-op for world size 1)."""
+    """The agreement step of one op call on ``comm``."""
 
     def __init__(self, comm: Comm, op: str, signature: dict[str, object], device: torch.device, every_call: bool) -> None:
         self.comm, self.op, self.device, self.every_call = comm, op, device, every_call
         self.signature = {name: code(value) for name, value in {"op": op, **signature}.items()}
         self._kinds = {name: not isinstance(value, int) for name, value in {"op": op, **signature}.items()}
-        self.done = comm.world_size == 1
+        self.done = False
 
     def exchange(self, payload: Tensor | None = None, error: Exception | None = None) -> list[list[int]] | None:
         """Agree with every peer; return each rank's payload (row ``s`` = rank ``s``), or ``None`` where
         the agreement was skipped (padded layout, signature already agreed, no payload)."""
-        assert not self.done or self.comm.world_size == 1, "moe_ops: handshake run twice in one call"
+        assert not self.done, "moe_ops: handshake run twice in one call"
         self.done = True
         world = self.comm.world_size
         key = (self.comm.group_name, self.op, tuple(self.signature.items()))
-        if world == 1:
-            if error is not None:
-                raise error
-            return None if payload is None else [payload.tolist()]
         agreed = key in _agreed
         if _capturing(self.device):  # no host reads inside a capture: only an agreed signature may pass
             if error is not None:

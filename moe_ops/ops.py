@@ -24,12 +24,22 @@ DispatchReturn = tuple[Tensor, Tensor, Tensor, Tensor, list[Tensor]]
 Checked = TypeVar("Checked")
 
 
-def _agreed(handshake: Handshake, check: Callable[[], Checked]) -> Checked:
+def _handshake(
+    comm: Comm, op: str, signature: Callable[[], dict[str, object]], device: torch.device, layout: str
+) -> Handshake | None:
+    """The agreement step of a multi-rank call (``None`` for a world of one: nothing to agree on)."""
+    if comm.world_size == 1:
+        return None
+    return Handshake(comm, op, signature(), device, config.handshake_every_call(layout, device.type))
+
+
+def _agreed(handshake: Handshake | None, check: Callable[[], Checked]) -> Checked:
     """Run the local ``check``; a failure is first shared with the peers, so every rank raises it."""
     try:
         return check()
     except (MoEInputError, ValueError) as error:
-        handshake.exchange(error=error)
+        if handshake is not None:
+            handshake.exchange(error=error)
         raise
 
 
@@ -92,11 +102,10 @@ def dispatch(
     dropped [L] int32, handle)``.
     """
     comm = comm_for(group_name)
-    padded_bound = (max_tokens_per_rank if max_tokens_per_rank >= 0 else _size(x, 0)) if layout == "padded" else -1
-    handshake = Handshake(
+    handshake = _handshake(
         comm,
         "dispatch",
-        dict(
+        lambda: dict(
             num_experts=num_experts,
             hidden=_size(x, -1),
             top_k=_size(topk_idx, -1),
@@ -104,12 +113,12 @@ def dispatch(
             weight_dtype=topk_weights.dtype,
             layout=layout,
             capacity=capacity,
-            max_tokens_per_rank=padded_bound,
+            max_tokens_per_rank=(max_tokens_per_rank if max_tokens_per_rank >= 0 else _size(x, 0)) if layout == "padded" else -1,
             backend=backend,
             device=x.device.type,
         ),
         x.device,
-        every_call=config.handshake_every_call(layout, x.device.type),
+        layout,
     )
 
     def check() -> tuple[Backend, DispatchPlan]:
@@ -122,7 +131,7 @@ def dispatch(
 
     impl, plan = _agreed(handshake, check)
     outputs = impl.dispatch(x, topk_idx, topk_weights, plan)
-    assert handshake.done, f"backend {impl.name!r} moved tokens without the handshake"
+    assert handshake is None or handshake.done, f"backend {impl.name!r} moved tokens without the handshake"
     return tuple(outputs)  # type: ignore[return-value]
 
 
@@ -179,10 +188,10 @@ def _handle_backend(
     (name, tensor, trailing dims, dtypes). With ``exchange``, agree with the peers afterwards."""
     comm = comm_for(group_name)
     name, rows = layout_rows
-    handshake = Handshake(
+    handshake = _handshake(
         comm,
         op,
-        dict(
+        lambda: dict(
             layout_rank=rows.dim(),
             padded_experts=_size(rows, 0) if rows.dim() == 3 else -1,
             padded_capacity=_size(rows, 1) if rows.dim() == 3 else -1,
@@ -193,7 +202,7 @@ def _handle_backend(
             device=rows.device.type,
         ),
         rows.device,
-        every_call=config.handshake_every_call(_layout_of(rows), rows.device.type),
+        _layout_of(rows),
     )
 
     def check() -> tuple[Backend, Comm]:
@@ -207,7 +216,7 @@ def _handle_backend(
         return impl, comm
 
     checked = _agreed(handshake, check) if exchange else check()
-    if exchange:
+    if exchange and handshake is not None:
         handshake.exchange()
     return checked
 

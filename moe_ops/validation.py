@@ -16,18 +16,21 @@ ID_DTYPES = (torch.int32, torch.int64)
 WEIGHT_DTYPES = (torch.float32, torch.float64)
 
 
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise MoEInputError(message)
+def _require_tensor(name: str, t: object) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise MoEInputError(f"{name} must be a Tensor, got {type(t).__name__}")
+    return t
 
 
 def _check_tensor(name: str, t: object, ndim: int, dtypes: tuple[torch.dtype, ...]) -> None:
-    _require(isinstance(t, Tensor), f"{name} must be a Tensor, got {type(t).__name__}")
-    assert isinstance(t, Tensor)
-    _require(t.dim() == ndim, f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
-    names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
-    _require(t.dtype in dtypes, f"{name} must have dtype in ({names}), got {t.dtype}")
-    _require(t.is_contiguous(), f"{name} must be contiguous, got strides {t.stride()}")
+    t = _require_tensor(name, t)
+    if t.dim() != ndim:
+        raise MoEInputError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise MoEInputError(f"{name} must have dtype in ({names}), got {t.dtype}")
+    if not t.is_contiguous():
+        raise MoEInputError(f"{name} must be contiguous, got strides {t.stride()}")
 
 
 def check_dispatch(
@@ -40,42 +43,36 @@ def check_dispatch(
     capacity: int,
     max_tokens_per_rank: int,
 ) -> None:
-    """Metadata checks of ``moe.dispatch`` (see docs/contract.md)."""
+    """Metadata checks of ``moe.dispatch`` (see docs/contract.md). Messages are built on failure only:
+    this runs on every call."""
     _check_tensor("x", x, 2, TOKEN_DTYPES)
     _check_tensor("topk_idx", topk_idx, 2, ID_DTYPES)
     _check_tensor("topk_weights", topk_weights, 2, WEIGHT_DTYPES)
     for name, t in (("topk_idx", topk_idx), ("topk_weights", topk_weights)):
-        _require(t.device == x.device, f"{name} is on {t.device} but x is on {x.device}")
-    _require(
-        topk_idx.shape[0] == x.shape[0],
-        f"topk_idx has {topk_idx.shape[0]} rows but x has {x.shape[0]} tokens",
-    )
-    _require(topk_idx.shape[1] >= 1, "topk_idx must have at least one column (top-k >= 1)")
-    _require(
-        topk_weights.shape == topk_idx.shape,
-        f"topk_weights has shape {tuple(topk_weights.shape)} but topk_idx has {tuple(topk_idx.shape)}",
-    )
-    _require(num_experts >= 1, f"num_experts must be >= 1, got {num_experts}")
-    _require(
-        num_experts % world_size == 0,
-        f"num_experts={num_experts} is not divisible by the group size {world_size}",
-    )
-    _require(layout in ("ragged", "padded"), f"layout must be 'ragged' or 'padded', got {layout!r}")
-    if layout == "ragged":
-        _require(
-            capacity == -1 and max_tokens_per_rank == -1,
-            "capacity and max_tokens_per_rank apply to layout='padded' only (leave them at -1)",
+        if t.device != x.device:
+            raise MoEInputError(f"{name} is on {t.device} but x is on {x.device}")
+    if topk_idx.shape[0] != x.shape[0]:
+        raise MoEInputError(f"topk_idx has {topk_idx.shape[0]} rows but x has {x.shape[0]} tokens")
+    if topk_idx.shape[1] < 1:
+        raise MoEInputError("topk_idx must have at least one column (top-k >= 1)")
+    if topk_weights.shape != topk_idx.shape:
+        raise MoEInputError(
+            f"topk_weights has shape {tuple(topk_weights.shape)} but topk_idx has {tuple(topk_idx.shape)}"
         )
-    _require(capacity >= -1, f"capacity must be -1 (worst case, never drops) or >= 0, got {capacity}")
-    _require(
-        max_tokens_per_rank >= -1,
-        f"max_tokens_per_rank must be -1 (use x's token count) or >= 0, got {max_tokens_per_rank}",
-    )
-    if max_tokens_per_rank >= 0:
-        _require(
-            x.shape[0] <= max_tokens_per_rank,
-            f"x has {x.shape[0]} tokens, more than max_tokens_per_rank={max_tokens_per_rank}",
-        )
+    if num_experts < 1:
+        raise MoEInputError(f"num_experts must be >= 1, got {num_experts}")
+    if num_experts % world_size:
+        raise MoEInputError(f"num_experts={num_experts} is not divisible by the group size {world_size}")
+    if layout not in ("ragged", "padded"):
+        raise MoEInputError(f"layout must be 'ragged' or 'padded', got {layout!r}")
+    if layout == "ragged" and (capacity != -1 or max_tokens_per_rank != -1):
+        raise MoEInputError("capacity and max_tokens_per_rank apply to layout='padded' only (leave them at -1)")
+    if capacity < -1:
+        raise MoEInputError(f"capacity must be -1 (worst case, never drops) or >= 0, got {capacity}")
+    if max_tokens_per_rank < -1:
+        raise MoEInputError(f"max_tokens_per_rank must be -1 (use x's token count) or >= 0, got {max_tokens_per_rank}")
+    if max_tokens_per_rank >= 0 and x.shape[0] > max_tokens_per_rank:
+        raise MoEInputError(f"x has {x.shape[0]} tokens, more than max_tokens_per_rank={max_tokens_per_rank}")
 
 
 def check_values(topk_idx: Tensor, topk_weights: Tensor, num_experts: int) -> None:
@@ -106,29 +103,28 @@ def _same_shape(a: tuple, b: tuple) -> bool:
 
 def check_rows(name: str, t: object, rows_shape: tuple, trailing: int, dtypes: tuple[torch.dtype, ...]) -> None:
     """``t`` must be ``rows_shape`` plus ``trailing`` more dims (the dispatch layout), of a dtype in ``dtypes``."""
-    _require(isinstance(t, Tensor), f"{name} must be a Tensor, got {type(t).__name__}")
-    assert isinstance(t, Tensor)
-    _require(
-        t.dim() == len(rows_shape) + trailing and _same_shape(tuple(t.shape[: len(rows_shape)]), tuple(rows_shape)),
-        f"{name} has shape {tuple(t.shape)}, expected leading dims {tuple(rows_shape)} then {trailing} more "
-        "(the layout of the dispatch that made the handle)",
-    )
-    _check_tensor(name, t, len(rows_shape) + trailing, dtypes)
+    t = _require_tensor(name, t)
+    lead = len(rows_shape)
+    if t.dim() != lead + trailing or not _same_shape(tuple(t.shape[:lead]), tuple(rows_shape)):
+        raise MoEInputError(
+            f"{name} has shape {tuple(t.shape)}, expected leading dims {tuple(rows_shape)} then {trailing} more "
+            "(the layout of the dispatch that made the handle)"
+        )
+    _check_tensor(name, t, lead + trailing, dtypes)
 
 
 def check_layout_rank(name: str, t: object) -> None:
     """``t`` must be layout rows: 2-D (ragged ``[N, H]``) or 3-D (padded ``[L, C, H]``)."""
-    _require(isinstance(t, Tensor), f"{name} must be a Tensor, got {type(t).__name__}")
-    assert isinstance(t, Tensor)
-    _require(t.dim() in (2, 3), f"{name} must be [N, H] (ragged) or [L, C, H] (padded), got shape {tuple(t.shape)}")
+    if _require_tensor(name, t).dim() not in (2, 3):
+        raise MoEInputError(f"{name} must be [N, H] (ragged) or [L, C, H] (padded), got shape {tuple(t.shape)}")
 
 
 def check_handle(handle: object, expected_len: int, backend: str) -> None:
     """``handle`` must be the list of int tensors that ``dispatch`` returned for ``backend``."""
-    ok = isinstance(handle, (list, tuple)) and len(handle) == expected_len and all(isinstance(t, Tensor) for t in handle)
-    _require(ok, f"handle must be the {expected_len} tensors moe.dispatch returned for backend {backend!r}")
-    route_map = handle[0]  # type: ignore[index]
-    _require(
-        route_map.dim() == 2 and route_map.dtype == torch.int64,
-        f"handle[0] must be the int64 [T, K] route map, got {route_map.dtype} of shape {tuple(route_map.shape)}",
-    )
+    if not (isinstance(handle, (list, tuple)) and len(handle) == expected_len and all(isinstance(t, Tensor) for t in handle)):
+        raise MoEInputError(f"handle must be the {expected_len} tensors moe.dispatch returned for backend {backend!r}")
+    route_map = handle[0]
+    if route_map.dim() != 2 or route_map.dtype != torch.int64:
+        raise MoEInputError(
+            f"handle[0] must be the int64 [T, K] route map, got {route_map.dtype} of shape {tuple(route_map.shape)}"
+        )

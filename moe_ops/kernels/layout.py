@@ -73,7 +73,7 @@ def _expert_prefix(
     tl.store(start_ptr + e, tl.cumsum(kept, axis=0) - kept)
     tl.store(counts_ptr + e, kept, mask=is_expert)
     tl.store(dropped_ptr + e, total - kept, mask=is_expert)
-    tl.store(num_rows_ptr, tl.sum(kept, axis=0).to(tl.int64))
+    tl.store(num_rows_ptr, tl.sum(kept, axis=0))
 
 
 @triton.jit
@@ -128,21 +128,19 @@ def dispatch_rows(
     bins = bins_for(num_local)
     padded = capacity is not None
     slots = num_local * capacity if padded else 0
-    rank = torch.empty(num_routes, dtype=torch.int32, device=device)
-    hist = torch.empty(max(num_chunks, 1), bins, dtype=torch.int32, device=device)
+    # one int32 workspace: per-route ranks, chunk histograms, chunk bases, expert starts, row count
+    chunks = max(num_chunks, 1)
+    work = torch.empty(num_routes + 2 * chunks * bins + bins + 1, dtype=torch.int32, device=device)
+    rank, hist, chunk_base, start, total_rows = work.split([num_routes, chunks * bins, chunks * bins, bins, 1])
     row_src = torch.empty(slots, dtype=torch.int64, device=device)
     recv_weights = torch.empty(slots, dtype=weights.dtype, device=device)
-    grid = max(num_chunks, 1)
-    fill_block = triton.next_power_of_2(triton.cdiv(max(slots, 1), grid))
-    _chunk_ranks[(grid,)](ids, num_routes, num_local, rank, hist, row_src, recv_weights, slots,
-                          CHUNK=CHUNK, BINS=bins, FILL_BLOCK=fill_block)
-    start = torch.empty(bins, dtype=torch.int32, device=device)
-    chunk_base = torch.empty_like(hist)
+    fill_block = triton.next_power_of_2(triton.cdiv(max(slots, 1), chunks))
+    _chunk_ranks[(chunks,)](ids, num_routes, num_local, rank, hist, row_src, recv_weights, slots,
+                            CHUNK=CHUNK, BINS=bins, FILL_BLOCK=fill_block)
     counts = torch.empty(num_local, dtype=torch.int32, device=device)
     dropped = torch.empty_like(counts)
-    total_rows = torch.empty((), dtype=torch.int64, device=device)
     _expert_prefix[(1,)](hist, num_chunks, num_local, capacity if padded else -1, start, chunk_base, counts, dropped,
-                         total_rows, BINS=bins, ROWS=max(1, 8192 // bins))
+                         total_rows, BINS=bins, ROWS=max(1, 8192 // bins), num_warps=8)
     if padded:
         rows_shape: tuple[int, ...] = (num_local, capacity)
     else:
