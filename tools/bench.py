@@ -149,9 +149,23 @@ def bench_config(tokens: int, hidden: int, experts: int, top_k: int, dtype: torc
     return row
 
 
+def graphed(step: Callable[[], object]) -> Callable[[], None]:
+    """``step`` captured in a CUDA graph (after two warm-up calls on a side stream); returns its replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        step()
+    return g.replay
+
+
 def decode_graph_ms(sets: list[Inputs], experts: int, tokens: int, moe: bool) -> float:
     """Dispatch (padded, worst-case capacity) + combine, captured once per input set, replays rotated."""
-    graphs = []
+    replays = []
     for s in sets:
         if moe:
             def step(s: Inputs = s) -> torch.Tensor:
@@ -161,33 +175,29 @@ def decode_graph_ms(sets: list[Inputs], experts: int, tokens: int, moe: bool) ->
             def step(s: Inputs = s) -> torch.Tensor:
                 recv, rw, token = torch_dispatch(s.x, s.idx, s.w)
                 return torch_combine(recv, rw, token, tokens)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            step()
-            step()
-        torch.cuda.current_stream().wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            step()
-        graphs.append(g)
-    return median_ms(rotating([g.replay for g in graphs]))
+        replays.append(graphed(step))
+    return median_ms(rotating(replays))
 
 
 def sweep(dtype: torch.dtype, device: torch.device, l2: int) -> list[dict[str, object]]:
-    """Kernel block shapes at T=4096, H=7168, E=256, K=8: dispatch (scatter) and combine (reduce) times."""
+    """Kernel block shapes at T=4096, H=7168, E=256, K=8, GPU time only (CUDA-graph replays, no host
+    work): the padded dispatch (routing + scatter kernels, capacity twice the mean load) and combine."""
     tokens, hidden, experts, top_k = TABLE[0]
-    sets = make_inputs(tokens, hidden, experts, top_k, dtype, device, l2)
+    sets = make_inputs(tokens, hidden, experts, top_k, dtype, device, l2)[:4]
+    capacity = 2 * tokens * top_k // experts
     ours = [torch.ops.moe.dispatch(s.x, s.idx, s.w, num_experts=experts) for s in sets]
     results = []
     for block in (512, 1024, 2048):
         for warps in (2, 4, 8):
             layout_kernels.SCATTER_H_BLOCK, layout_kernels.SCATTER_WARPS = block, warps
             reduce_kernels.REDUCE_H_BLOCK, reduce_kernels.REDUCE_WARPS = block, warps
-            dispatch = median_ms(rotating([lambda s=s: torch.ops.moe.dispatch(s.x, s.idx, s.w, num_experts=experts) for s in sets]))
-            combine = median_ms(rotating([lambda d=d: torch.ops.moe.combine(d[0], d[1], d[4]) for d in ours]))
-            results.append({"h_block": block, "warps": warps, "dispatch ms": dispatch, "combine ms": combine})
-            progress(f"sweep block={block} warps={warps}: dispatch {dispatch:.3f} ms, combine {combine:.3f} ms")
+            dispatch = median_ms(rotating([graphed(lambda s=s: torch.ops.moe.dispatch(
+                s.x, s.idx, s.w, num_experts=experts, layout="padded", capacity=capacity)) for s in sets]))
+            combine = median_ms(rotating([graphed(lambda d=d: torch.ops.moe.combine(d[0], d[1], d[4])) for d in ours]))
+            results.append({"h_block": block, "warps": warps, "dispatch gpu ms": dispatch, "combine gpu ms": combine})
+            progress(f"sweep block={block} warps={warps}: dispatch {dispatch:.3f} ms, combine {combine:.3f} ms (GPU only)")
+    layout_kernels.SCATTER_H_BLOCK, layout_kernels.SCATTER_WARPS = 1024, 4
+    reduce_kernels.REDUCE_H_BLOCK, reduce_kernels.REDUCE_WARPS = 1024, 4
     return results
 
 
@@ -196,7 +206,10 @@ def collective_w1(dtype: torch.dtype, device: torch.device, l2: int) -> dict[str
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group("nccl", init_method="tcp://127.0.0.1:29511", rank=0, world_size=1, device_id=device)
+        dist.init_process_group(
+            "nccl", init_method="tcp://127.0.0.1:29511", rank=0, world_size=1,
+            device_id=torch.device("cuda", torch.cuda.current_device()),
+        )
     group = dist.group.WORLD.group_name
     tokens, hidden, experts, top_k = TABLE[0]
     sets = make_inputs(tokens, hidden, experts, top_k, dtype, device, l2)

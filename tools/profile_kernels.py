@@ -18,6 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import moe_ops  # noqa: E402,F401
+from bench import graphed  # noqa: E402  (tools/ is this script's folder)
 
 STEPS = 20
 
@@ -45,19 +46,6 @@ def show(title: str, fn) -> None:
     print(f"  {title}: wall {wall:7.1f} us/step, kernels {sum(kernels.values()):7.1f} us")
     for name, us in sorted(kernels.items(), key=lambda kv: -kv[1]):
         print(f"      {us:7.1f} us  {name}")
-
-
-def graphed(fn):
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
 
 
 def main() -> None:

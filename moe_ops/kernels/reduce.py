@@ -18,7 +18,7 @@ from torch import Tensor
 
 from moe_ops.kernels import block_size, k_block
 
-REDUCE_H_BLOCK = 512  # hidden elements per reduce program (tools/bench.py --sweep picks these)
+REDUCE_H_BLOCK = 1024  # hidden elements per reduce program (tools/bench.py --sweep picks these)
 REDUCE_WARPS = 4
 
 

@@ -52,6 +52,8 @@ def free_port() -> int:
 
 def _worker(rank: int, world_size: int, port: int, pg_timeout: float, tasks: Any, results: Any) -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    # Inductor's parallel compile pool cannot start inside a daemonic worker: compile in-process.
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     import torch
     import torch.distributed as dist
 

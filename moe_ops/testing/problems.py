@@ -92,8 +92,9 @@ def make_problem(
         ids[torch.rand(t, top_k, generator=gen) < mask_fraction] = -1
         if out_of_range:
             bad = torch.rand(t, top_k, generator=gen) < 0.1
-            junk = torch.tensor([num_experts, num_experts + 7, -2, -1000], dtype=torch.int64)
-            ids[bad] = junk[torch.randint(0, 4, (t, top_k), generator=gen)][bad]
+            wide = [2**40, -(2**40)] if id_dtype == torch.int64 else [2**31 - 1, -(2**31)]
+            junk = torch.tensor([num_experts, num_experts + 7, -2, -1000, *wide], dtype=torch.int64)
+            ids[bad] = junk[torch.randint(0, len(junk), (t, top_k), generator=gen)][bad]
         xs.append(torch.randn(t, hidden, generator=gen).to(dtype))
         idx.append(ids.to(id_dtype))
         weights.append(torch.rand(t, top_k, generator=gen))
