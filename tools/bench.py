@@ -278,14 +278,20 @@ def main(argv: list[str] | None = None) -> int:
         "rows": [asdict(r) for r in rows],
         "command": "python3 tools/bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
+    os.makedirs(args.out, exist_ok=True)
+
+    def save() -> None:  # after each part, so a cut-short run keeps what it measured
+        with open(os.path.join(args.out, "bench.json"), "w") as f:
+            json.dump(result, f, indent=2)
+
+    save()
+    chart(rows, bw, os.path.join(args.out, "bench.png"))
     if args.sweep:
         result["sweep"] = sweep(dtype, device, l2)
+        save()
     if args.collective:
         result["collective_w1"] = collective_w1(dtype, device, l2)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "bench.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    chart(rows, bw, os.path.join(args.out, "bench.png"))
+        save()
     print(f"{props.name}, torch {torch.__version__}, triton {triton.__version__}, {args.dtype}, copy bandwidth {bw / 1e9:.0f} GB/s")
     for r in rows:
         print(f"\nT={r.tokens} H={r.hidden} E={r.experts} K={r.top_k}: floor {r.floor_ms:.3f} ms per step")
