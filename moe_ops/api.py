@@ -36,12 +36,15 @@ def dispatch(
     capacity: int | None = None,
     max_tokens_per_rank: int | None = None,
     backend: str = "auto",
+    zero_padding: bool | None = None,
 ) -> DispatchResult:
     """Send tokens to the ranks holding their experts (``torch.ops.moe.dispatch``).
 
     ``x`` ``[T, H]`` bf16/fp16/fp32, ``topk_idx`` ``[T, K]`` int32/int64 global expert ids (``-1`` = no
     route), ``topk_weights`` ``[T, K]`` float32. ``layout="padded"`` takes a static bound: ``capacity``
     rows per local expert (default the no-drop worst case ``W * max_tokens_per_rank``).
+    ``zero_padding``: write zeros to the padded layout's padding rows; default when ``x`` requires grad
+    (experts then train on finite rows), skipped otherwise (decode pays only for the routed rows).
     """
     out = torch.ops.moe.dispatch(
         x,
@@ -53,6 +56,7 @@ def dispatch(
         layout=layout,
         capacity=-1 if capacity is None else capacity,
         max_tokens_per_rank=-1 if max_tokens_per_rank is None else max_tokens_per_rank,
+        zero_padding=x.requires_grad if zero_padding is None else zero_padding,
     )
     return DispatchResult(*out)
 
@@ -82,6 +86,7 @@ class Dispatcher:
         capacity: int | None = None,
         max_tokens_per_rank: int | None = None,
         backend: str = "auto",
+        zero_padding: bool | None = None,
     ) -> None:
         comm = comm_for(group_name_of(group))
         if num_experts % comm.world_size:
@@ -96,6 +101,7 @@ class Dispatcher:
         self.capacity = capacity
         self.max_tokens_per_rank = max_tokens_per_rank
         self.backend = backend
+        self.zero_padding = zero_padding
 
     @property
     def num_local_experts(self) -> int:
@@ -118,6 +124,7 @@ class Dispatcher:
             capacity=self.capacity,
             max_tokens_per_rank=self.max_tokens_per_rank,
             backend=self.backend,
+            zero_padding=self.zero_padding,
         )
 
     def combine(self, expert_out: Tensor, dispatched: DispatchResult) -> Tensor:

@@ -61,6 +61,7 @@ def _dispatch_plan(
     layout: str,
     capacity: int,
     max_tokens_per_rank: int,
+    zero_padding: bool,
     handshake: Handshake | None,
 ) -> tuple[Backend, DispatchPlan]:
     validation.check_dispatch(
@@ -74,6 +75,7 @@ def _dispatch_plan(
         num_experts=num_experts,
         capacity=capacity if layout == "padded" else None,
         max_tokens_per_rank=bound,
+        zero_padding=zero_padding,
         handshake=handshake,
     )
     return backends.resolve(backend, x.device.type, comm.world_size, plan.layout), plan
@@ -91,6 +93,7 @@ def dispatch(
     layout: str = "ragged",
     capacity: int = -1,
     max_tokens_per_rank: int = -1,
+    zero_padding: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, list[Tensor]]:
     """Send each token to the ranks owning its experts; return rows in the expert-major layout.
 
@@ -98,8 +101,8 @@ def dispatch(
     float32. ``layout="ragged"``: ``recv_x [N, H]`` (``capacity`` and ``max_tokens_per_rank`` stay -1).
     ``layout="padded"``: ``recv_x [L, C, H]`` with ``C = capacity``, or, for ``capacity=-1``, the worst
     case ``W * max_tokens_per_rank`` (``max_tokens_per_rank=-1``: this rank's ``T``, which must then be
-    equal on every rank). Returns ``(recv_x, recv_weights, tokens_per_expert [L] int32,
-    dropped [L] int32, handle)``.
+    equal on every rank); padding rows are zero with ``zero_padding``, else unspecified. Returns
+    ``(recv_x, recv_weights, tokens_per_expert [L] int32, dropped [L] int32, handle)``.
     """
     comm = comm_for(group_name)
     handshake = _handshake(
@@ -123,7 +126,8 @@ def dispatch(
 
     def check() -> tuple[Backend, DispatchPlan]:
         checked = _dispatch_plan(
-            x, topk_idx, topk_weights, num_experts, comm, backend, layout, capacity, max_tokens_per_rank, handshake
+            x, topk_idx, topk_weights, num_experts, comm, backend, layout, capacity, max_tokens_per_rank, zero_padding,
+            handshake,
         )
         if config.check_values:
             validation.check_values(topk_idx, topk_weights, num_experts)
@@ -147,9 +151,11 @@ def _dispatch_fake(
     layout: str = "ragged",
     capacity: int = -1,
     max_tokens_per_rank: int = -1,
+    zero_padding: bool = False,
 ) -> DispatchReturn:
     impl, plan = _dispatch_plan(
-        x, topk_idx, topk_weights, num_experts, comm_for(group_name), backend, layout, capacity, max_tokens_per_rank, None
+        x, topk_idx, topk_weights, num_experts, comm_for(group_name), backend, layout, capacity, max_tokens_per_rank,
+        zero_padding, None,
     )
     num_local = plan.num_local_experts
     if plan.capacity is None:

@@ -41,14 +41,25 @@ def use_triton(t: Tensor) -> bool:
     return config.kernels == "auto" and t.is_cuda and _triton_available()
 
 
-def dispatch_rows(tokens: Tensor, weights: Tensor, ids: Tensor, num_local: int, capacity: int | None, num_rows: int | None = None) -> LocalDispatch:
+def dispatch_rows(
+    tokens: Tensor,
+    weights: Tensor,
+    ids: Tensor,
+    num_local: int,
+    capacity: int | None,
+    num_rows: int | None = None,
+    zero_padding: bool = False,
+) -> LocalDispatch:
     """Lay out the routes ``ids [M, K]`` (ids outside ``[0, num_local)`` masked) of ``tokens [M, H]`` with
-    router ``weights [M, K]``: ragged (``capacity=None``; ``num_rows`` if the caller knows it) or padded."""
+    router ``weights [M, K]``: ragged (``capacity=None``; ``num_rows`` if the caller knows it) or padded
+    (padding rows zero with ``zero_padding``; the plain-torch path always writes zeros there)."""
     if use_triton(tokens):
         from moe_ops.kernels import layout
 
         return LocalDispatch(
-            *layout.dispatch_rows(tokens, weights.contiguous(), ids.contiguous(), num_local, capacity, num_rows)
+            *layout.dispatch_rows(
+                tokens, weights.contiguous(), ids.contiguous(), num_local, capacity, num_rows, zero_padding
+            )
         )
     local_ids = routing.local_expert_ids(ids, num_local, 1, 0)
     out = routing.expert_layout(local_ids, num_local, capacity, num_rows)

@@ -84,8 +84,8 @@ def test_out_of_range_ids_are_masked_when_unchecked(device: str, layout: str) ->
     good_ids = torch.arange(len(JUNK_IDS), device=device).remainder(E).unsqueeze(1)
     w = torch.rand(len(JUNK_IDS), 2, device=device)
     kw = dict(layout="padded", capacity=3) if layout == "padded" else {}
-    a = moe_ops.dispatch(x, torch.cat([junk, good_ids], 1), w, E, **kw)
-    b = moe_ops.dispatch(x, torch.cat([torch.full_like(junk, -1), good_ids], 1), w, E, **kw)
+    a = moe_ops.dispatch(x, torch.cat([junk, good_ids], 1), w, E, zero_padding=True, **kw)
+    b = moe_ops.dispatch(x, torch.cat([torch.full_like(junk, -1), good_ids], 1), w, E, zero_padding=True, **kw)
     assert torch.equal(a.tokens_per_expert, b.tokens_per_expert) and torch.equal(a.recv_x, b.recv_x)
     assert torch.equal(moe_ops.combine(a.recv_x, a), moe_ops.combine(b.recv_x, b))
 

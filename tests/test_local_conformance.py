@@ -81,3 +81,12 @@ def test_worst_case_capacity_never_drops() -> None:
     problem = make_problem([50], 16, 4, 4, pattern="one_expert", layout="padded", max_tokens_per_rank=50)
     d = moe_ops.dispatch(*(t[0] for t in (problem.xs, problem.topk_idx, problem.topk_weights)), 4, **problem.dispatch_kwargs())
     assert d.recv_x.shape == (4, 50, 16) and d.dropped.sum() == 0 and d.tokens_per_expert.tolist() == [50, 0, 0, 0]
+
+
+def test_zero_padding(device: str) -> None:
+    """zero_padding=True writes zeros to every padding row (the CUDA kernels leave them unwritten otherwise)."""
+    p = make_problem([40], 24, 8, 3, mask_fraction=0.2, seed=2)
+    x, idx, w = (t[0].to(device) for t in (p.xs, p.topk_idx, p.topk_weights))
+    d = moe_ops.dispatch(x, idx, w, 8, layout="padded", capacity=20, zero_padding=True)
+    rows = conformance.valid_rows(d.tokens_per_expert.cpu(), 20)
+    assert (~rows).any() and torch.equal(d.recv_x.cpu()[~rows], torch.zeros_like(d.recv_x.cpu()[~rows]))

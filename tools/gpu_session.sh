@@ -8,8 +8,8 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
 nvidia-smi -L
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 stage() { name=$1; limit=$2; shift 2; start=$(date +%s); timeout "$limit" "$@" > "$out/$name.log" 2>&1; rc=$?; echo "== $name: rc=$rc in $(( $(date +%s) - start )) s"; tail -n "${TAIL:-15}" "$out/$name.log"; }
-TIMEOUT="-p timeout --timeout=120 -rf --tb=short"
-stage tests-single 170 tools/in-env.sh python3 -m pytest -q -m "not multiproc" -p no:cacheprovider $TIMEOUT --durations=8
-TAIL=40 stage profile 40 python3 tools/profile_kernels.py
-TAIL=70 stage bench 190 python3 tools/bench.py --out "$out/bench" "$@"
-TAIL=25 stage tests-multiproc 140 tools/in-env.sh python3 -m pytest -v -m multiproc -p no:cacheprovider $TIMEOUT --durations=10
+TIMEOUT="-p timeout --timeout=150 -rf --tb=short"
+stage tests-single 170 tools/in-env.sh python3 -m pytest -q -n 4 -m "not multiproc" -p no:cacheprovider $TIMEOUT --durations=8
+TAIL=40 stage profile 25 python3 tools/profile_kernels.py
+TAIL=70 stage bench 70 python3 tools/bench.py --out "$out/bench" "$@"
+TAIL=60 stage tests-multiproc 140 tools/in-env.sh python3 -m pytest -v -s -m multiproc -p no:cacheprovider $TIMEOUT --durations=10 tests/test_collective.py::test_compiled_equals_eager tests/test_kernels.py tests/test_collective.py

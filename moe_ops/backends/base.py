@@ -23,6 +23,7 @@ class DispatchPlan:
     num_experts: int
     capacity: int | None  #: None: ragged layout; C: padded layout with C rows per local expert
     max_tokens_per_rank: int  #: static bound on every rank's token count (padded layout; ragged: this rank's T)
+    zero_padding: bool  #: padded layout: write zeros to recv_x's padding rows
     handshake: Handshake | None  #: multi-rank: the backend calls handshake.exchange(...) before moving any token
 
     @property

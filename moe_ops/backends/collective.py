@@ -115,7 +115,7 @@ class CollectiveBackend(Backend):
 
         received = _exchange(comm, "moe.dispatch all_to_all", send, send_splits, recv_splits)
         tokens, ids, weights = row_format.views(received)
-        out = stage.dispatch_rows(tokens, weights, ids, plan.num_local_experts, plan.capacity, num_rows)
+        out = stage.dispatch_rows(tokens, weights, ids, plan.num_local_experts, plan.capacity, num_rows, plan.zero_padding)
         handle = [send_slot, out.route_row, out.row_src]
         if plan.capacity is None:
             handle.append(torch.tensor([send_splits, recv_splits], dtype=torch.int64))

@@ -19,7 +19,9 @@ class LocalBackend(Backend):
     multi_rank = False
 
     def dispatch(self, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, plan: DispatchPlan) -> DispatchOutputs:
-        out = stage.dispatch_rows(x, topk_weights, topk_idx, plan.num_experts, plan.capacity)
+        out = stage.dispatch_rows(
+            x, topk_weights, topk_idx, plan.num_experts, plan.capacity, zero_padding=plan.zero_padding
+        )
         return DispatchOutputs(out.recv_x, out.recv_weights, out.tokens_per_expert, out.dropped, [out.route_row, out.row_src])
 
     def combine(self, expert_out: Tensor, recv_weights: Tensor, handle: list[Tensor], comm: Comm) -> Tensor:

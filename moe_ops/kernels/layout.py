@@ -6,7 +6,7 @@
    and, per chunk, the rows earlier chunks took in that expert (exclusive prefix over chunks); it
    writes ``tokens_per_expert`` and ``dropped``.
 3. ``_scatter_rows``: a program per (source row, hidden block) computes the row's layout rows (the
-   ragged layout's expert starts are an exclusive prefix of the counts, summed in each program) and
+   ragged layout's expert starts come from a cumulative sum of the counts) and
    copies its block to each of them; block 0 records the maps and weights. Every source row is read
    once, every layout row written once, in 16-byte vectors where the row stride allows.
 
@@ -77,7 +77,7 @@ def _expert_prefix(
 
 @triton.jit
 def _scatter_rows(
-    tokens_ptr, token_stride, weights_ptr, ids_ptr, rank_ptr, chunk_base_ptr, counts_ptr,
+    tokens_ptr, token_stride, weights_ptr, ids_ptr, rank_ptr, chunk_base_ptr, counts_ptr, ends_ptr,
     top_k, hidden, num_local, capacity,
     recv_x_ptr, recv_weights_ptr, route_row_ptr, row_src_ptr,
     CHUNK: tl.constexpr, BINS: tl.constexpr, K_BLOCK: tl.constexpr, H_BLOCK: tl.constexpr,
@@ -95,11 +95,8 @@ def _scatter_rows(
     if capacity >= 0:  # padded: slot pos of expert key, if it fits
         keep = valid & (pos < capacity)
         row = key.to(tl.int64) * capacity + pos
-    else:  # ragged: the expert's first row (exclusive prefix of the counts) + pos
-        bins = tl.arange(0, BINS)
-        counts = tl.load(counts_ptr + bins, mask=bins < num_local, other=0)
-        starts = tl.cumsum(counts, axis=0) - counts
-        start = tl.sum(tl.where(bins[None, :] == key[:, None], starts[None, :], 0), axis=1)
+    else:  # ragged: the expert's first row (its end minus its count) + pos
+        start = tl.load(ends_ptr + key, mask=valid, other=0) - tl.load(counts_ptr + key, mask=valid, other=0)
         keep = valid
         row = (start + pos).to(tl.int64)
     row = tl.where(keep, row, -1)
@@ -114,14 +111,21 @@ def _scatter_rows(
 
 
 def dispatch_rows(
-    tokens: Tensor, weights: Tensor, ids: Tensor, num_local: int, capacity: int | None, num_rows: int | None = None
+    tokens: Tensor,
+    weights: Tensor,
+    ids: Tensor,
+    num_local: int,
+    capacity: int | None,
+    num_rows: int | None = None,
+    zero_padding: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Triton twin of ``routing.expert_layout`` + ``permute.expand``.
 
     ``tokens [M, H]`` (rows may be strided), ``weights [M, K]``, ``ids [M, K]`` local expert ids
     (anything outside ``[0, num_local)`` is masked). Returns ``(recv_x, recv_weights,
     tokens_per_expert, dropped, route_row, row_src)`` in the layouts of docs/contract.md; padding rows of
-    ``recv_x`` are left unwritten. ``num_rows`` (ragged) saves a device-to-host read where known.
+    ``recv_x`` are left unwritten unless ``zero_padding``. ``num_rows`` (ragged) saves a device-to-host
+    read where known.
     """
     m, top_k = ids.shape
     hidden, device = tokens.shape[1], tokens.device
@@ -147,16 +151,18 @@ def dispatch_rows(
                                        BINS=bins, EXPERTS=experts, ROWS=max(1, 8192 // experts))
     if padded:
         rows_shape: tuple[int, ...] = (num_local, capacity)
+        ends = counts  # unused
     else:
-        rows_shape = (int(counts.sum()) if num_rows is None else num_rows,)
+        ends = torch.cumsum(counts, 0, dtype=torch.int32)
+        rows_shape = ((int(ends[-1]) if num_local else 0) if num_rows is None else num_rows,)
         row_src = torch.empty(rows_shape, dtype=torch.int64, device=device)
         recv_weights = torch.empty(rows_shape, dtype=weights.dtype, device=device)
-    recv_x = torch.empty(*rows_shape, hidden, dtype=tokens.dtype, device=device)
+    recv_x = (torch.zeros if zero_padding and padded else torch.empty)(*rows_shape, hidden, dtype=tokens.dtype, device=device)
     route_row = torch.empty(m, top_k, dtype=torch.int64, device=device)
     if m:
         h_block = block_size(hidden, SCATTER_H_BLOCK)
         _scatter_rows[(m, max(1, triton.cdiv(hidden, h_block)))](
-            tokens, tokens.stride(0), weights, ids, rank, chunk_base, counts,
+            tokens, tokens.stride(0), weights, ids, rank, chunk_base, counts, ends,
             top_k, hidden, num_local, capacity if padded else -1,
             recv_x, recv_weights, route_row, row_src,
             CHUNK=CHUNK, BINS=bins, K_BLOCK=k_block(top_k), H_BLOCK=h_block, num_warps=SCATTER_WARPS,

@@ -50,7 +50,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, pg_timeout: float, tasks: Any, results: Any) -> None:
+def _worker(rank: int, world_size: int, port: int, pg_timeout: float, tasks: Any, results: Any, hang_dump: float) -> None:
+    import faulthandler
+
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     # Inductor's parallel compile pool cannot start inside a daemonic worker: compile in-process.
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
@@ -68,10 +70,12 @@ def _worker(rank: int, world_size: int, port: int, pg_timeout: float, tasks: Any
     results.put(("ready", rank, None))
     while (task := tasks.get()) is not None:
         task_id, fn, args = task
+        faulthandler.dump_traceback_later(hang_dump)  # a task stuck this long prints every thread's stack
         try:
             outcome = Outcome(rank, True, fn(rank, *args))
         except BaseException as e:  # noqa: BLE001 - reported to the parent, which re-raises
             outcome = Outcome(rank, False, None, type(e).__name__, str(e), traceback.format_exc())
+        faulthandler.cancel_dump_traceback_later()
         results.put((task_id, rank, outcome))
     dist.destroy_process_group()
 
@@ -80,9 +84,16 @@ class World:
     """``world_size`` worker processes in one gloo group (see the module docstring)."""
 
     def __init__(
-        self, world_size: int, *, pg_timeout: float = 30.0, start_timeout: float = 120.0, env: dict[str, str] | None = None
+        self,
+        world_size: int,
+        *,
+        pg_timeout: float = 30.0,
+        start_timeout: float = 120.0,
+        hang_dump: float = 60.0,
+        env: dict[str, str] | None = None,
     ) -> None:
-        """``env``: environment variables the workers start with (on top of this process's)."""
+        """``env``: environment variables the workers start with (on top of this process's);
+        ``hang_dump``: seconds after which a worker still busy with one task prints its stacks to stderr."""
         ctx = mp.get_context("spawn")
         self.world_size = world_size
         self.pg_timeout = pg_timeout
@@ -90,7 +101,7 @@ class World:
         self._tasks = [ctx.Queue() for _ in range(world_size)]
         port = free_port()
         self._procs = [
-            ctx.Process(target=_worker, args=(r, world_size, port, pg_timeout, self._tasks[r], self._results), daemon=True)
+            ctx.Process(target=_worker, args=(r, world_size, port, pg_timeout, self._tasks[r], self._results, hang_dump), daemon=True)
             for r in range(world_size)
         ]
         saved = dict(os.environ)
