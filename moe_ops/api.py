@@ -43,8 +43,9 @@ def dispatch(
     ``x`` ``[T, H]`` bf16/fp16/fp32, ``topk_idx`` ``[T, K]`` int32/int64 global expert ids (``-1`` = no
     route), ``topk_weights`` ``[T, K]`` float32. ``layout="padded"`` takes a static bound: ``capacity``
     rows per local expert (default the no-drop worst case ``W * max_tokens_per_rank``).
-    ``zero_padding``: write zeros to the padded layout's padding rows; default when ``x`` requires grad
-    (experts then train on finite rows), skipped otherwise (decode pays only for the routed rows).
+    ``zero_padding``: write zeros to the padded layout's padding rows. Default: while autograd records
+    (training: experts that compute every row, e.g. ``torch.bmm``, must not see non-finite garbage, whose
+    weight gradient ``row^T * 0`` would be NaN); skipped otherwise (decode pays only for routed rows).
     """
     out = torch.ops.moe.dispatch(
         x,
@@ -56,7 +57,7 @@ def dispatch(
         layout=layout,
         capacity=-1 if capacity is None else capacity,
         max_tokens_per_rank=-1 if max_tokens_per_rank is None else max_tokens_per_rank,
-        zero_padding=x.requires_grad if zero_padding is None else zero_padding,
+        zero_padding=torch.is_grad_enabled() if zero_padding is None else zero_padding,
     )
     return DispatchResult(*out)
 

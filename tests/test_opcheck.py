@@ -6,10 +6,11 @@ import torch
 import moe_ops  # noqa: F401
 from moe_ops.testing.problems import make_problem
 
+# opcheck compares outputs across runs, so padding rows must be deterministic: zero_padding.
 LAYOUTS = {
     "ragged": {"layout": "ragged"},
-    "padded": {"layout": "padded", "capacity": 5, "max_tokens_per_rank": 40},
-    "padded-worst-case": {"layout": "padded", "max_tokens_per_rank": 40},
+    "padded": {"layout": "padded", "capacity": 5, "max_tokens_per_rank": 40, "zero_padding": True},
+    "padded-worst-case": {"layout": "padded", "max_tokens_per_rank": 40, "zero_padding": True},
 }
 
 
