@@ -37,6 +37,8 @@ def dispatch(
     max_tokens_per_rank: int | None = None,
     backend: str = "auto",
     zero_padding: bool | None = None,
+    expert_map: Tensor | None = None,
+    log2phy: Tensor | None = None,
 ) -> DispatchResult:
     """Send tokens to the ranks holding their experts (``torch.ops.moe.dispatch``).
 
@@ -46,11 +48,16 @@ def dispatch(
     ``zero_padding``: write zeros to the padded layout's padding rows. Default: while autograd records
     (training: experts that compute every row, e.g. ``torch.bmm``, must not see non-finite garbage, whose
     weight gradient ``row^T * 0`` would be NaN); skipped otherwise (decode pays only for routed rows).
+    ``log2phy [E_logical]`` maps logical expert ids to physical ones (redundant experts);
+    ``expert_map [W, E]`` places experts by a map instead of contiguously (row ``r``: rank ``r``'s local
+    id of each global expert, -1 where absent; see docs/contract.md).
     """
     out = torch.ops.moe.dispatch(
         x,
         topk_idx,
         topk_weights,
+        expert_map,
+        log2phy,
         num_experts=num_experts,
         group_name=group_name_of(group),
         backend=backend,

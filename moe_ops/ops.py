@@ -14,7 +14,7 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
-from moe_ops import backends, config, validation
+from moe_ops import backends, config, routing, validation
 from moe_ops.backends.base import Backend, DispatchPlan, Layout
 from moe_ops.errors import MoEInputError
 from moe_ops.groups import Comm, comm_for
@@ -55,18 +55,22 @@ def _dispatch_plan(
     x: Tensor,
     topk_idx: Tensor,
     topk_weights: Tensor,
-    num_experts: int,
     comm: Comm,
+    handshake: Handshake | None,
+    *,
+    num_experts: int,
     backend: str,
     layout: str,
     capacity: int,
     max_tokens_per_rank: int,
     zero_padding: bool,
-    handshake: Handshake | None,
+    expert_map: Tensor | None,
+    log2phy: Tensor | None,
 ) -> tuple[Backend, DispatchPlan]:
     validation.check_dispatch(
         x, topk_idx, topk_weights, num_experts, comm.world_size, layout, capacity, max_tokens_per_rank
     )
+    validation.check_placement(expert_map, log2phy, num_experts, comm.world_size, x.device)
     bound = max_tokens_per_rank if max_tokens_per_rank >= 0 else x.shape[0]
     if layout == "padded" and capacity < 0:
         capacity = comm.world_size * bound  # worst case: never drops
@@ -86,6 +90,8 @@ def dispatch(
     x: Tensor,
     topk_idx: Tensor,
     topk_weights: Tensor,
+    expert_map: Tensor | None = None,
+    log2phy: Tensor | None = None,
     *,
     num_experts: int,
     group_name: str = "",
@@ -101,10 +107,23 @@ def dispatch(
     float32. ``layout="ragged"``: ``recv_x [N, H]`` (``capacity`` and ``max_tokens_per_rank`` stay -1).
     ``layout="padded"``: ``recv_x [L, C, H]`` with ``C = capacity``, or, for ``capacity=-1``, the worst
     case ``W * max_tokens_per_rank`` (``max_tokens_per_rank=-1``: this rank's ``T``, which must then be
-    equal on every rank); padding rows are zero with ``zero_padding``, else unspecified. Returns
-    ``(recv_x, recv_weights, tokens_per_expert [L] int32, dropped [L] int32, handle)``.
+    equal on every rank); padding rows are zero with ``zero_padding``, else unspecified. Optional
+    placement: ``log2phy [E_logical]`` maps the ids to physical experts first, and ``expert_map [W, E]``
+    (``expert_map[r, e]``: local id of expert ``e`` on rank ``r``, -1 where absent) replaces the
+    contiguous placement. Returns ``(recv_x, recv_weights, tokens_per_expert [L] int32,
+    dropped [L] int32, handle)``.
     """
     comm = comm_for(group_name)
+    options = dict(
+        num_experts=num_experts,
+        backend=backend,
+        layout=layout,
+        capacity=capacity,
+        max_tokens_per_rank=max_tokens_per_rank,
+        zero_padding=zero_padding,
+        expert_map=expert_map,
+        log2phy=log2phy,
+    )
     handshake = _handshake(
         comm,
         "dispatch",
@@ -119,22 +138,22 @@ def dispatch(
             max_tokens_per_rank=(max_tokens_per_rank if max_tokens_per_rank >= 0 else _size(x, 0)) if layout == "padded" else -1,
             backend=backend,
             device=x.device.type,
+            expert_map=expert_map is not None,
+            log2phy=log2phy is not None,
         ),
         x.device,
         layout,
     )
 
-    def check() -> tuple[Backend, DispatchPlan]:
-        checked = _dispatch_plan(
-            x, topk_idx, topk_weights, num_experts, comm, backend, layout, capacity, max_tokens_per_rank, zero_padding,
-            handshake,
-        )
+    def check() -> tuple[Backend, DispatchPlan, Tensor]:
+        impl, plan = _dispatch_plan(x, topk_idx, topk_weights, comm, handshake, **options)
         if config.check_values:
-            validation.check_values(topk_idx, topk_weights, num_experts)
-        return checked
+            validation.check_values(topk_idx, topk_weights, num_experts if log2phy is None else log2phy.shape[0])
+            validation.check_placement_values(expert_map, log2phy, plan.num_local_experts, num_experts)
+        return impl, plan, routing.relabel(topk_idx, plan.num_local_experts, expert_map, log2phy)
 
-    impl, plan = _agreed(handshake, check)
-    outputs = impl.dispatch(x, topk_idx, topk_weights, plan)
+    impl, plan, ids = _agreed(handshake, check)
+    outputs = impl.dispatch(x, ids, topk_weights, plan)
     assert handshake is None or handshake.done, f"backend {impl.name!r} moved tokens without the handshake"
     return tuple(outputs)  # type: ignore[return-value]
 
@@ -144,6 +163,8 @@ def _dispatch_fake(
     x: Tensor,
     topk_idx: Tensor,
     topk_weights: Tensor,
+    expert_map: Tensor | None = None,
+    log2phy: Tensor | None = None,
     *,
     num_experts: int,
     group_name: str = "",
@@ -154,8 +175,19 @@ def _dispatch_fake(
     zero_padding: bool = False,
 ) -> DispatchReturn:
     impl, plan = _dispatch_plan(
-        x, topk_idx, topk_weights, num_experts, comm_for(group_name), backend, layout, capacity, max_tokens_per_rank,
-        zero_padding, None,
+        x,
+        topk_idx,
+        topk_weights,
+        comm_for(group_name),
+        None,
+        num_experts=num_experts,
+        backend=backend,
+        layout=layout,
+        capacity=capacity,
+        max_tokens_per_rank=max_tokens_per_rank,
+        zero_padding=zero_padding,
+        expert_map=expert_map,
+        log2phy=log2phy,
     )
     num_local = plan.num_local_experts
     if plan.capacity is None:
@@ -349,6 +381,10 @@ def _combine_backward_fake(
 
 def _dispatch_setup_context(ctx, inputs, keyword_only_inputs, output) -> None:  # type: ignore[no-untyped-def]
     recv_x, recv_weights, _, _, handle = output
+    # The dispatcher drops trailing positional arguments equal to their defaults before autograd sees
+    # them, and an op returning Tensor[] must give back exactly one gradient per argument it received.
+    _, _, _, expert_map, log2phy = inputs
+    ctx.num_inputs = 5 if log2phy is not None else 4 if expert_map is not None else 3
     ctx.save_for_backward(*handle)
     ctx.comm_args = {k: keyword_only_inputs[k] for k in ("group_name", "backend")}
     ctx.recv_x_meta = (recv_x.shape, recv_x.dtype)
@@ -367,7 +403,7 @@ def _dispatch_autograd(ctx, grad_recv_x, grad_recv_weights, _counts, _dropped, _
     grad_x, grad_w = torch.ops.moe.dispatch_backward(
         grad_recv_x.contiguous(), grad_recv_weights.contiguous(), handle, **ctx.comm_args
     )
-    return grad_x, None, grad_w
+    return (grad_x, None, grad_w, None, None)[: ctx.num_inputs]
 
 
 def _combine_setup_context(ctx, inputs, keyword_only_inputs, output) -> None:  # type: ignore[no-untyped-def]

@@ -29,9 +29,33 @@ class RankReceived:
     sources: Tensor  #: [N, 3] or [L, C, 3] int64: (source rank, token, k) of each row; -1 on padding rows
 
 
-def _routes_to(topk_idx: list[Tensor], expert: int) -> list[tuple[int, int, int]]:
-    """All routes to global ``expert`` in (source rank, token, k) order."""
-    return [(s, t, k) for s, idx in enumerate(topk_idx) for t, k in (idx == expert).nonzero().tolist()]
+def physical_ids(topk_idx: Tensor, log2phy: Tensor | None) -> Tensor:
+    """``log2phy[topk_idx]`` (ids outside the table become -1), or ``topk_idx`` without a table."""
+    if log2phy is None:
+        return topk_idx.long()
+    ids = topk_idx.long()
+    inside = (ids >= 0) & (ids < log2phy.shape[0])
+    return torch.where(inside, log2phy.long()[ids.clamp(0, max(log2phy.shape[0] - 1, 0))], -1)
+
+
+def placement(num_experts: int, world: int, expert_map: Tensor | None) -> list[tuple[int, int]]:
+    """``(rank, local id)`` of every physical expert, ``(-1, -1)`` where no rank holds it. Contiguous by
+    default (``e`` on rank ``e // L`` as ``e % L``); with ``expert_map [W, E]``, the first rank whose row
+    holds ``e`` (a local id in ``[0, L)``)."""
+    num_local = num_experts // world
+    if expert_map is None:
+        return [(e // num_local, e % num_local) for e in range(num_experts)]
+    where = []
+    for e in range(num_experts):
+        holders = [r for r in range(world) if 0 <= int(expert_map[r, e]) < num_local]
+        where.append((holders[0], int(expert_map[holders[0], e])) if holders else (-1, -1))
+    return where
+
+
+def _routes_to(ids: list[Tensor], experts: list[int]) -> list[tuple[int, int, int]]:
+    """All routes to any of ``experts`` in (source rank, token, k) order."""
+    wanted = torch.tensor(experts, dtype=torch.int64)
+    return [(s, t, k) for s, idx in enumerate(ids) for t, k in torch.isin(idx, wanted).nonzero().tolist()]
 
 
 def dispatch(
@@ -40,16 +64,21 @@ def dispatch(
     topk_weights: list[Tensor],
     num_experts: int,
     capacity: int | None = None,
+    expert_map: Tensor | None = None,
+    log2phy: Tensor | None = None,
 ) -> list[RankReceived]:
-    """Dispatch as the contract defines it. ``capacity=None``: ragged layout; an int: padded layout."""
+    """Dispatch as the contract defines it. ``capacity=None``: ragged layout; an int: padded layout.
+    ``log2phy`` and ``expert_map`` as :func:`physical_ids` and :func:`placement` say."""
     world = len(xs)
     num_local = num_experts // world
     hidden = xs[0].shape[1]
+    ids = [physical_ids(idx, log2phy) for idx in topk_idx]
+    where = placement(num_experts, world, expert_map)
     received = []
     for rank in range(world):
         x_rows, w_rows, src_rows, counts, dropped = [], [], [], [], []
         for e in range(num_local):
-            routes = _routes_to(topk_idx, rank * num_local + e)
+            routes = _routes_to(ids, [p for p, held in enumerate(where) if held == (rank, e)])
             kept = routes if capacity is None else routes[:capacity]
             counts.append(len(kept))
             dropped.append(len(routes) - len(kept))

@@ -75,6 +75,37 @@ def check_dispatch(
         raise MoEInputError(f"x has {x.shape[0]} tokens, more than max_tokens_per_rank={max_tokens_per_rank}")
 
 
+def check_placement(expert_map: object, log2phy: object, num_experts: int, world_size: int, device: torch.device) -> None:
+    """Metadata of the optional placement tables: ``expert_map [W, E]`` and ``log2phy [E_logical]``, int."""
+    if expert_map is not None:
+        _check_tensor("expert_map", expert_map, 2, ID_DTYPES)
+        assert isinstance(expert_map, Tensor)
+        if tuple(expert_map.shape) != (world_size, num_experts):
+            raise MoEInputError(
+                f"expert_map has shape {tuple(expert_map.shape)}, expected (group size, num_experts) = "
+                f"({world_size}, {num_experts}): row r maps global expert ids to rank r's local ids"
+            )
+        if expert_map.device != device:
+            raise MoEInputError(f"expert_map is on {expert_map.device} but x is on {device}")
+    if log2phy is not None:
+        _check_tensor("log2phy", log2phy, 1, ID_DTYPES)
+        assert isinstance(log2phy, Tensor)
+        if log2phy.device != device:
+            raise MoEInputError(f"log2phy is on {log2phy.device} but x is on {device}")
+
+
+def check_placement_values(expert_map: Tensor | None, log2phy: Tensor | None, num_local: int, num_experts: int) -> None:
+    """Value checks of the placement tables (host sync): local ids in ``[-1, L)``, no expert on two ranks,
+    physical ids in ``[0, E)``."""
+    if expert_map is not None:
+        if bool(((expert_map < -1) | (expert_map >= num_local)).any()):
+            raise MoEInputError(f"expert_map holds a local id outside [-1, {num_local})")
+        if bool(((expert_map >= 0).sum(dim=0) > 1).any()):
+            raise MoEInputError("expert_map places one expert on two ranks")
+    if log2phy is not None and bool(((log2phy < 0) | (log2phy >= num_experts)).any()):
+        raise MoEInputError(f"log2phy holds a physical id outside [0, {num_experts})")
+
+
 def check_values(topk_idx: Tensor, topk_weights: Tensor, num_experts: int) -> None:
     """Value checks (host sync): ids in ``[0, num_experts)`` or ``-1``, no duplicates per row, no NaN weight."""
     valid = topk_idx >= 0

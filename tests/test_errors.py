@@ -110,3 +110,31 @@ def test_value_checks(idx: list[list[int]], weights: list[list[float]], message:
 def test_value_checks_accept_masked_routes() -> None:
     with moe_ops.config.value_checks(True):
         moe_ops.dispatch(torch.randn(2, H), torch.tensor([[-1, -1], [3, -1]]), torch.rand(2, 2), E)
+
+
+def test_placement_metadata() -> None:
+    g = good()
+    with pytest.raises(MoEInputError, match=re.escape("expert_map has shape (2, 4), expected (group size, num_experts) = (1, 4)")):
+        moe_ops.dispatch(**g, num_experts=E, expert_map=torch.zeros(2, E, dtype=torch.int64))
+    with pytest.raises(MoEInputError, match="log2phy must be 1-D"):
+        moe_ops.dispatch(**g, num_experts=E, log2phy=torch.zeros(2, E, dtype=torch.int64))
+    with pytest.raises(MoEInputError, match="expert_map must have dtype"):
+        moe_ops.dispatch(**g, num_experts=E, expert_map=torch.zeros(1, E))
+
+
+@pytest.mark.parametrize(
+    "expert_map, log2phy, message",
+    [
+        ([[0, 1, 2, 4]], None, "expert_map holds a local id outside [-1, 4)"),
+        (None, [0, 4], "log2phy holds a physical id outside [0, 4)"),
+    ],
+)
+def test_placement_values(expert_map: list | None, log2phy: list | None, message: str) -> None:
+    kw = dict(
+        expert_map=None if expert_map is None else torch.tensor(expert_map),
+        log2phy=None if log2phy is None else torch.tensor(log2phy),
+    )
+    x, idx, w = torch.randn(2, H), torch.tensor([[0, -1], [1, -1]]), torch.rand(2, 2)
+    with moe_ops.config.value_checks(True):
+        with pytest.raises(MoEInputError, match=re.escape(message)):
+            moe_ops.dispatch(x, idx, w, E, **kw)

@@ -90,3 +90,19 @@ def test_zero_padding(device: str) -> None:
     d = moe_ops.dispatch(x, idx, w, 8, layout="padded", capacity=20, zero_padding=True)
     rows = conformance.valid_rows(d.tokens_per_expert.cpu(), 20)
     assert (~rows).any() and torch.equal(d.recv_x.cpu()[~rows], torch.zeros_like(d.recv_x.cpu()[~rows]))
+
+
+def test_placement_worked_example(device: str) -> None:
+    """log2phy then expert_map, by hand: logical ids 0..2 -> physical 3, 0, 2; this rank (W = 1) holds
+    physical expert 3 as local 0, 0 as local 2 and 2 as local 1 (expert 1 is held nowhere: masked)."""
+    x = torch.arange(3.0, device=device).repeat_interleave(2).view(3, 2)
+    idx = torch.tensor([[0, 1], [2, -1], [1, 2]], device=device)  # logical ids
+    w = torch.tensor([[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]], device=device)
+    log2phy = torch.tensor([3, 0, 2], device=device)
+    expert_map = torch.tensor([[2, -1, 1, 0]], device=device)
+    d = moe_ops.dispatch(x, idx, w, 4, expert_map=expert_map, log2phy=log2phy)
+    # local 0 (physical 3 = logical 0): token 0; local 1 (physical 2 = logical 2): tokens 1, 2;
+    # local 2 (physical 0 = logical 1): tokens 0, 2; local 3: none.
+    assert d.tokens_per_expert.tolist() == [1, 2, 2, 0]
+    assert d.recv_x[:, 0].tolist() == [0, 1, 2, 0, 2]
+    assert d.recv_weights.tolist() == pytest.approx([0.1, 0.3, 0.6, 0.2, 0.5])

@@ -33,10 +33,10 @@ class RankResult:
     grad_weights: Tensor
 
 
-def toy_experts(recv_x: Tensor, tokens_per_expert: Tensor, first_expert: int) -> Tensor:
-    """Stand-in experts: global expert ``g`` scales its rows by ``1 + g / 16`` (different per expert)."""
-    num_local = tokens_per_expert.shape[0]
-    scale = 1 + (first_expert + torch.arange(num_local, device=recv_x.device, dtype=torch.float32)) / 16
+def toy_experts(recv_x: Tensor, tokens_per_expert: Tensor, expert_ids: Tensor) -> Tensor:
+    """Stand-in experts: the local expert holding global expert ``g`` (``expert_ids [L]``) scales its rows
+    by ``1 + g / 16`` (different per expert)."""
+    scale = 1 + expert_ids.to(device=recv_x.device, dtype=torch.float32) / 16
     if recv_x.dim() == 3:
         return recv_x * scale.to(recv_x.dtype).view(-1, 1, 1)
     per_row = torch.repeat_interleave(scale, tokens_per_expert.long(), output_size=recv_x.shape[0])
@@ -51,13 +51,13 @@ def cotangent(problem: Problem, rank: int) -> Tensor:
 
 def pipeline(problem: Problem, rank: int, *, group: object = None, backend: str = "auto") -> Callable[..., tuple[Tensor, ...]]:
     """The rank's forward step ``(x, topk_idx, topk_weights) -> (recv_x, recv_weights, counts, dropped, out)``."""
-    first_expert = rank * problem.num_local_experts
+    expert_ids = problem.local_expert_ids(rank)
 
     def step(x: Tensor, topk_idx: Tensor, topk_weights: Tensor) -> tuple[Tensor, ...]:
         d = moe_ops.dispatch(
             x, topk_idx, topk_weights, problem.num_experts, group=group, backend=backend, **problem.dispatch_kwargs()
         )
-        out = moe_ops.combine(toy_experts(d.recv_x, d.tokens_per_expert, first_expert), d, group=group, backend=backend)
+        out = moe_ops.combine(toy_experts(d.recv_x, d.tokens_per_expert, expert_ids), d, group=group, backend=backend)
         return d.recv_x, d.recv_weights, d.tokens_per_expert, d.dropped, out
 
     return step
@@ -90,11 +90,10 @@ def _reference_run(problem: Problem, absolute: bool) -> list[RankResult]:
     fix = torch.abs if absolute else (lambda t: t)
     xs = [fix(x).detach().clone().requires_grad_() for x in problem.xs]
     ws = [fix(w).detach().clone().requires_grad_() for w in problem.topk_weights]
-    got = reference.dispatch(xs, problem.topk_idx, ws, problem.num_experts, problem.reference_capacity)
-    ys = [
-        toy_experts(g.recv_x, g.tokens_per_expert, r * problem.num_local_experts).double()
-        for r, g in enumerate(got)
-    ]
+    got = reference.dispatch(
+        xs, problem.topk_idx, ws, problem.num_experts, problem.reference_capacity, problem.expert_map, problem.log2phy
+    )
+    ys = [toy_experts(g.recv_x, g.tokens_per_expert, problem.local_expert_ids(r)).double() for r, g in enumerate(got)]
     outs = reference.combine(got, ys, [x.shape[0] for x in xs])
     loss = sum((out * fix(cotangent(problem, r)).double()).sum() for r, out in enumerate(outs))
     grads = torch.autograd.grad(loss, xs + ws, allow_unused=True) if loss.requires_grad else [None] * 2 * len(xs)

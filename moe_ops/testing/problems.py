@@ -24,6 +24,8 @@ class Problem:
     layout: str = "ragged"
     capacity: int | None = None
     max_tokens_per_rank: int | None = None
+    expert_map: Tensor | None = None  #: [W, E]: rank r's local id of each expert, -1 where absent
+    log2phy: Tensor | None = None  #: [E_logical]: physical expert of each logical id
     description: str = field(default="", compare=False)
 
     @property
@@ -45,7 +47,23 @@ class Problem:
         return self.world_size * bound
 
     def dispatch_kwargs(self) -> dict[str, object]:
-        return dict(layout=self.layout, capacity=self.capacity, max_tokens_per_rank=self.max_tokens_per_rank)
+        return dict(
+            layout=self.layout,
+            capacity=self.capacity,
+            max_tokens_per_rank=self.max_tokens_per_rank,
+            expert_map=self.expert_map,
+            log2phy=self.log2phy,
+        )
+
+    def local_expert_ids(self, rank: int) -> Tensor:
+        """``[L]``: the physical id of each of ``rank``'s local experts (-1 where it holds none)."""
+        from moe_ops.reference import placement
+
+        ids = torch.full((self.num_local_experts,), -1, dtype=torch.int64)
+        for e, (r, j) in enumerate(placement(self.num_experts, self.world_size, self.expert_map)):
+            if r == rank:
+                ids[j] = e
+        return ids
 
 
 def _routes(gen: torch.Generator, tokens: int, top_k: int, experts: list[int]) -> Tensor:
@@ -71,19 +89,32 @@ def make_problem(
     layout: str = "ragged",
     capacity: int | None = None,
     max_tokens_per_rank: int | None = None,
+    shuffled: bool = False,
+    logical_experts: int | None = None,
     seed: int = 0,
 ) -> Problem:
     """Build a problem deterministically from ``seed``. ``pattern`` picks the experts routes may use:
     ``uniform`` all; ``one_expert`` expert 0 only; ``one_rank`` the last rank's; ``sparse`` a few;
-    ``all_masked`` none. ``out_of_range`` replaces some ids by values outside ``[0, E)`` (they act as masked)."""
+    ``all_masked`` none. ``out_of_range`` replaces some ids by values outside ``[0, E)`` (they act as masked).
+    ``shuffled`` places the experts by a random ``expert_map``; ``logical_experts`` routes over that many
+    logical ids mapped to distinct physical experts by a random ``log2phy``."""
     gen = torch.Generator().manual_seed(seed)
     world = len(tokens)
     num_local = num_experts // world
+    expert_map = log2phy = None
+    if shuffled:
+        slots = torch.randperm(num_experts, generator=gen)  # slot r*L + j holds expert slots[r*L + j]
+        expert_map = torch.full((world, num_experts), -1, dtype=torch.int64)
+        for slot, e in enumerate(slots.tolist()):
+            expert_map[slot // num_local, e] = slot % num_local
+    if logical_experts is not None:
+        log2phy = torch.randperm(num_experts, generator=gen)[:logical_experts]
+    id_space = num_experts if logical_experts is None else logical_experts
     experts = {
-        "uniform": list(range(num_experts)),
+        "uniform": list(range(id_space)),
         "one_expert": [0],
-        "one_rank": list(range((world - 1) * num_local, num_experts)),
-        "sparse": sorted(torch.randperm(num_experts, generator=gen)[: max(1, num_experts // 8)].tolist()),
+        "one_rank": list(range(max(0, id_space - num_local), id_space)),
+        "sparse": sorted(torch.randperm(id_space, generator=gen)[: max(1, id_space // 8)].tolist()),
         "all_masked": [],
     }[pattern]
     xs, idx, weights = [], [], []
@@ -93,16 +124,19 @@ def make_problem(
         if out_of_range:
             bad = torch.rand(t, top_k, generator=gen) < 0.1
             wide = [2**40, -(2**40)] if id_dtype == torch.int64 else [2**31 - 1, -(2**31)]
-            junk = torch.tensor([num_experts, num_experts + 7, -2, -1000, *wide], dtype=torch.int64)
+            junk = torch.tensor([id_space, id_space + 7, -2, -1000, *wide], dtype=torch.int64)
             ids[bad] = junk[torch.randint(0, len(junk), (t, top_k), generator=gen)][bad]
         xs.append(torch.randn(t, hidden, generator=gen).to(dtype))
         idx.append(ids.to(id_dtype))
         weights.append(torch.rand(t, top_k, generator=gen))
     description = (
         f"T={tokens} H={hidden} E={num_experts} K={top_k} {pattern} mask={mask_fraction} oor={out_of_range} "
-        f"{dtype} {id_dtype} {layout} C={capacity} Tmax={max_tokens_per_rank} seed={seed}"
+        f"{dtype} {id_dtype} {layout} C={capacity} Tmax={max_tokens_per_rank} shuffled={shuffled} "
+        f"logical={logical_experts} seed={seed}"
     )
-    return Problem(xs, idx, weights, num_experts, layout, capacity, max_tokens_per_rank, description)
+    return Problem(
+        xs, idx, weights, num_experts, layout, capacity, max_tokens_per_rank, expert_map, log2phy, description
+    )
 
 
 @st.composite
@@ -121,7 +155,9 @@ def problems(
     E up to ``max_experts``, masked and out-of-range ids, every routing pattern, both layouts."""
     num_local = draw(st.integers(1, max(1, max_experts // world_size)))
     num_experts = num_local * world_size
-    top_k = draw(st.integers(1, min(8, num_experts)))
+    placement = draw(st.sampled_from(("contiguous", "contiguous", "shuffled", "redundant")))
+    logical = draw(st.integers(1, num_experts)) if placement == "redundant" else None
+    top_k = draw(st.integers(1, min(8, logical or num_experts)))
     tokens = draw(st.lists(st.integers(0, max_tokens), min_size=world_size, max_size=world_size))
     layout = draw(st.sampled_from(layouts))
     capacity = max_tokens_per_rank = None
@@ -141,5 +177,7 @@ def problems(
         layout=layout,
         capacity=capacity,
         max_tokens_per_rank=max_tokens_per_rank,
+        shuffled=placement != "contiguous",
+        logical_experts=logical,
         seed=draw(st.integers(0, 2**31 - 1)),
     )
