@@ -41,11 +41,13 @@ def resolve(name: str, device_type: str, world_size: int, layout: Layout) -> Bac
 
 
 def _register_builtin() -> None:
+    from moe_ops.backends.allgather import AllGatherBackend
     from moe_ops.backends.collective import CollectiveBackend
     from moe_ops.backends.local import LocalBackend
 
     register(LocalBackend())
     register(CollectiveBackend())
+    register(AllGatherBackend())
 
 
 _register_builtin()

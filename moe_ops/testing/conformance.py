@@ -250,6 +250,7 @@ def opcheck_task(rank: int, problem: Problem, backend: str) -> None:
         layout=problem.layout,
         capacity=-1 if problem.capacity is None else problem.capacity,
         max_tokens_per_rank=-1 if problem.max_tokens_per_rank is None else problem.max_tokens_per_rank,
+        zero_padding=problem.layout == "padded",  # opcheck compares outputs across runs
     )
     x = problem.xs[rank].clone().requires_grad_()
     w = problem.topk_weights[rank].clone().requires_grad_()
