@@ -73,8 +73,8 @@ def run_rank(
     step: Callable[..., tuple[Tensor, ...]] | None = None,
 ) -> RankResult:
     """Run the pipeline (or a compiled ``step`` of it) on rank ``rank``'s inputs, forward and backward."""
-    x = problem.xs[rank].to(device).requires_grad_()
-    weights = problem.topk_weights[rank].to(device).requires_grad_()
+    x = problem.xs[rank].to(device, copy=True).requires_grad_()  # fresh leaves: the problem stays untouched
+    weights = problem.topk_weights[rank].to(device, copy=True).requires_grad_()
     step = step or pipeline(problem, rank, group=group, backend=backend)
     recv_x, recv_weights, counts, dropped, out = step(x, problem.topk_idx[rank].to(device), weights)
     (out.float() * cotangent(problem, rank).to(device)).sum().backward()

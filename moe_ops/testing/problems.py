@@ -150,12 +150,14 @@ def problems(
     dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES,
     layouts: tuple[str, ...] = ("ragged", "padded"),
     out_of_range: bool = True,
+    placements: tuple[str, ...] = ("contiguous", "contiguous", "shuffled", "redundant"),
 ) -> Problem:
     """Draw a :class:`Problem` for ``world_size`` ranks: uneven token counts (0 included), K = 1…8,
-    E up to ``max_experts``, masked and out-of-range ids, every routing pattern, both layouts."""
+    E up to ``max_experts``, masked and out-of-range ids, every routing pattern, the given layouts and
+    expert placements (contiguous, shuffled by an ``expert_map``, redundant through a ``log2phy``)."""
     num_local = draw(st.integers(1, max(1, max_experts // world_size)))
     num_experts = num_local * world_size
-    placement = draw(st.sampled_from(("contiguous", "contiguous", "shuffled", "redundant")))
+    placement = draw(st.sampled_from(placements))
     logical = draw(st.integers(1, num_experts)) if placement == "redundant" else None
     top_k = draw(st.integers(1, min(8, logical or num_experts)))
     tokens = draw(st.lists(st.integers(0, max_tokens), min_size=world_size, max_size=world_size))
