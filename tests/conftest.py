@@ -1,8 +1,11 @@
 import os
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
+
+from moe_ops.testing.harness import World
 
 # Example counts: "ci" is the default (CPU CI, 2 cores); "thorough" for a longer local run.
 settings.register_profile(
@@ -24,3 +27,20 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def device(request: pytest.FixtureRequest) -> str:
     """Every device test runs on the CPU and, where present, on CUDA."""
     return request.param
+
+
+@pytest.fixture(scope="session")
+def worlds() -> Iterator[Callable[..., World]]:
+    """``worlds(size, env=None)``: a live gloo world of ``size`` worker processes (started with the extra
+    environment ``env``), shared by every test of the session and made anew after a failure killed it."""
+    cache: dict[tuple[object, ...], World] = {}
+
+    def get(size: int, env: dict[str, str] | None = None) -> World:
+        key = (size, tuple(sorted((env or {}).items())))
+        if key not in cache or not cache[key].alive:
+            cache[key] = World(size, env=env)
+        return cache[key]
+
+    yield get
+    for world in cache.values():
+        world.close()

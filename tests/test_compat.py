@@ -12,7 +12,6 @@ from hypothesis import given, settings
 
 from moe_ops.compat import megatron, vllm_ascend
 from moe_ops.testing.adapters import ADAPTERS, check_adapter
-from moe_ops.testing.harness import World
 from moe_ops.testing.problems import Problem, make_problem, problems
 
 EXAMPLES = 12
@@ -22,45 +21,30 @@ SETUPS = {
     "megatron_inference": (("padded",), ("contiguous",), "allgather"),
     "vllm_ascend": (("ragged", "padded"), ("contiguous", "shuffled", "redundant"), "auto"),
 }
-_worlds: dict[int, World] = {}
-
-
-def world(size: int) -> World:
-    if size not in _worlds or not _worlds[size].alive:
-        _worlds[size] = World(size)
-    return _worlds[size]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _close_worlds():
-    yield
-    for w in _worlds.values():
-        w.close()
-    _worlds.clear()
 
 
 @pytest.mark.multiproc
 @pytest.mark.parametrize("adapter", ADAPTERS)
 @pytest.mark.parametrize("size", [1, 2, 3])
-def test_adapter_matches_ops_and_reference(adapter: str, size: int) -> None:
+def test_adapter_matches_ops_and_reference(worlds, adapter: str, size: int) -> None:
     layouts, placements, backend = SETUPS[adapter]
 
     @settings(max_examples=EXAMPLES)
     @given(problem=problems(world_size=size, max_tokens=48, max_experts=24, hidden_sizes=(8, 40), layouts=layouts, placements=placements))
     def check(problem: Problem) -> None:
-        check_adapter(world(size), problem, adapter, backend)
+        check_adapter(worlds(size), problem, adapter, backend)
 
     check()
 
 
 @pytest.mark.multiproc
 @pytest.mark.parametrize("adapter", ADAPTERS)
-def test_adapter_compiles_fullgraph(adapter: str) -> None:
+def test_adapter_compiles_fullgraph(worlds, adapter: str) -> None:
     layouts, placements, backend = SETUPS[adapter]
     kw: dict[str, object] = dict(layout="padded", capacity=8, max_tokens_per_rank=24) if layouts == ("padded",) else {}
     if "shuffled" in placements:  # the per-rank expert_map is gathered by a traced collective
         kw.update(shuffled=True, logical_experts=6)
-    check_adapter(world(2), make_problem([24, 9], 32, 8, 2, mask_fraction=0.2, seed=4, **kw), adapter, backend, compiled=True)
+    check_adapter(worlds(2), make_problem([24, 9], 32, 8, 2, mask_fraction=0.2, seed=4, **kw), adapter, backend, compiled=True)
 
 
 @pytest.mark.parametrize(

@@ -10,32 +10,22 @@ import pytest
 from hypothesis import given, settings
 
 from moe_ops.testing import conformance
-from moe_ops.testing.harness import World
 from moe_ops.testing.problems import Problem, make_problem, problems
 
 pytestmark = pytest.mark.multiproc
 
 INTERPRET = {"TRITON_INTERPRET": "1", "MOE_OPS_KERNELS": "triton"}
 INTERPRET_EXAMPLES = {1: 60, 2: 25}
-_worlds: dict[int, World] = {}
 
 
-def world(size: int) -> World:
-    if size not in _worlds or not _worlds[size].alive:
-        _worlds[size] = World(size, env=INTERPRET)
-    return _worlds[size]
+@pytest.fixture
+def world(worlds):
+    """``world(size)``: a gloo world whose workers run the Triton kernels interpreted."""
+    return lambda size: worlds(size, env=INTERPRET)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _close_worlds():
-    yield
-    for w in _worlds.values():
-        w.close()
-    _worlds.clear()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _interpreter_usable() -> None:
+@pytest.fixture(autouse=True)
+def _interpreter_usable(world) -> None:
     """Triton 3.6's interpreter cannot run a loop over a runtime bound with NumPy >= 2.3 (its scalars
     are 1-element arrays there); such a machine (the GPU loaner) tests the compiled kernels instead."""
     broken = world(1).run(_interpreter_fault)[0]
@@ -64,7 +54,7 @@ def _interpreter_fault(rank: int) -> str:
     return "" if out.item() == 3 else f"Triton {triton.__version__}: loop counted {out.item()} instead of 3"
 
 
-def test_workers_run_the_interpreter() -> None:
+def test_workers_run_the_interpreter(world) -> None:
     """Guard against a vacuous pass: the workers really take the Triton path, interpreted."""
     assert world(1).run(_kernel_mode) == [("triton", True, True)]
 
@@ -79,7 +69,7 @@ def _kernel_mode(rank: int) -> tuple[str, bool, bool]:
 
 
 @pytest.mark.parametrize("size", [1, 2])
-def test_property(size: int) -> None:
+def test_property(world, size: int) -> None:
     @settings(max_examples=INTERPRET_EXAMPLES[size])
     @given(problem=problems(world_size=size, max_tokens=40, max_experts=16, hidden_sizes=(1, 7, 40)))
     def check(problem: Problem) -> None:
@@ -100,7 +90,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_cases(case: str) -> None:
+def test_cases(world, case: str) -> None:
     import torch
 
     kw = dict(CASES[case])

@@ -21,22 +21,6 @@ WORLD_SIZES = (1, 2, 3, 4)
 EXAMPLES = {1: 40, 2: 50, 3: 40, 4: 30}
 LAYOUTS = {"collective": ("ragged", "padded"), "allgather": ("padded",)}
 BACKEND_LAYOUTS = [(backend, layout) for backend, layouts in LAYOUTS.items() for layout in layouts]
-_worlds: dict[int, World] = {}
-
-
-def world(size: int) -> World:
-    """A live gloo world of ``size`` ranks, shared by the tests of this module."""
-    if size not in _worlds or not _worlds[size].alive:
-        _worlds[size] = World(size)
-    return _worlds[size]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _close_worlds():
-    yield
-    for w in _worlds.values():
-        w.close()
-    _worlds.clear()
 
 
 def padded(capacity: int, max_tokens_per_rank: int) -> dict[str, object]:
@@ -45,43 +29,43 @@ def padded(capacity: int, max_tokens_per_rank: int) -> dict[str, object]:
 
 @pytest.mark.parametrize("backend", LAYOUTS)
 @pytest.mark.parametrize("size", WORLD_SIZES)
-def test_property(backend: str, size: int) -> None:
+def test_property(worlds, backend: str, size: int) -> None:
     @settings(max_examples=EXAMPLES[size])
     @given(problem=problems(world_size=size, max_tokens=96, max_experts=64, hidden_sizes=(1, 7, 64, 128), layouts=LAYOUTS[backend]))
     def check(problem: Problem) -> None:
-        conformance.check_world(world(size), problem, backend)
+        conformance.check_world(worlds(size), problem, backend)
 
     check()
 
 
 @pytest.mark.parametrize("backend, layout", BACKEND_LAYOUTS)
 @pytest.mark.parametrize("size", WORLD_SIZES)
-def test_edge_cases(backend: str, layout: str, size: int) -> None:
+def test_edge_cases(worlds, backend: str, layout: str, size: int) -> None:
     kw = padded(4, 40) if layout == "padded" else {}
     uneven = [40, 0, 13, 1][:size]  # a rank with no tokens (when size > 1)
     for pattern in ("one_rank", "one_expert", "all_masked", "uniform"):
         problem = make_problem(uneven, 16, 4 * size, 2, pattern=pattern, mask_fraction=0.3, seed=3, **kw)
-        conformance.check_world(world(size), problem, backend)
+        conformance.check_world(worlds(size), problem, backend)
 
 
 @pytest.mark.parametrize("backend, layout", BACKEND_LAYOUTS)
 @pytest.mark.parametrize("size", WORLD_SIZES)
-def test_compiled_equals_eager(backend: str, layout: str, size: int) -> None:
+def test_compiled_equals_eager(worlds, backend: str, layout: str, size: int) -> None:
     kw = padded(6, 24) if layout == "padded" else {}
     problem = make_problem([24, 0, 9, 17][:size], 32, 4 * size, 3, mask_fraction=0.2, seed=9, **kw)
-    conformance.check_world(world(size), problem, backend, compiled=True)
+    conformance.check_world(worlds(size), problem, backend, compiled=True)
 
 
 @pytest.mark.parametrize("backend, layout", BACKEND_LAYOUTS)
 @pytest.mark.parametrize("mutation", conformance.BAD_INPUTS)
-def test_bad_input_on_one_rank(backend: str, layout: str, mutation: str) -> None:
+def test_bad_input_on_one_rank(worlds, backend: str, layout: str, mutation: str) -> None:
     size = 3
     problem = make_problem([20, 11, 5], 8, 6, 2, seed=5, **(padded(4, 20) if layout == "padded" else {}))
-    outcomes = world(size).outcomes(conformance.bad_input_task, problem, backend, 1, mutation, timeout=60)
+    outcomes = worlds(size).outcomes(conformance.bad_input_task, problem, backend, 1, mutation, timeout=60)
     assert all(o.error_type == "MoEInputError" for o in outcomes), [(o.rank, o.error_type, o.message) for o in outcomes]
     assert len({o.message for o in outcomes}) == 1, "ranks raised different messages"
     assert "rank(s) [1]" in outcomes[0].message or "rank 1:" in outcomes[0].message, outcomes[0].message
-    conformance.check_world(world(size), problem, backend)  # the group still works
+    conformance.check_world(worlds(size), problem, backend)  # the group still works
 
 
 @pytest.mark.parametrize("backend, layout", BACKEND_LAYOUTS)
@@ -98,6 +82,6 @@ def test_dead_rank_fails_the_others_in_bounded_time(backend: str, layout: str) -
 
 
 @pytest.mark.parametrize("backend, layout", BACKEND_LAYOUTS)
-def test_opcheck(backend: str, layout: str) -> None:
+def test_opcheck(worlds, backend: str, layout: str) -> None:
     kw = padded(5, 20) if layout == "padded" else {}
-    world(2).run(conformance.opcheck_task, make_problem([20, 9], 16, 8, 3, mask_fraction=0.2, seed=2, **kw), backend)
+    worlds(2).run(conformance.opcheck_task, make_problem([20, 9], 16, 8, 3, mask_fraction=0.2, seed=2, **kw), backend)
