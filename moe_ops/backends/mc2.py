@@ -173,7 +173,7 @@ class _Call:
         return wire.decode(expand_x, scales if quant_mode else None, x.dtype), ends, [assist, ep_counts, tp_counts]
 
     def combine(self, rows: Tensor, ids: Tensor, mc2_handle: list[Tensor]) -> Tensor:
-        """Sum the ``expand_x``-ordered ``rows [A, H]`` back per source token: ``[T, H]``."""
+        """Sum the ``expand_x``-ordered ``rows [A, H]`` back per source token: ``[T, H]`` (a view)."""
         num_tokens = ids.shape[0]
         width = align32(rows.shape[1])
         assist, ep_counts, tp_counts = mc2_handle
@@ -252,7 +252,7 @@ class Mc2Backend(Backend):
         if call.max_tokens == 0:
             return expert_out.new_zeros(ids.shape[0], expert_out.shape[-1])
         rows = stage.reduce(expert_out.flatten(0, 1), row_slot.unsqueeze(1), recv_weights.flatten())
-        return call.combine(rows, ids, mc2_handle)
+        return call.combine(rows, ids, mc2_handle).contiguous()
 
     def dispatch_backward(
         self, grad_recv_x: Tensor, grad_recv_weights: Tensor, handle: list[Tensor], comm: Comm
@@ -272,7 +272,7 @@ class Mc2Backend(Backend):
         rows = torch.cat([stage.reduce(grad_recv_x.flatten(0, 1), row_slot.unsqueeze(1), None), weight_columns[:, :-1]], 1)
         out = call.combine(rows, ids, mc2_handle)
         grad_weights = out[:, hidden : hidden + top_k].float() + out[:, hidden + top_k :].float()
-        return out[:, :hidden], grad_weights.to(grad_recv_weights.dtype)
+        return out[:, :hidden].contiguous(), grad_weights.to(grad_recv_weights.dtype)
 
     def combine_backward(
         self, grad_out: Tensor, expert_out: Tensor, recv_weights: Tensor, handle: list[Tensor], comm: Comm

@@ -51,7 +51,7 @@ Tamper = Callable[[str, dict[str, Any]], None]
 
 _PREFIX = "sim-hccl:"
 _MAGIC = 0x4D4332  # "MC2": first value of a simulated assist_info_for_combine
-_HEADER = 4  # magic, dispatch number, filled rows, A
+_HEADER = 4  # magic, checksum of the group's routes, filled rows, A
 _SORT_LIMIT = 16777215
 
 
@@ -70,7 +70,6 @@ class _State:
     previous_module: types.ModuleType | None
     previous_platform: mc2.Platform
     calls: list[Call] = dataclasses.field(default_factory=list)
-    dispatches: int = 0
 
 
 _state: _State | None = None
@@ -221,7 +220,6 @@ def _stack(parts: list[Tensor]) -> Tensor:
 
 
 def _dispatch(version: int, args: dict[str, Any]) -> tuple[Tensor, ...]:
-    assert _state is not None
     _reject_unmodelled(args, _UNMODELLED)
     x, ids = args["x"], args["expert_ids"]
     g = _Group.check(args, version, x)
@@ -252,8 +250,7 @@ def _dispatch(version: int, args: dict[str, Any]) -> tuple[Tensor, ...]:
     if expert_scales is not None:  # documented size on A2/A3 with expert_scales: extra, unused here
         extra = (args["global_bs"] or ids.shape[0] * g.world) * 2 * ids.shape[1] * (g.world // 8)
         ep_recv_counts = torch.cat([ep_recv_counts, ep_recv_counts.new_zeros(extra)])
-    _state.dispatches += 1
-    handle = _assist(mine, g.rows, ids.shape) if version == 2 else _expand_idx(table, g.rank, ids.shape)
+    handle = _assist(mine, _checksum(table), g.rows, ids.shape) if version == 2 else _expand_idx(table, g.rank, ids.shape)
     return (
         expand_x,
         dynamic_scales,
@@ -280,11 +277,15 @@ def _route_table(routes: list[tuple[Tensor, Tensor]], num_local: int) -> Tensor:
     return table[torch.sort(key, stable=True).indices]
 
 
-def _assist(mine: Tensor, rows: int, ids_shape: torch.Size) -> Tensor:
+def _checksum(table: Tensor) -> int:
+    """The same number on every rank for one dispatch's routes (tells the handles of two dispatches apart)."""
+    return int((table.flatten() * torch.arange(1, table.numel() + 1)).sum() % (2**31 - 1))
+
+
+def _assist(mine: Tensor, checksum: int, rows: int, ids_shape: torch.Size) -> Tensor:
     """This module's ``assist_info_for_combine``: a header, then (source rank, token, k) of each row."""
-    assert _state is not None
     out = torch.zeros(max(ids_shape[0] * ids_shape[1], rows * 128), dtype=torch.int32)
-    out[:_HEADER] = torch.tensor([_MAGIC, _state.dispatches, mine.shape[0], rows])
+    out[:_HEADER] = torch.tensor([_MAGIC, checksum, mine.shape[0], rows])
     out[_HEADER : _HEADER + 3 * mine.shape[0]] = mine[:, 2:].flatten().to(torch.int32)
     return out
 
