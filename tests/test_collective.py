@@ -12,29 +12,21 @@ import pytest
 from hypothesis import given, settings
 
 from moe_ops.testing import conformance
-from moe_ops.testing.harness import World
+from moe_ops.testing.harness import World, WorldPool
 from moe_ops.testing.problems import Problem, make_problem, problems
 
 pytestmark = pytest.mark.multiproc
 
 WORLD_SIZES = (1, 2, 3, 4)
 EXAMPLES = {1: 50, 2: 60, 3: 50, 4: 40}
-_worlds: dict[int, World] = {}
-
-
-def world(size: int) -> World:
-    """A live gloo world of ``size`` ranks, shared by the tests of this module."""
-    if size not in _worlds or not _worlds[size].alive:
-        _worlds[size] = World(size)
-    return _worlds[size]
+_worlds = WorldPool()
+world = _worlds.get
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _close_worlds():
     yield
-    for w in _worlds.values():
-        w.close()
-    _worlds.clear()
+    _worlds.close()
 
 
 def drawn(size: int):

@@ -10,28 +10,21 @@ import pytest
 from hypothesis import given, settings
 
 from moe_ops.testing import conformance
-from moe_ops.testing.harness import World
+from moe_ops.testing.harness import WorldPool
 from moe_ops.testing.problems import Problem, make_problem, problems
 
 pytestmark = pytest.mark.multiproc
 
 INTERPRET = {"TRITON_INTERPRET": "1", "MOE_OPS_KERNELS": "triton"}
 INTERPRET_EXAMPLES = {1: 60, 2: 25}
-_worlds: dict[int, World] = {}
-
-
-def world(size: int) -> World:
-    if size not in _worlds or not _worlds[size].alive:
-        _worlds[size] = World(size, env=INTERPRET)
-    return _worlds[size]
+_worlds = WorldPool(env=INTERPRET)
+world = _worlds.get
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _close_worlds():
     yield
-    for w in _worlds.values():
-        w.close()
-    _worlds.clear()
+    _worlds.close()
 
 
 @pytest.fixture(scope="module", autouse=True)

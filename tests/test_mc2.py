@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 
 from moe_ops.testing import conformance, mc2_tasks
-from moe_ops.testing.harness import RankFailure, World
+from moe_ops.testing.harness import RankFailure, World, WorldPool
 from moe_ops.testing.problems import Problem, make_problem, problems
 
 pytestmark = pytest.mark.multiproc
@@ -21,23 +21,20 @@ pytestmark = pytest.mark.multiproc
 WORLD_SIZES = (1, 2, 3, 4)
 EXAMPLES = {1: 10, 2: 15, 3: 12, 4: 10}
 HALF = (torch.bfloat16, torch.float16)
-_worlds: dict[int, World] = {}
+_worlds = WorldPool()
 
 
 def world(size: int, version: int = 2, tamper: object = None) -> World:
     """A live gloo world of ``size`` ranks with the simulator of MC2 ops ``version`` installed."""
-    if size not in _worlds or not _worlds[size].alive:
-        _worlds[size] = World(size)
-    _worlds[size].run(mc2_tasks.install, version, tamper)
-    return _worlds[size]
+    w = _worlds.get(size)
+    w.run(mc2_tasks.install, version, tamper)
+    return w
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _close_worlds():
     yield
-    for w in _worlds.values():
-        w.close()
-    _worlds.clear()
+    _worlds.close()
 
 
 def padded(tokens: list[int], hidden: int, experts: int, top_k: int, **kw: object) -> Problem:

@@ -10,7 +10,7 @@ EP size ``W``, local experts ``L = E / W``, and the ``HCCL_BUFFSIZE`` (MB, defau
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Container
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from moe_ops.errors import MoEInputError
@@ -70,7 +70,7 @@ class Limits:
     max_top_k: int
     max_experts: int
     max_local_experts: int | None
-    worlds: Container[int]
+    worlds: range | frozenset[int]  #: the EP sizes supported
     buffer_bytes: Callable[[Shape], int]  #: the HCCL_BUFFSIZE this call needs
 
     def problems(self, s: Shape) -> list[str]:
@@ -90,7 +90,8 @@ class Limits:
         if self.max_local_experts is not None and s.local_experts > self.max_local_experts:
             found.append(f"{s.local_experts} local experts, more than {self.max_local_experts}")
         if s.world not in self.worlds:
-            found.append(f"EP size {s.world} not among the supported sizes {self.worlds}")
+            sizes = f"{self.worlds.start}..{self.worlds.stop - 1}" if isinstance(self.worlds, range) else sorted(self.worlds)
+            found.append(f"EP size {s.world} not among the supported sizes {sizes}")
         need, have = self.buffer_bytes(s), hccl_buffsize_mb() * _MB
         if have < need:
             found.append(f"HCCL_BUFFSIZE = {have // _MB} MB, this call needs at least {-(-need // _MB)} MB")

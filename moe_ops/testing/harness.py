@@ -3,7 +3,8 @@
     with World(3) as world:
         results = world.run(fn, *args)      # fn(rank, *args) on every rank, results in rank order
 
-``fn`` must be picklable (a module-level function). A failure on any rank raises :class:`RankFailure`
+``fn`` must be picklable (a module-level function). A test module keeps its worlds in a
+:class:`WorldPool` (one world per size, made on first use, remade after a failure tore it down). A failure on any rank raises :class:`RankFailure`
 with every failing rank's traceback. Nothing waits forever: each ``run`` has a timeout, the process
 group has its own, and a rank that dies or stops answering is reported by number; the world is then
 torn down (``world.alive`` turns false) and a new one must be made.
@@ -189,3 +190,23 @@ class World:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class WorldPool:
+    """Live worlds by size, shared by the tests of one module: ``pool.get(3)``; ``pool.close()`` at the end."""
+
+    def __init__(self, **world_args: Any) -> None:
+        """``world_args``: keyword arguments of every :class:`World` made (``env``, timeouts)."""
+        self._args = world_args
+        self._worlds: dict[int, World] = {}
+
+    def get(self, size: int) -> World:
+        """A live world of ``size`` ranks."""
+        if size not in self._worlds or not self._worlds[size].alive:
+            self._worlds[size] = World(size, **self._args)
+        return self._worlds[size]
+
+    def close(self) -> None:
+        for world in self._worlds.values():
+            world.close()
+        self._worlds.clear()
