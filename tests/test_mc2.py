@@ -19,9 +19,11 @@ from moe_ops.testing.problems import Problem, make_problem, problems
 pytestmark = pytest.mark.multiproc
 
 WORLD_SIZES = (1, 2, 3, 4)
-EXAMPLES = {1: 10, 2: 15, 3: 12, 4: 10}
+EXAMPLES = {1: 8, 2: 14, 3: 10, 4: 8}
 HALF = (torch.bfloat16, torch.float16)
-_worlds = WorldPool()
+# The fake kernel's handle shapes depend on which MC2 ops torch_npu has, which no compile cache key
+# sees: the tests switch between v2 and v1 simulators, so their workers compile without caches.
+_worlds = WorldPool(env={"TORCHINDUCTOR_FX_GRAPH_CACHE": "0", "TORCHINDUCTOR_AUTOGRAD_CACHE": "0"})
 
 
 def world(size: int, version: int = 2, tamper: object = None) -> World:
@@ -72,10 +74,11 @@ def test_edge_cases(size: int) -> None:
         conformance.check_world(w, padded([7, 0, 5, 1][:size], 8, 2 * size, 2, pattern=pattern, capacity=2, seed=4), "mc2")
 
 
-@pytest.mark.parametrize("size", [2, 3])
-def test_compiled_equals_eager(size: int) -> None:
+@pytest.mark.parametrize(("size", "version"), [(2, 2), (3, 1)])
+def test_compiled_equals_eager(size: int, version: int) -> None:
+    """fullgraph=True, dynamic=True: our fake shapes (the v1 handle's depend on T) against the real ones."""
     problem = padded([12, 0, 5][:size], 32, 4 * size, 3, capacity=5, mask_fraction=0.2, seed=9)
-    conformance.check_world(world(size), problem, "mc2", compiled=True)
+    conformance.check_world(world(size, version), problem, "mc2", compiled=True)
 
 
 def test_opcheck() -> None:

@@ -134,10 +134,12 @@ class _Call:
 
     def batch(self, num_tokens: int) -> int:
         """BS: the rows this rank sends (v2: every rank ``Tmax``; v1: its own tokens, at least one)."""
-        return self.max_tokens if self.version == 2 else max(num_tokens, 1)
+        return self.max_tokens if self.version == 2 else torch.sym_max(num_tokens, 1)
 
     def check(self, width: int, dtype: torch.dtype, what: str) -> MoEInputError | None:
         """The error for an MC2 call moving rows of ``width`` columns of ``dtype`` (``None`` if allowed)."""
+        if self.comm.group is None:
+            return MoEInputError("backend 'mc2' needs a torch.distributed group (group_name), got none")
         if dtype not in _TOKEN_DTYPES:
             return MoEInputError(f"backend 'mc2': {what} needs bfloat16 or float16 rows (MC2), got {dtype}")
         if self.max_tokens == 0:  # no rank has a token: no MC2 call is made
@@ -147,10 +149,11 @@ class _Call:
 
     def _common(self, num_tokens: int, ids: Tensor) -> dict[str, object]:
         """The arguments dispatch and combine share, for a rank with ``num_tokens`` routes ``ids``."""
+        assert self.comm.group is not None
         routes = _pad_rows(ids, self.batch(num_tokens), -1)
         kwargs: dict[str, object] = dict(
             expert_ids=sent_ids(routes, self.num_experts),
-            group_ep=_platform.comm_name(self.comm.group, self.comm.rank),  # type: ignore[arg-type]
+            group_ep=_platform.comm_name(self.comm.group, self.comm.rank),
             ep_world_size=self.comm.world_size,
             ep_rank_id=self.comm.rank,
             moe_expert_num=self.num_experts,
@@ -164,7 +167,7 @@ class _Call:
         """Send this rank's tokens ``x [T, H]`` with routes ``ids [T, K]``: the decoded ``expand_x`` rows,
         ``expert_token_nums`` (cumulative) and the opaque handle."""
         ops, batch = _torch_npu(), self.batch(x.shape[0])
-        keys = self.comm.rank * max(self.max_tokens, 1) + torch.arange(batch, device=x.device)
+        keys = self.comm.rank * self.max_tokens + torch.arange(batch, device=x.device)  # batch <= Tmax
         rows = wire.encode(_pad_rows(x, batch), keys, _pad_rows(ids, batch, -1), None if weights is None else _pad_rows(weights, batch))
         op = ops.npu_moe_distribute_dispatch_v2 if self.version == 2 else ops.npu_moe_distribute_dispatch
         expand_x, scales, assist, ends, ep_counts, tp_counts, _ = op(
@@ -174,21 +177,21 @@ class _Call:
 
     def combine(self, rows: Tensor, ids: Tensor, mc2_handle: list[Tensor]) -> Tensor:
         """Sum the ``expand_x``-ordered ``rows [A, H]`` back per source token: ``[T, H]`` (a view)."""
-        num_tokens = ids.shape[0]
-        width = align32(rows.shape[1])
+        num_tokens, ops = ids.shape[0], _torch_npu()
         assist, ep_counts, tp_counts = mc2_handle
-        kwargs = self._common(num_tokens, ids)
-        ones = torch.ones(self.batch(num_tokens), self.top_k, dtype=torch.float32, device=rows.device)
-        if self.version == 2:
-            out = _torch_npu().npu_moe_distribute_combine_v2(
-                expand_x=_pad_columns(rows, width), assist_info_for_combine=assist, ep_send_counts=ep_counts,
-                tp_send_counts=tp_counts, expert_scales=ones, **kwargs,
-            )
-        else:
-            out = _torch_npu().npu_moe_distribute_combine(
-                expand_x=_pad_columns(rows, width), expand_idx=assist, ep_send_counts=ep_counts,
-                tp_send_counts=tp_counts, expert_scales=ones, **kwargs,
-            )
+        op, assist_name = (
+            (ops.npu_moe_distribute_combine_v2, "assist_info_for_combine")
+            if self.version == 2
+            else (ops.npu_moe_distribute_combine, "expand_idx")
+        )
+        out = op(
+            expand_x=_pad_columns(rows, align32(rows.shape[1])),
+            ep_send_counts=ep_counts,
+            tp_send_counts=tp_counts,
+            expert_scales=torch.ones(self.batch(num_tokens), self.top_k, dtype=torch.float32, device=rows.device),
+            **{assist_name: assist},
+            **self._common(num_tokens, ids),
+        )
         return out[:num_tokens, : rows.shape[1]]
 
     def handle_shapes(self, num_tokens: int) -> list[tuple[int, ...]]:
@@ -200,6 +203,15 @@ class _Call:
 
 def _pad_columns(rows: Tensor, width: int) -> Tensor:
     return rows if rows.shape[1] == width else torch.cat([rows, rows.new_zeros(rows.shape[0], width - rows.shape[1])], 1)
+
+
+def _nothing_sent(call: _Call, x: Tensor, weights: Tensor, ids: Tensor, capacity: int) -> DispatchOutputs:
+    """Dispatch where no rank has a token (``Tmax = 0``): an empty layout, no MC2 call."""
+    num_local = call.num_local
+    handle = [ids, ids.new_full((num_local, capacity), -1), ids.new_empty(0), ids.new_empty(0)]
+    handle += [x.new_zeros(shape, dtype=torch.int32) for shape in call.handle_shapes(ids.shape[0])]
+    counts = x.new_zeros(num_local, dtype=torch.int32)
+    return DispatchOutputs(x.new_zeros(num_local, capacity, x.shape[1]), weights.new_zeros(num_local, capacity), counts, counts.clone(), handle)
 
 
 def _agree(plan: DispatchPlan, error: MoEInputError | None) -> None:
@@ -228,11 +240,8 @@ class Mc2Backend(Backend):
         _agree(plan, error)
         ids = route_ids(topk_idx, plan.num_experts)
         num_local, capacity = plan.num_local_experts, plan.capacity
-        if call.max_tokens == 0:  # no rank has a token: nothing to send
-            handle = [ids, ids.new_full((num_local, capacity), -1), ids.new_empty(0), ids.new_empty(0)]
-            handle += [x.new_zeros(s, dtype=torch.int32) for s in call.handle_shapes(num_tokens)]
-            counts = x.new_zeros(num_local, dtype=torch.int32)
-            return DispatchOutputs(x.new_zeros(num_local, capacity, x.shape[1]), topk_weights.new_zeros(num_local, capacity), counts, counts.clone(), handle)
+        if call.max_tokens == 0:
+            return _nothing_sent(call, x, topk_weights, ids, capacity)
         received, ends, mc2_handle = call.dispatch(wire, x, ids, topk_weights, self.quant_mode)
         placed = place(received, ends, plan.comm.rank, num_local, capacity)
         route_weights = received.weights.gather(1, placed.row_k.clamp(min=0).unsqueeze(1)).squeeze(1)
@@ -263,13 +272,14 @@ class Mc2Backend(Backend):
         ids, _, row_slot, row_k, *mc2_handle = handle
         if call.max_tokens == 0:
             return grad_recv_x.new_zeros(ids.shape[0], hidden), grad_recv_weights.new_zeros(ids.shape)
-        # Per row: its gradient, then its weight gradient as hi + lo in columns k and K + k.
+        # Each row: its gradient, then its weight gradient as a hi + lo pair in columns k and K + k
+        # (0 for rows holding no kept route), so that the sum over a token's rows lays them side by side.
         grad_w = permute.gather_routes(grad_recv_weights.flatten(), row_slot.unsqueeze(1)).float()
         hi = grad_w.to(grad_recv_x.dtype)
-        pair = torch.cat([hi, (grad_w - hi.float()).to(hi.dtype)], 1)
-        columns = torch.where(row_k >= 0, row_k, 2 * top_k).unsqueeze(1) + torch.tensor([0, top_k], device=row_k.device)
-        weight_columns = pair.new_zeros(pair.shape[0], 2 * top_k + 1).scatter_(1, columns.clamp(max=2 * top_k), pair)
-        rows = torch.cat([stage.reduce(grad_recv_x.flatten(0, 1), row_slot.unsqueeze(1), None), weight_columns[:, :-1]], 1)
+        lo = (grad_w - hi.float()).to(hi.dtype)
+        k = row_k.clamp(min=0).unsqueeze(1)
+        weight_columns = hi.new_zeros(row_k.shape[0], 2 * top_k).scatter_(1, k, hi).scatter_(1, k + top_k, lo)
+        rows = torch.cat([stage.reduce(grad_recv_x.flatten(0, 1), row_slot.unsqueeze(1), None), weight_columns], 1)
         out = call.combine(rows, ids, mc2_handle)
         grad_weights = out[:, hidden : hidden + top_k].float() + out[:, hidden + top_k :].float()
         return out[:, :hidden].contiguous(), grad_weights.to(grad_recv_weights.dtype)
