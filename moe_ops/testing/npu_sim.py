@@ -139,6 +139,21 @@ def _require(ok: bool, message: str) -> None:
         raise RuntimeError(f"npu_sim: {message}")
 
 
+def _first(*checks: tuple[bool, str]) -> str | None:
+    """The message of the first failed ``(ok, message)`` check, if any."""
+    return next((message for ok, message in checks if not ok), None)
+
+
+def _weights_like(scales: Tensor, ids: Tensor) -> bool:
+    return scales.dtype == torch.float32 and scales.shape == ids.shape
+
+
+def _agree(group: dist.ProcessGroup, problem: str | None) -> None:
+    """Raise on every rank if any rank found a ``problem`` (a device error stops the whole group)."""
+    found = [(rank, p) for rank, p in enumerate(_gather(group, problem)) if p is not None]
+    _require(not found, "; ".join(f"rank {rank}: {p}" for rank, p in found))
+
+
 def _reject_unmodelled(args: dict[str, Any], defaults: dict[str, Any]) -> None:
     for name, default in defaults.items():
         if name in args and not (args[name] is None if default is None else args[name] in default):
@@ -167,44 +182,59 @@ class _Group:
 
     @classmethod
     def check(cls, args: dict[str, Any], version: int, x: Tensor) -> _Group:
-        """Validate the arguments dispatch and combine share (agreeing with every peer) and size ``A``."""
+        """Validate the arguments dispatch and combine share, agreeing with every peer, and size ``A``."""
         name = args["group_ep"]
         _require(isinstance(name, str) and name.startswith(_PREFIX), f"group_ep {name!r} is no HCCL communicator name")
         group = _resolve_process_group(name[len(_PREFIX) :])
         world, rank = group.size(), dist.get_rank(group)
-        experts, ids = args["moe_expert_num"], args["expert_ids"]
-        _require(args["ep_world_size"] == world and args["ep_rank_id"] == rank, "ep_world_size / ep_rank_id are not the group's")
-        _require(0 < experts <= 1024 and experts % world == 0, f"moe_expert_num={experts} not in (0, 1024] or not divisible by {world}")
-        _require(x.dim() == 2 and x.dtype in (torch.bfloat16, torch.float16), f"token rows must be 2-D bf16/fp16, got {x.dtype}")
-        _require(ids.dim() == 2 and ids.dtype == torch.int32 and 0 < ids.shape[1] <= min(16, experts), "expert_ids must be [BS, K] int32, 0 < K <= min(16, E)")
-        _require(bool(((ids >= 0) & (ids < experts)).all()), "expert_ids outside [0, moe_expert_num)")
-        ordered = ids.sort(dim=1).values
-        _require(not bool((ordered[:, 1:] == ordered[:, :-1]).any()), "an expert id repeats within a row of expert_ids")
-        active = _active(args.get("x_active_mask"), ids.shape, version)
-        batch, global_bs = ids.shape[0], args["global_bs"]
-        peers = _gather(group, (batch, global_bs, experts, ids.shape[1], x.shape[1], bool(active.all())))
+        ids, global_bs = args["expert_ids"], args["global_bs"]
+        _agree(group, _input_problem(args, version, x, world, rank))
+        active = _active(args["x_active_mask"], ids.shape)
+        peers = _gather(group, (ids.shape[0], global_bs, args["moe_expert_num"], ids.shape[1], x.shape[1], bool(active.all())))
         batches = [p[0] for p in peers]
-        _require(len({p[1:4] for p in peers}) == 1, f"ranks disagree on global_bs, moe_expert_num or K: {peers}")
-        _require(0 < batch <= 512, f"BS={batch} outside (0, 512]")
+        _require(len({p[1:5] for p in peers}) == 1, f"ranks disagree on global_bs, moe_expert_num, K or H: {peers}")
+        _require(all(0 < b <= 512 for b in batches), f"a BS outside (0, 512]: {batches}")
         if global_bs == 0:
             _require(len(set(batches)) == 1, f"global_bs=0 but the ranks' BS differ: {batches}")
         else:
             _require(global_bs % world == 0 and global_bs // world >= max(batches), f"global_bs={global_bs} is not max BS * W for BS {batches}")
         _require(len(set(batches)) == 1 or all(p[5] for p in peers), "x_active_mask masks tokens while the ranks' BS differ")
-        num_local = experts // world
-        return cls(group, world, rank, num_local, active, (global_bs or batch * world) * min(num_local, ids.shape[1]))
+        num_local = args["moe_expert_num"] // world
+        return cls(group, world, rank, num_local, active, (global_bs or ids.shape[0] * world) * min(num_local, ids.shape[1]))
 
 
-def _active(mask: Tensor | None, shape: torch.Size, version: int) -> Tensor:
-    """``[BS, K]`` bool: the routes ``x_active_mask`` lets through."""
+def _input_problem(args: dict[str, Any], version: int, x: Tensor, world: int, rank: int) -> str | None:
+    """What this rank's arguments break of the documented rules, if anything."""
+    experts, ids, mask = args["moe_expert_num"], args["expert_ids"], args["x_active_mask"]
+    if args["ep_world_size"] != world or args["ep_rank_id"] != rank:
+        return "ep_world_size / ep_rank_id are not the group's"
+    if not (0 < experts <= 1024 and experts % world == 0):
+        return f"moe_expert_num={experts} not in (0, 1024] or not divisible by {world}"
+    if x.dim() != 2 or x.dtype not in (torch.bfloat16, torch.float16):
+        return f"token rows must be 2-D bf16/fp16, got {x.dtype} of shape {tuple(x.shape)}"
+    if ids.dim() != 2 or ids.dtype != torch.int32 or not 0 < ids.shape[1] <= min(16, experts):
+        return "expert_ids must be [BS, K] int32, 0 < K <= min(16, E)"
+    if not bool(((ids >= 0) & (ids < experts)).all()):
+        return "expert_ids outside [0, moe_expert_num)"
+    ordered = ids.sort(dim=1).values
+    if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
+        return "an expert id repeats within a row of expert_ids"
+    if mask is None:
+        return None
+    if version == 1:
+        return "x_active_mask is a reserved argument of the v1 ops"
+    if mask.dtype != torch.bool or tuple(mask.shape) not in ((ids.shape[0],), tuple(ids.shape)):
+        return "x_active_mask must be bool [BS] or [BS, K]"
+    if mask.dim() == 1 and bool((mask[1:] & ~mask[:-1]).any()):
+        return "a 1-D x_active_mask must hold every true before every false"
+    return None
+
+
+def _active(mask: Tensor | None, shape: torch.Size) -> Tensor:
+    """``[BS, K]`` bool: the routes a (valid) ``x_active_mask`` lets through."""
     if mask is None:
         return torch.ones(shape, dtype=torch.bool)
-    _require(version == 2, "x_active_mask is a reserved argument of the v1 ops")
-    _require(mask.dtype == torch.bool and tuple(mask.shape) in ((shape[0],), tuple(shape)), "x_active_mask must be bool [BS] or [BS, K]")
-    if mask.dim() == 1:
-        _require(not bool((mask[1:] & ~mask[:-1]).any()), "a 1-D x_active_mask must hold every true before every false")
-        return mask.unsqueeze(1).expand(shape).clone()
-    return mask.clone()
+    return (mask.unsqueeze(1) if mask.dim() == 1 else mask).expand(shape).clone()
 
 
 def _gather(group: dist.ProcessGroup, value: Any) -> list[Any]:
@@ -224,8 +254,10 @@ def _dispatch(version: int, args: dict[str, Any]) -> tuple[Tensor, ...]:
     x, ids = args["x"], args["expert_ids"]
     g = _Group.check(args, version, x)
     quant_mode, count_type, expert_scales = args["quant_mode"], args["expert_token_nums_type"], args["expert_scales"]
-    _require(quant_mode in (0, 2) and count_type in (0, 1), f"quant_mode={quant_mode} / expert_token_nums_type={count_type} not supported")
-    _require(expert_scales is None or (expert_scales.dtype == torch.float32 and expert_scales.shape == ids.shape), "expert_scales must be float32 [BS, K]")
+    _agree(g.group, _first(
+        (quant_mode in (0, 2) and count_type in (0, 1), f"quant_mode={quant_mode} / expert_token_nums_type={count_type} not modelled"),
+        (expert_scales is None or _weights_like(expert_scales, ids), "expert_scales must be float32 [BS, K]"),
+    ))
     payload, dequant = x, torch.zeros(x.shape[0])
     if quant_mode == 2:  # per-row dynamic int8: x * 127 / max|x|, scale max|x| / 127 travels along
         amax = x.float().abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny)
@@ -236,7 +268,7 @@ def _dispatch(version: int, args: dict[str, Any]) -> tuple[Tensor, ...]:
     table = _route_table([(s[1], s[2]) for s in sources], g.num_local)
     mine = table[table[:, 0] == g.rank]
     filled, src, tok, k = mine.shape[0], mine[:, 2], mine[:, 3], mine[:, 4]
-    _require(filled <= g.rows, f"{filled} rows arrive but expand_x has A={g.rows} (global_bs too small?)")
+    _agree(g.group, None if filled <= g.rows else f"{filled} rows arrive but expand_x has A={g.rows} (global_bs too small?)")
     expand_x = payload.new_full((g.rows, x.shape[1]), -128 if payload.dtype == torch.int8 else float("nan"))
     expand_x[:filled] = _stack([s[0] for s in sources])[src, tok]
     dynamic_scales = torch.zeros(g.rows)
@@ -305,8 +337,10 @@ def _combine(version: int, args: dict[str, Any], handle_name: str) -> Tensor:
     _reject_unmodelled(args, _UNMODELLED)
     expand_x, ids, scales = args["expand_x"], args["expert_ids"], args["expert_scales"]
     g = _Group.check(args, version, expand_x)
-    _require(isinstance(scales, Tensor) and scales.dtype == torch.float32 and scales.shape == ids.shape, "expert_scales must be float32 [BS, K]")
-    _require(expand_x.shape[0] == g.rows, f"expand_x has {expand_x.shape[0]} rows, its dispatch returned A={g.rows}")
+    _agree(g.group, _first(
+        (isinstance(scales, Tensor) and _weights_like(scales, ids), "expert_scales must be float32 [BS, K]"),
+        (expand_x.shape[0] == g.rows, f"expand_x has {expand_x.shape[0]} rows, its dispatch returned A={g.rows}"),
+    ))
     peers = _gather(g.group, (expand_x, args[handle_name], args["ep_send_counts"]))
     sent = [int(c[g.world * g.num_local - 1]) if c.numel() >= g.world * g.num_local else -1 for _, _, c in peers]
     rows = torch.stack([p[0] for p in peers])  # [W, A, H]
@@ -323,16 +357,18 @@ def _combine(version: int, args: dict[str, Any], handle_name: str) -> Tensor:
         records = records[records[:, 2] == g.rank]
         dest, row, tok, k = records[:, 0], records[:, 1], records[:, 3], records[:, 4]
         arrived = torch.zeros(ids.shape, dtype=torch.int64)
-        _require(bool((tok < ids.shape[0]).all()), "a row comes back to a token this rank does not have")
-        arrived.index_put_((tok, k), torch.ones_like(tok), accumulate=True)
-        _require(torch.equal(arrived, g.active.long()) and bool((ids[tok, k] // g.num_local == dest).all()),
-                 "x_active_mask / expert_ids differ from the dispatch that made the handle")
+        if bool((tok < ids.shape[0]).all()):
+            arrived.index_put_((tok, k), torch.ones_like(tok), accumulate=True)
+        matches = torch.equal(arrived, g.active.long()) and bool((ids[tok, k] // g.num_local == dest).all())
+        _agree(g.group, None if matches else "x_active_mask / expert_ids differ from the dispatch that made the handle")
     else:
         index = args[handle_name]
-        _require(index.dtype == torch.int32 and index.shape == (ids.numel(),), "expand_idx must be the [BS * K] int32 dispatch returned")
+        shaped = index.dtype == torch.int32 and index.shape == (ids.numel(),)
+        _agree(g.group, None if shaped else "expand_idx must be the [BS * K] int32 dispatch returned")
         tok, k = g.active.nonzero(as_tuple=True)
         dest, row = ids[tok, k].long() // g.num_local, index[tok * ids.shape[1] + k].long()
-        _require(bool(((row >= 0) & (row < torch.tensor(sent)[dest])).all()), "expand_idx points outside the rows its dispatch sent")
+        inside = bool(((row >= 0) & (row < torch.tensor(sent)[dest])).all())
+        _agree(g.group, None if inside else "expand_idx points outside the rows its dispatch sent")
     out = torch.zeros(ids.shape[0], expand_x.shape[1]).index_add_(0, tok, scales[tok, k].unsqueeze(1) * rows[dest, row].float())
     return out.to(expand_x.dtype)
 
