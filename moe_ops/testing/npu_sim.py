@@ -250,6 +250,7 @@ def _stack(parts: list[Tensor]) -> Tensor:
 
 
 def _dispatch(version: int, args: dict[str, Any]) -> tuple[Tensor, ...]:
+    """Dispatch (v2 or v1) on the arguments as received: the seven outputs torch_npu returns."""
     _reject_unmodelled(args, _UNMODELLED)
     x, ids = args["x"], args["expert_ids"]
     g = _Group.check(args, version, x)
@@ -334,6 +335,7 @@ def _expand_idx(table: Tensor, rank: int, ids_shape: torch.Size) -> Tensor:
 
 
 def _combine(version: int, args: dict[str, Any], handle_name: str) -> Tensor:
+    """Combine (v2 or v1; ``handle_name`` is the argument holding the dispatch's handle): ``[BS, H]``."""
     _reject_unmodelled(args, _UNMODELLED)
     expand_x, ids, scales = args["expand_x"], args["expert_ids"], args["expert_scales"]
     g = _Group.check(args, version, expand_x)
