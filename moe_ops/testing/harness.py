@@ -3,11 +3,11 @@
     with World(3) as world:
         results = world.run(fn, *args)      # fn(rank, *args) on every rank, results in rank order
 
-``fn`` must be picklable (a module-level function). A test module keeps its worlds in a
-:class:`WorldPool` (one world per size, made on first use, remade after a failure tore it down). A failure on any rank raises :class:`RankFailure`
+``fn`` must be picklable (a module-level function). A failure on any rank raises :class:`RankFailure`
 with every failing rank's traceback. Nothing waits forever: each ``run`` has a timeout, the process
 group has its own, and a rank that dies or stops answering is reported by number; the world is then
-torn down (``world.alive`` turns false) and a new one must be made.
+torn down (``world.alive`` turns false) and a new one must be made. A test module keeps its worlds in
+a :class:`WorldPool`, which makes one per size on first use and again after a teardown.
 """
 
 from __future__ import annotations
