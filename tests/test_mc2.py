@@ -90,9 +90,14 @@ def test_opcheck() -> None:
 
 # Rank 0 has 3 tokens, rank 1 one (max_tokens_per_rank 3); E = 4 over W = 2 (L = 2), K = 2, H = 8.
 # Rank 0: routes (0, 3), (2, masked), (masked, masked); rank 1: (1, 1): a repeat, so (1, masked).
-HAND = make_problem([3, 1], 8, 4, 2, layout="padded", max_tokens_per_rank=3, dtype=torch.bfloat16)
-HAND.topk_idx = [torch.tensor([[0, 3], [2, -1], [-1, -1]]), torch.tensor([[1, 1]])]
-HAND.topk_weights = [torch.tensor([[0.5, 0.25], [1.0, 0.75], [0.125, 0.0625]]), torch.tensor([[2.0, 4.0]])]
+HAND = Problem(
+    xs=[torch.arange(24.0).view(3, 8).bfloat16(), torch.full((1, 8), -1.0).bfloat16()],
+    topk_idx=[torch.tensor([[0, 3], [2, -1], [-1, -1]]), torch.tensor([[1, 1]])],
+    topk_weights=[torch.tensor([[0.5, 0.25], [1.0, 0.75], [0.125, 0.0625]]), torch.tensor([[2.0, 4.0]])],
+    num_experts=4,
+    layout="padded",
+    max_tokens_per_rank=3,
+)
 # Wire rows: 8 values, then 15 metadata bytes (key: 3; ids + 1: 2 each; float32 weights: 4 each,
 # little end first), zero-padded to 32 columns. 0.5 = 0x3F000000, 0.25 = 0x3E800000,
 # 2.0 = 0x40000000, 4.0 = 0x40800000.
@@ -106,19 +111,21 @@ HAND_IDS = {0: [[0, 3], [2, 0], [0, 1]], 1: [[1, 0], [0, 1], [0, 1]]}
 HAND_MASK = {0: [[True, True], [True, False], [False, False]], 1: [[True, False], [False, False], [False, False]]}
 
 
-def _common(rank: int, group: str) -> dict[str, object]:
-    return dict(group_ep="sim-hccl:" + group, ep_world_size=2, ep_rank_id=rank, moe_expert_num=4)
+def _shared(rank: int, group: str, global_bs: int) -> dict[str, object]:
+    """The scalar arguments dispatch and combine both receive."""
+    return dict(group_ep="sim-hccl:" + group, ep_world_size=2, ep_rank_id=rank, moe_expert_num=4, global_bs=global_bs)
 
 
 def test_v2_arguments_by_hand() -> None:
     w = world(2)
-    group = w.run(_group_name)[0]
+    group = w.run(mc2_tasks.group_name)[0]
     for rank, calls in enumerate(w.run(mc2_tasks.recorded_calls, HAND, 2)):
         assert [c.op for c in calls] == ["npu_moe_distribute_dispatch_v2", "npu_moe_distribute_combine_v2"] * 2
         dispatch, combine = calls[0].kwargs, calls[1].kwargs
         ids, mask = torch.tensor(HAND_IDS[rank], dtype=torch.int32), torch.tensor(HAND_MASK[rank])
-        expected = dict(_common(rank, group), global_bs=0, quant_mode=0, expert_token_nums_type=0)
-        assert {k: dispatch[k] for k in expected} == expected
+        shared = _shared(rank, group, global_bs=0)
+        assert {k: dispatch[k] for k in shared} == shared and {k: combine[k] for k in shared} == shared
+        assert dispatch["quant_mode"] == 0 and dispatch["expert_token_nums_type"] == 0
         assert torch.equal(dispatch["expert_ids"], ids) and torch.equal(dispatch["x_active_mask"], mask)
         x = dispatch["x"]
         assert x.shape == (3, 32) and x.dtype == torch.bfloat16
@@ -127,9 +134,6 @@ def test_v2_arguments_by_hand() -> None:
             if r == rank:
                 assert x[row, 8:23].tolist() == meta, (rank, row)
         # combine: rows back in expand_x's order (A = BS W min(L, K) = 12), weights already applied
-        assert {k: combine[k] for k in expected if k not in ("quant_mode", "expert_token_nums_type")} == {
-            k: v for k, v in expected.items() if k not in ("quant_mode", "expert_token_nums_type")
-        }
         assert combine["expand_x"].shape == (12, 32) and torch.equal(combine["expert_scales"], torch.ones(3, 2))
         assert torch.equal(combine["expert_ids"], ids) and torch.equal(combine["x_active_mask"], mask)
         assert combine["assist_info_for_combine"].shape == (12 * 128,) and combine["ep_send_counts"].shape == (4,)
@@ -140,22 +144,16 @@ def test_v2_arguments_by_hand() -> None:
 
 def test_v1_arguments_by_hand() -> None:
     w = world(2, version=1)
-    group = w.run(_group_name)[0]
+    group = w.run(mc2_tasks.group_name)[0]
     for rank, calls in enumerate(w.run(mc2_tasks.recorded_calls, HAND, 1)):
         assert [c.op for c in calls] == ["npu_moe_distribute_dispatch", "npu_moe_distribute_combine"] * 2
         dispatch, combine = calls[0].kwargs, calls[1].kwargs
-        batch = HAND.xs[rank].shape[0]  # v1 sends each rank's own batch
-        expected = dict(_common(rank, group), global_bs=3 * 2, x_active_mask=None)
-        assert {k: dispatch[k] for k in expected} == expected and {k: combine[k] for k in expected} == expected
+        batch = HAND.xs[rank].shape[0]  # v1 sends each rank's own batch, global_bs = Tmax W, no mask
+        shared = dict(_shared(rank, group, global_bs=3 * 2), x_active_mask=None)
+        assert {k: dispatch[k] for k in shared} == shared and {k: combine[k] for k in shared} == shared
         assert torch.equal(dispatch["expert_ids"], torch.tensor(HAND_IDS[rank][:batch], dtype=torch.int32))
         assert dispatch["x"].shape == (batch, 32) and combine["expand_idx"].shape == (batch * 2,)
         assert combine["expand_x"].shape == (12, 32)
-
-
-def _group_name(rank: int) -> str:
-    import torch.distributed as dist
-
-    return dist.group.WORLD.group_name
 
 
 # --- wrong marshalling must fail ---------------------------------------------------------------------

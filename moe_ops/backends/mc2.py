@@ -231,7 +231,7 @@ class Mc2Backend(Backend):
 
     def dispatch(self, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, plan: DispatchPlan) -> DispatchOutputs:
         assert plan.capacity is not None
-        num_tokens, top_k = topk_idx.shape
+        top_k = topk_idx.shape[1]
         call = _Call.of(plan.comm, plan.num_experts, top_k, plan.max_tokens_per_rank)
         wire = Wire(x.shape[1], top_k, quantized=self.quant_mode == 2)
         error = call.check(wire.width, x.dtype, "dispatch")

@@ -23,6 +23,11 @@ def install(rank: int, version: int = 2, tamper: npu_sim.Tamper | None = None) -
     npu_sim.install(version, tamper)
 
 
+def group_name(rank: int) -> str:
+    """The default group's name (what the ops take as ``group_name``)."""
+    return dist.group.WORLD.group_name
+
+
 def recorded_calls(rank: int, problem: Problem, version: int) -> list[npu_sim.Call]:
     """Run the conformance pipeline (forward and backward) on ``mc2`` with a fresh simulator of
     ``version``; every MC2 op call it made, with its arguments."""
