@@ -7,7 +7,8 @@ Four primitives serve every backend's local stage, forward and backward:
 * :func:`gather_routes` — a per-row value back to its ``[M, K]`` route (grad of the router weights),
 * :func:`expand_grad` — combine's backward on the layout rows;
 
-and :func:`take` / :func:`take_columns`, safe gathers that read nothing for index ``-1``.
+:func:`take` / :func:`take_columns`, safe gathers that read nothing for index ``-1``, and
+:func:`pad_rows`, which extends a batch to a static bound.
 
 Sums accumulate in at least float32 (float64 stays float64) and are rounded once at the end.
 """
@@ -29,6 +30,13 @@ def _take_rows(src: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
         return src.new_zeros(*index.shape, *src.shape[1:]), valid
     rows = src.index_select(0, index.clamp(min=0).reshape(-1)).reshape(*index.shape, *src.shape[1:])
     return rows, valid
+
+
+def pad_rows(t: Tensor, rows: int, value: float = 0) -> Tensor:
+    """``t`` with rows filled with ``value`` appended up to ``rows`` (``t`` itself if it has that many)."""
+    if t.shape[0] == rows:
+        return t
+    return torch.cat([t, t.new_full((rows - t.shape[0], *t.shape[1:]), value)])
 
 
 def take(src: Tensor, index: Tensor) -> Tensor:

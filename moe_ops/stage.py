@@ -1,9 +1,10 @@
 """The local stage every backend shares: lay the routes that reached this rank out expert-major and
 move rows by that layout, forward and backward.
 
-Each function runs the Triton kernels (:mod:`moe_ops.kernels`) or the plain-torch versions
-(:mod:`moe_ops.routing`, :mod:`moe_ops.permute`), as ``moe_ops.config.kernels`` says; both compute the
-same values (dispatch bit-exactly; sums within float32 rounding), and the conformance suite runs both.
+Each function runs the Triton kernels (:mod:`moe_ops.kernels`), torch_npu's MoE kernels where they fit
+(:mod:`moe_ops.npu_stage`) or the plain-torch versions (:mod:`moe_ops.routing`, :mod:`moe_ops.permute`),
+as ``moe_ops.config.kernels`` says; all compute the same values (dispatch bit-exactly; sums within
+float32 rounding), and the conformance suite runs each.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import NamedTuple
 
 from torch import Tensor
 
-from moe_ops import config, permute, routing
+from moe_ops import config, npu_stage, permute, routing
 
 
 class LocalDispatch(NamedTuple):
@@ -41,6 +42,11 @@ def use_triton(t: Tensor) -> bool:
     return config.kernels == "auto" and t.is_cuda and _triton_available()
 
 
+def use_npu(t: Tensor) -> bool:
+    """Whether the local stage tries torch_npu's MoE kernels (:mod:`moe_ops.npu_stage`) for tensors like ``t``."""
+    return config.kernels == "npu" or (config.kernels == "auto" and t.device.type == "npu")
+
+
 def dispatch_rows(
     tokens: Tensor,
     weights: Tensor,
@@ -61,15 +67,22 @@ def dispatch_rows(
                 tokens, weights.contiguous(), ids.contiguous(), num_local, capacity, num_rows, zero_padding
             )
         )
+    if capacity is None and use_npu(tokens) and npu_stage.permute_fits(tokens, ids, num_local):
+        return LocalDispatch(*npu_stage.dispatch_rows(tokens, weights, ids, num_local, num_rows))
     local_ids = routing.local_expert_ids(ids, num_local, 1, 0)
     out = routing.expert_layout(local_ids, num_local, capacity, num_rows)
     recv_x, recv_weights = permute.expand(tokens, weights, out.row_src)
     return LocalDispatch(recv_x, recv_weights, out.tokens_per_expert, out.dropped, out.route_row, out.row_src)
 
 
-def reduce(rows: Tensor, route_row: Tensor, row_weights: Tensor | None, unique: bool = False) -> Tensor:
+def reduce(
+    rows: Tensor, route_row: Tensor, row_weights: Tensor | None, unique: bool = False, ragged: bool = False
+) -> Tensor:
     """``out[j] = sum_k w[r] * rows[r]`` over ``r = route_row[j, k] >= 0`` (``unique``: a row repeated in
-    ``route_row[j]`` counts once). ``rows [R, H]``; returns ``[M, H]`` in ``rows.dtype``."""
+    ``route_row[j]`` counts once; ``ragged``: ``rows`` is a ragged layout, one row per valid route).
+    ``rows [R, H]``; returns ``[M, H]`` in ``rows.dtype``."""
+    if ragged and use_npu(rows) and npu_stage.unpermute_fits(rows, route_row):
+        return npu_stage.reduce(rows, route_row, row_weights)
     if use_triton(rows):
         from moe_ops.kernels import reduce as kernels
 

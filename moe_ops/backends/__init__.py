@@ -19,15 +19,17 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def _auto(device_type: str, world_size: int) -> str:
+def _auto(device_type: str, world_size: int, layout: Layout) -> str:
     if world_size == 1:
         return "local"
+    if device_type == "npu" and layout == "padded":
+        return "mc2"
     return "collective"
 
 
 def resolve(name: str, device_type: str, world_size: int, layout: Layout) -> Backend:
     """The backend ``name`` (``"auto"``: chosen from device and group size), checked against the call."""
-    chosen = _auto(device_type, world_size) if name == "auto" else name
+    chosen = _auto(device_type, world_size, layout) if name == "auto" else name
     backend = _REGISTRY.get(chosen)
     if backend is None:
         raise ValueError(f"moe_ops: unknown backend {chosen!r}; available: {', '.join(available())}")
@@ -44,10 +46,13 @@ def _register_builtin() -> None:
     from moe_ops.backends.allgather import AllGatherBackend
     from moe_ops.backends.collective import CollectiveBackend
     from moe_ops.backends.local import LocalBackend
+    from moe_ops.backends.mc2 import Mc2Backend, Mc2Int8Backend
 
     register(LocalBackend())
     register(CollectiveBackend())
     register(AllGatherBackend())
+    register(Mc2Backend())
+    register(Mc2Int8Backend())
 
 
 _register_builtin()

@@ -29,11 +29,6 @@ from moe_ops.handshake import collective
 from moe_ops.packing import RowFormat
 
 
-def _padded(t: Tensor, rows: int, fill: float) -> Tensor:
-    """``t`` with rows appended up to ``rows``, filled with ``fill``."""
-    return torch.cat([t, t.new_full((rows - t.shape[0], *t.shape[1:]), fill)]) if t.shape[0] < rows else t
-
-
 # torch 2.13 renamed the single-tensor collectives; 2.11 and 2.12 have only the old names.
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_sum = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -67,7 +62,7 @@ class AllGatherBackend(Backend):
         row_format = RowFormat(((x.shape[1], x.dtype), (top_k, torch.int64), (top_k, topk_weights.dtype)))
         mine = row_format.empty(bound, x.device)
         for view, t, fill in zip(row_format.views(mine), (x, topk_idx.long(), topk_weights), (0, -1, 0), strict=True):
-            view.copy_(_padded(t, bound, fill))
+            view.copy_(permute.pad_rows(t, bound, fill))
         tokens, ids, weights = row_format.views(_gather(comm, "moe.dispatch all_gather", mine))
         local_ids = routing.local_expert_ids(ids, plan.num_experts, comm.world_size, comm.rank)
         out = stage.dispatch_rows(tokens, weights, local_ids, plan.num_local_experts, plan.capacity, None, plan.zero_padding)
@@ -98,7 +93,7 @@ class AllGatherBackend(Backend):
     ) -> tuple[Tensor, Tensor]:
         own_slot, route_row, row_src = handle
         bound = route_row.shape[0] // comm.world_size
-        grad_tokens = _gather(comm, "moe.combine_backward all_gather", _padded(grad_out, bound, 0))
+        grad_tokens = _gather(comm, "moe.combine_backward all_gather", permute.pad_rows(grad_out, bound, 0))
         return stage.expand_grad(grad_tokens, expert_out, recv_weights, route_row, row_src)
 
     def handle_len(self, layout: Layout) -> int:

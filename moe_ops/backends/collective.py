@@ -124,7 +124,7 @@ class CollectiveBackend(Backend):
     def combine(self, expert_out: Tensor, recv_weights: Tensor, handle: list[Tensor], comm: Comm) -> Tensor:
         send_slot, route_row, _ = handle[:3]
         sent, received = _splits(handle)
-        partial = stage.reduce(expert_out.flatten(0, -2), route_row, recv_weights.reshape(-1))
+        partial = stage.reduce(expert_out.flatten(0, -2), route_row, recv_weights.reshape(-1), ragged=expert_out.dim() == 2)
         back = _exchange(comm, "moe.combine all_to_all", partial, received, sent)
         return stage.reduce(back, send_slot, None, unique=True)
 
@@ -137,7 +137,7 @@ class CollectiveBackend(Backend):
         row_format = RowFormat(((grad_recv_x.shape[-1], grad_recv_x.dtype), (top_k, grad_recv_weights.dtype)))
         rows = row_format.empty(route_row.shape[0], grad_recv_x.device)
         grad_tokens, grad_weights = row_format.views(rows)
-        grad_tokens.copy_(stage.reduce(grad_recv_x.flatten(0, -2), route_row, None))
+        grad_tokens.copy_(stage.reduce(grad_recv_x.flatten(0, -2), route_row, None, ragged=grad_recv_x.dim() == 2))
         grad_weights.copy_(permute.gather_routes(grad_recv_weights.reshape(-1), route_row))
         back = _exchange(comm, "moe.dispatch_backward all_to_all", rows, received, sent)
         grad_tokens, grad_weights = row_format.views(back)

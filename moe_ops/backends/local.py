@@ -26,13 +26,13 @@ class LocalBackend(Backend):
 
     def combine(self, expert_out: Tensor, recv_weights: Tensor, handle: list[Tensor], comm: Comm) -> Tensor:
         route_row, _ = handle
-        return stage.reduce(expert_out.flatten(0, -2), route_row, recv_weights.reshape(-1))
+        return stage.reduce(expert_out.flatten(0, -2), route_row, recv_weights.reshape(-1), ragged=expert_out.dim() == 2)
 
     def dispatch_backward(
         self, grad_recv_x: Tensor, grad_recv_weights: Tensor, handle: list[Tensor], comm: Comm
     ) -> tuple[Tensor, Tensor]:
         route_row, _ = handle
-        grad_x = stage.reduce(grad_recv_x.flatten(0, -2), route_row, None)
+        grad_x = stage.reduce(grad_recv_x.flatten(0, -2), route_row, None, ragged=grad_recv_x.dim() == 2)
         return grad_x, permute.gather_routes(grad_recv_weights.reshape(-1), route_row)
 
     def combine_backward(

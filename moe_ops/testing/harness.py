@@ -6,7 +6,8 @@
 ``fn`` must be picklable (a module-level function). A failure on any rank raises :class:`RankFailure`
 with every failing rank's traceback. Nothing waits forever: each ``run`` has a timeout, the process
 group has its own, and a rank that dies or stops answering is reported by number; the world is then
-torn down (``world.alive`` turns false) and a new one must be made.
+torn down (``world.alive`` turns false) and a new one must be made (tests/conftest.py's ``worlds``
+fixture keeps live worlds for the whole test session).
 """
 
 from __future__ import annotations
@@ -189,3 +190,4 @@ class World:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+

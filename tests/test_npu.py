@@ -1,0 +1,134 @@
+"""NPU pieces that need no second process: registration (the ops serve the ``npu`` device without
+importing torch_npu), backend selection, the mc2 backend's documented limits and row encoding, and
+the local stage through torch_npu's permute kernels (moe_ops/npu_stage.py), run on CPU tensors by the
+simulator of moe_ops.testing.npu_sim with ``config.kernels = "npu"``."""
+
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+import torch
+from hypothesis import given, settings
+
+from moe_ops import backends, config
+from moe_ops.backends import mc2_limits
+from moe_ops.backends.mc2_wire import Wire, route_ids, sent_ids
+from moe_ops.testing import conformance, npu_sim
+from moe_ops.testing.problems import Problem, make_problem, problems
+
+OPS = ("moe::dispatch", "moe::combine", "moe::dispatch_backward", "moe::combine_backward")
+
+
+def test_import_does_not_import_torch_npu() -> None:
+    code = "import sys, moe_ops; assert 'torch_npu' not in sys.modules; assert 'mc2' in moe_ops.backends.available()"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_ops_serve_the_npu_dispatch_key(op: str) -> None:
+    """torch_npu's ``npu`` device is PrivateUse1: the ops' kernels and autograd already cover it."""
+    for key in ("PrivateUse1", "AutogradPrivateUse1"):
+        assert torch._C._dispatch_has_computed_kernel_for_dispatch_key(op, key), (op, key)
+
+
+def test_backend_selection() -> None:
+    assert backends._auto("npu", 8, "padded") == "mc2"
+    assert backends._auto("npu", 8, "ragged") == "collective" and backends._auto("npu", 1, "padded") == "local"
+    with pytest.raises(ValueError, match="backend 'mc2' has no ragged layout"):
+        backends.resolve("mc2", "npu", 2, "ragged")
+    with pytest.raises(ValueError, match="does not run on 'cpu' tensors"):  # only the simulator widens it
+        backends.resolve("mc2", "cpu", 2, "padded")
+
+
+def test_a3_limits_worked_example() -> None:
+    """DeepSeek-V3-like decode on 16 A3 dies: E = 256, K = 8, H = 7168, 64 tokens per rank. Rows on the
+    wire are 7168 + 51 metadata columns -> 7232; HCCL_BUFFSIZE >= 2 (16*64*16*Align512(Align32(14464) + 64)
+    + 9*64*Align512(14464)) = 2 (16384*14848 + 576*14848) bytes = 480.3 MiB, so the default 200 MB fails."""
+    width = Wire(7168, 8).width
+    assert width == 7232
+    shape = mc2_limits.Shape(batch=64, hidden=width, top_k=8, experts=256, world=16)
+    assert mc2_limits.TABLE[("A3", 2)].buffer_bytes(shape) == 2 * (16384 + 576) * 14848
+    assert mc2_limits.TABLE[("A3", 2)].problems(shape) == ["HCCL_BUFFSIZE = 200 MB, this call needs at least 481 MB"]
+    bad = mc2_limits.Shape(batch=600, hidden=512, top_k=17, experts=1030, world=16)
+    found = [p.split(" ")[0] for p in mc2_limits.TABLE[("A3", 2)].problems(bad)]
+    assert found == ["max_tokens_per_rank", "hidden", "top-k", "num_experts", "HCCL_BUFFSIZE"]
+
+
+def test_route_ids_and_sent_ids() -> None:
+    """Masked, out-of-range and repeated ids become -1; MC2 gets distinct unused experts in their place."""
+    ids = route_ids(torch.tensor([[3, 3, -1], [9, 0, 2], [1, -5, 1]]), 4)
+    assert ids.tolist() == [[3, -1, -1], [-1, 0, 2], [1, -1, -1]]
+    assert sent_ids(ids, 4).tolist() == [[3, 0, 1], [1, 0, 2], [1, 0, 2]]
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_wire_round_trip(quantized: bool, dtype: torch.dtype) -> None:
+    """Keys, ids and float32 weights come back exactly, through MC2's int8 rows too."""
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(5, 40, generator=gen) * 3).to(dtype)
+    x[2] = 0  # an all-zero token
+    keys, ids = torch.tensor([0, 7, 1000, 393215, 42]), torch.randint(-1, 1024, (5, 16), generator=gen)
+    weights = torch.randn(5, 16, generator=gen)
+    wire = Wire(40, 16, quantized)
+    rows = wire.encode(x, keys, ids, weights)
+    scales = None
+    if quantized:  # what MC2 does to each row: * 127 / max|row|, rounded to int8
+        amax = rows.float().abs().amax(1).clamp(min=1e-30)
+        rows, scales = torch.round(rows.float() * (127 / amax).unsqueeze(1)).to(torch.int8), amax / 127
+    got = wire.decode(rows, scales, dtype)
+    assert torch.equal(got.keys, keys) and torch.equal(got.ids, ids) and torch.equal(got.weights, weights)
+    tolerance = 0 if not quantized else x.float().abs().amax(1, keepdim=True) / 127
+    assert bool(((got.tokens.float() - x.float()).abs() <= tolerance).all())
+
+
+@pytest.fixture
+def _npu_kernels() -> Iterator[None]:
+    previous = config.kernels
+    npu_sim.install()
+    config.kernels = "npu"
+    yield
+    config.kernels = previous
+    npu_sim.uninstall()
+
+
+def check(problem: Problem) -> list[str]:
+    """The local backend's conformance on ``problem``; the names of the kernels it called."""
+    before = len(npu_sim.calls())
+    ours = conformance.run_rank(problem, 0, backend="local")
+    ref, mag = conformance.expected(problem)
+    conformance.assert_rank_matches(problem, 0, ours, ref[0], mag[0])
+    return [call.op for call in npu_sim.calls()[before:]]
+
+
+@pytest.mark.usefixtures("_npu_kernels")
+@settings(max_examples=60)
+@given(problem=problems(world_size=1, max_tokens=64, max_experts=32, hidden_sizes=(1, 7, 64)))
+def test_property(problem: Problem) -> None:
+    check(problem)
+
+
+@pytest.mark.usefixtures("_npu_kernels")
+def test_ragged_dispatch_sorts_unique_keys() -> None:
+    """The permute kernel gets one key per route (so its tie-breaking cannot change the order) and
+    every valid route comes out, in the contract's order (checked against the reference)."""
+    ops = check(make_problem([40], 16, 8, 3, mask_fraction=0.3, out_of_range=True, dtype=torch.bfloat16, seed=4))
+    assert "npu_moe_token_permute" in ops
+    keys = next(c.kwargs["indices"] for c in npu_sim.calls() if c.op == "npu_moe_token_permute")
+    assert keys.shape == (40, 3) and keys.unique().numel() == keys.numel()
+
+
+@pytest.mark.usefixtures("_npu_kernels")
+def test_unpermute_where_every_route_has_a_row() -> None:
+    """No masked route: combine and dispatch's backward sum through the unpermute kernel."""
+    ops = check(make_problem([32], 16, 8, 2, dtype=torch.float16, seed=6))
+    assert ops.count("npu_moe_token_unpermute") == 2
+
+
+@pytest.mark.usefixtures("_npu_kernels")
+def test_plain_torch_elsewhere() -> None:
+    """Masked routes (combine) and the padded layout stay in plain torch."""
+    assert check(make_problem([32], 16, 8, 2, mask_fraction=0.5, seed=6)) == ["npu_moe_token_permute"]
+    kw = dict(layout="padded", capacity=4, max_tokens_per_rank=32)
+    assert check(make_problem([32], 16, 8, 2, seed=6, **kw)) == []
