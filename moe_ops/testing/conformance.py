@@ -190,9 +190,17 @@ def rank_task(rank: int, problem: Problem, backend: str = "auto", compiled: bool
     return run_rank(problem, rank, group=group, backend=backend, step=step), compile_stats.read()
 
 
-def check_world(world: object, problem: Problem, backend: str = "auto", compiled: bool = False) -> None:
-    """Run ``problem`` on every rank of ``world`` and compare each rank with the reference."""
-    outputs = world.run(rank_task, problem, backend, compiled)  # type: ignore[attr-defined]
+def check_world(
+    world: object,
+    problem: Problem,
+    backend: str = "auto",
+    compiled: bool = False,
+    task: Callable[..., tuple[RankResult, object]] = rank_task,
+    *args: object,
+) -> None:
+    """Run ``problem`` on every rank of ``world`` and compare each rank with the reference. ``task`` (a
+    picklable stand-in for :func:`rank_task`) gets ``(rank, problem, backend, compiled, *args)``."""
+    outputs = world.run(task, problem, backend, compiled, *args)  # type: ignore[attr-defined]
     ref, mag = expected(problem)
     for rank, (ours, stats) in enumerate(outputs):
         assert_rank_matches(problem, rank, ours, ref[rank], mag[rank])
@@ -240,9 +248,10 @@ def die_task(rank: int, problem: Problem, backend: str, victim: int) -> None:
     moe_ops.combine(d.recv_x, d, group=group, backend=backend)
 
 
-def opcheck_task(rank: int, problem: Problem, backend: str) -> None:
+def opcheck_task(rank: int, problem: Problem, backend: str, dispatch_checks: tuple[str, ...] | None = None) -> None:
     """``torch.library.opcheck`` of dispatch and combine on this rank's inputs over the default group
-    (every rank runs the same sequence of op calls, so the collectives inside stay matched)."""
+    (every rank runs the same sequence of op calls, so the collectives inside stay matched).
+    ``dispatch_checks``: opcheck's ``test_utils`` for dispatch (default: all of them)."""
     import torch.distributed as dist
 
     kwargs = dict(
@@ -253,7 +262,8 @@ def opcheck_task(rank: int, problem: Problem, backend: str) -> None:
     )
     x = problem.xs[rank].clone().requires_grad_()
     w = problem.topk_weights[rank].clone().requires_grad_()
-    torch.library.opcheck(torch.ops.moe.dispatch.default, (x, problem.topk_idx[rank], w), kwargs)
+    checks = {} if dispatch_checks is None else {"test_utils": dispatch_checks}
+    torch.library.opcheck(torch.ops.moe.dispatch.default, (x, problem.topk_idx[rank], w), kwargs, **checks)
     recv_x, recv_w, _, _, handle = torch.ops.moe.dispatch(x, problem.topk_idx[rank], w, **kwargs)
     comm = dict(group_name=kwargs["group_name"], backend=backend)
     expert_out = recv_x.detach().clone().requires_grad_()

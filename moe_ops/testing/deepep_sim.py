@@ -32,7 +32,9 @@ size formulas (the hints here are a simple model with the same inputs).
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -40,6 +42,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from moe_ops.packing import RowFormat
+from moe_ops.testing.problems import Problem
 
 SIMULATED_DEVICE_TYPES = frozenset({"cpu"})
 _LOW_LATENCY_HIDDEN = (2048, 2560, 4096, 5120, 6144, 7168, 8192)
@@ -61,6 +64,22 @@ def _require(ok: bool, message: str) -> None:
         raise SimulatedDeepEPError(f"deep_ep (simulated): {message}")
 
 
+@contextlib.contextmanager
+def _checks(group: Any) -> Iterator[None]:
+    """Host-side checks before a call's first collective: a failure on any rank raises on every rank
+    (on a GPU, DeepEP would assert on one rank and leave the others waiting; a test should fail fast)."""
+    error: Exception | None = None
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+        error = e
+    messages: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}", group=group)
+    failed = [f"rank {r}: {m}" for r, m in enumerate(messages) if m is not None]
+    if failed:
+        raise SimulatedDeepEPError("; ".join(failed)) from error
+
+
 def install() -> None:
     """Make ``import deep_ep`` return this simulator (in this process)."""
     sys.modules["deep_ep"] = sys.modules[__name__]
@@ -76,9 +95,18 @@ def install_on_rank(rank: int) -> None:
     install()
 
 
-def buffers_created(rank: int = 0) -> list[tuple[int, int, bool]]:
-    """``(nvl bytes, rdma bytes, low-latency)`` of every ``Buffer`` made in this process (a World task too)."""
-    return list(_created)
+def buffers_made_on_new_group(rank: int, calls: list[tuple[Problem, str]]) -> tuple[int, list[tuple[int, int, bool]]]:
+    """World task: on a new group of every rank, run the conformance pipeline of each ``(problem,
+    backend)``; returns the buffers the group had before (0: none is made at import) and
+    ``(nvl bytes, rdma bytes, low-latency)`` of each ``Buffer`` made meanwhile."""
+    from moe_ops.backends.deepep import runtime
+    from moe_ops.testing import conformance
+
+    group = dist.new_group(list(range(dist.get_world_size())))
+    before, made = len(_created), int(group.group_name in runtime._buffers)
+    for problem, backend in calls:
+        conformance.run_rank(problem, rank, group=group.group_name, backend=backend)
+    return made, _created[before:]
 
 
 def _align(num_bytes: int) -> int:
@@ -187,9 +215,10 @@ class Buffer:
         self.num_nvl_bytes, self.num_rdma_bytes = num_nvl_bytes, num_rdma_bytes
         self.low_latency_mode, self.num_qps_per_rank = low_latency_mode, num_qps_per_rank
         world = self.group_size
-        _require(world < 8 or world % 8 == 0, f"a group of {world} ranks")
-        _require(num_nvl_bytes % _ALIGNMENT == 0 and num_rdma_bytes % _ALIGNMENT == 0, "unaligned buffer size")
-        _require(num_rdma_bytes == 0 or world > 8 or low_latency_mode, "RDMA bytes within a node need low-latency mode")
+        with _checks(group):
+            _require(world < 8 or world % 8 == 0, f"a group of {world} ranks")
+            _require(num_nvl_bytes % _ALIGNMENT == 0 and num_rdma_bytes % _ALIGNMENT == 0, "unaligned buffer size")
+            _require(num_rdma_bytes == 0 or world > 8 or low_latency_mode, "RDMA bytes within a node need low-latency mode")
         sizes: list[Any] = [None] * world  # construction is collective: every rank must agree
         dist.all_gather_object(sizes, (num_nvl_bytes, num_rdma_bytes, low_latency_mode, num_qps_per_rank), group=group)
         _require(len(set(sizes)) == 1, f"ranks created buffers of different sizes: {sizes}")
@@ -261,24 +290,24 @@ class Buffer:
     ) -> tuple[Tensor, Tensor | None, Tensor | None, list[int] | None, tuple[Tensor, ...] | None, EventOverlap]:
         """``(recv_x, recv_topk_idx, recv_topk_weights, per-expert counts, handle, event)``; with ``handle``
         (cached mode) only ``recv_x``."""
-        config = self._normal_call(x, config, combine=False)
-        _require(expert_alignment == 1, "expert_alignment other than 1 is not simulated")
         if handle is not None:
-            _require(topk_idx is None and topk_weights is None, "cached dispatch takes no top-k")
-            return self._cached_dispatch(x, handle, config), None, None, None, None, EventOverlap()
-        _require(topk_idx is not None and topk_weights is not None, "dispatch without top-k is not simulated")
-        assert topk_idx is not None and topk_weights is not None and is_token_in_rank is not None
-        assert num_tokens_per_rank is not None and num_tokens_per_expert is not None
+            return self._cached_dispatch(x, handle, config, topk_idx is None and topk_weights is None), None, None, None, None, EventOverlap()
         world, me = self.group_size, self.rank
-        num_tokens, top_k = topk_idx.shape
-        num_experts = num_tokens_per_expert.numel()
-        num_local, num_channels = num_experts // world, config.num_sms // 2
-        _check_tensor("is_token_in_rank", is_token_in_rank, (num_tokens, world), torch.bool)
-        _check_tensor("num_tokens_per_rank", num_tokens_per_rank, (world,), torch.int32)
-        _check_tensor("num_tokens_per_expert", num_tokens_per_expert, (num_experts,), torch.int32)
-        _check_tensor("topk_weights", topk_weights, (num_tokens, top_k), torch.float32)
-        _require(num_experts % world == 0 and x.shape[0] == num_tokens, "inconsistent dispatch arguments")
-        _require(torch.equal(num_tokens_per_rank, is_token_in_rank.sum(0).int()), "num_tokens_per_rank disagrees with is_token_in_rank")
+        with _checks(self.group):
+            config = self._normal_call(x, config, combine=False)
+            _require(expert_alignment == 1, "expert_alignment other than 1 is not simulated")
+            _require(topk_idx is not None and topk_weights is not None, "dispatch without top-k is not simulated")
+            assert topk_idx is not None and topk_weights is not None and num_tokens_per_expert is not None
+            num_tokens, top_k = topk_idx.shape
+            num_experts = num_tokens_per_expert.numel()
+            num_local, num_channels = num_experts // world, config.num_sms // 2
+            _check_tensor("is_token_in_rank", is_token_in_rank, (num_tokens, world), torch.bool)
+            _check_tensor("num_tokens_per_rank", num_tokens_per_rank, (world,), torch.int32)
+            _check_tensor("num_tokens_per_expert", num_tokens_per_expert, (num_experts,), torch.int32)
+            _check_tensor("topk_weights", topk_weights, (num_tokens, top_k), torch.float32)
+            _require(num_experts % world == 0 and x.shape[0] == num_tokens, "inconsistent dispatch arguments")
+            assert is_token_in_rank is not None and num_tokens_per_rank is not None
+            _require(torch.equal(num_tokens_per_rank, is_token_in_rank.sum(0).int()), "num_tokens_per_rank disagrees with is_token_in_rank")
 
         per_channel = _per_channel_counts(is_token_in_rank, num_channels)  # [W, channels] sent from here
         meta = _gather(self.group, torch.cat([num_tokens_per_rank.long(), num_tokens_per_expert.long(), per_channel.flatten()]))
@@ -297,14 +326,14 @@ class Buffer:
         rows = _pack(row_format, [x[token], token.int().unsqueeze(1), torch.where(mine, local, -1), torch.where(mine, topk_weights[token], 0)])
         got, _ = _exchange(self.group, rows, counts[me].tolist())
         received = int(rank_prefix[-1, me])
-        capacity = num_worst_tokens if num_worst_tokens > 0 else received
-        _require(capacity >= received, f"num_worst_tokens={num_worst_tokens} but {received} tokens arrived")
+        num_rows = num_worst_tokens if num_worst_tokens > 0 else received
+        with _checks(self.group):  # on a GPU: writes past the receive buffers
+            _require(num_rows >= received, f"num_worst_tokens={num_worst_tokens} but {received} tokens arrived")
+        garbage = (float("nan"), 2**31 - 1, -1, float("nan"))  # past the count: DeepEP writes only the ids (-1)
         recv_x, recv_src, recv_ids, recv_weights = (
-            field.new_full((capacity, *field.shape[1:]), fill) for field, fill in
-            zip(row_format.views(got), (float("nan"), 2**31 - 1, -1, float("nan")), strict=True)
+            torch.cat([field, field.new_full((num_rows - received, *field.shape[1:]), fill)])
+            for field, fill in zip(row_format.views(got), garbage, strict=True)
         )
-        for out, field in zip((recv_x, recv_src, recv_ids, recv_weights), row_format.views(got), strict=True):
-            out[:received] = field
         sent_before = is_token_in_rank.long().cumsum(0) - 1  # position among the tokens sent to each rank
         channel_start = (per_channel.cumsum(1) - per_channel).T  # [channel, W]
         channel = _channel_of_tokens(num_tokens, num_channels)
@@ -320,23 +349,27 @@ class Buffer:
         counts_list = [] if num_worst_tokens > 0 else received_per_expert.tolist()
         return recv_x, recv_ids, recv_weights, counts_list, handle, EventOverlap()
 
-    def _cached_dispatch(self, x: Tensor, handle: tuple[Tensor, ...], config: Config) -> Tensor:
+    def _cached_dispatch(self, x: Tensor, handle: tuple[Tensor, ...], config: Config | None, no_top_k: bool) -> Tensor:
         """Dispatch ``x`` as the dispatch that made ``handle`` did (rank prefix, send-side channel
         prefix, receive count and ``is_token_in_rank`` are what DeepEP reads)."""
-        rank_prefix, channel_prefix, _, recv_src_idx, in_rank, _ = handle
         world, me = self.group_size, self.rank
-        num_channels = config.num_sms // 2
-        _check_tensor("rank_prefix_matrix", rank_prefix, (world, world), torch.int32)
-        _check_tensor("channel_prefix_matrix", channel_prefix, (world, num_channels), torch.int32)
-        _check_tensor("is_token_in_rank", in_rank, (x.shape[0], world), torch.bool)
-        _require(recv_src_idx.dim() == 1 and recv_src_idx.dtype == torch.int32, "recv_src_idx must be 1-D int32")
-        per_channel = _per_channel_counts(in_rank, num_channels)
-        _require(torch.equal(channel_prefix.long(), per_channel.cumsum(1)), "channel_prefix_matrix does not describe is_token_in_rank")
+        with _checks(self.group):
+            config = self._normal_call(x, config, combine=False)
+            _require(no_top_k, "cached dispatch takes no top-k")
+            rank_prefix, channel_prefix, _, recv_src_idx, in_rank, _ = handle
+            num_channels = config.num_sms // 2
+            _check_tensor("rank_prefix_matrix", rank_prefix, (world, world), torch.int32)
+            _check_tensor("channel_prefix_matrix", channel_prefix, (world, num_channels), torch.int32)
+            _check_tensor("is_token_in_rank", in_rank, (x.shape[0], world), torch.bool)
+            _require(recv_src_idx.dim() == 1 and recv_src_idx.dtype == torch.int32, "recv_src_idx must be 1-D int32")
+            per_channel = _per_channel_counts(in_rank, num_channels)
+            _require(torch.equal(channel_prefix.long(), per_channel.cumsum(1)), "channel_prefix_matrix does not describe is_token_in_rank")
         token = in_rank.T.nonzero(as_tuple=True)[1]
         got, from_each = _exchange(self.group, x[token].view(torch.uint8), in_rank.sum(0).tolist())
         column = rank_prefix[:, me].long()
-        _require(from_each == (column - torch.cat([column.new_zeros(1), column[:-1]])).tolist(), "rank_prefix_matrix does not match what arrived")
-        _require(recv_src_idx.shape[0] >= got.shape[0], "fewer receive rows than tokens arrived")
+        with _checks(self.group):
+            _require(from_each == (column - torch.cat([column.new_zeros(1), column[:-1]])).tolist(), "rank_prefix_matrix does not match what arrived")
+            _require(recv_src_idx.shape[0] >= got.shape[0], "fewer receive rows than tokens arrived")
         recv_x = x.new_full((recv_src_idx.shape[0], x.shape[1]), float("nan"))
         recv_x[: got.shape[0]] = got.view(x.dtype)
         return recv_x
@@ -348,35 +381,25 @@ class Buffer:
     ) -> tuple[Tensor, Tensor | None, EventOverlap]:
         """Sum (no weights) each token's rows over the ranks it was dispatched to: ``(combined_x [T, H],
         combined_topk_weights [T, K] or None, event)``."""
-        config = self._normal_call(x, config, combine=True)
-        _require(bias is None, "bias is not simulated")
-        rank_prefix, _, recv_channel_prefix, src_idx, _, send_head = handle  # the receive-side channel prefix
         world, me = self.group_size, self.rank
-        num_channels = config.num_sms // 2
-        _check_tensor("rank_prefix_matrix", rank_prefix, (world, world), torch.int32)
-        _check_tensor("channel_prefix_matrix", recv_channel_prefix, (world, num_channels), torch.int32)
-        _check_tensor("src_idx", src_idx, (x.shape[0],), torch.int32)
-        _require(send_head.dim() == 2 and send_head.shape[1] == world and send_head.dtype == torch.int32, "send_head must be [T, W] int32")
         top_k = 0 if topk_weights is None else topk_weights.shape[1]
-        if topk_weights is not None:
-            _check_tensor("topk_weights", topk_weights, (x.shape[0], top_k), torch.float32)
-
-        # Expert side: rank s's rows are its block, channel c from recv_channel_prefix[s, c] to the next.
-        end = rank_prefix[:, me].long()
-        start = torch.cat([end.new_zeros(1), end[:-1]])
-        positions, channels, slots = [], [], []
-        for s in range(world):
-            bounds = torch.cat([recv_channel_prefix[s].long(), end[s : s + 1]])
-            _require(
-                bool(bounds[0] == start[s]) and bool((bounds[1:] >= bounds[:-1]).all()),
-                f"channel offsets of rank {s} fall outside its rows {int(start[s])}..{int(end[s])}",
-            )
-            lengths = bounds[1:] - bounds[:-1]
-            channel = torch.repeat_interleave(torch.arange(num_channels), lengths)
-            positions.append(torch.arange(int(start[s]), int(end[s])))
-            channels.append(channel)
-            slots.append(torch.arange(channel.numel()) - (lengths.cumsum(0) - lengths)[channel])
-        position, channel, slot = torch.cat(positions), torch.cat(channels), torch.cat(slots)
+        with _checks(self.group):
+            config = self._normal_call(x, config, combine=True)
+            _require(bias is None, "bias is not simulated")
+            rank_prefix, _, recv_channel_prefix, src_idx, _, send_head = handle  # the receive-side channel prefix
+            num_channels = config.num_sms // 2
+            _check_tensor("rank_prefix_matrix", rank_prefix, (world, world), torch.int32)
+            _check_tensor("channel_prefix_matrix", recv_channel_prefix, (world, num_channels), torch.int32)
+            _check_tensor("src_idx", src_idx, (x.shape[0],), torch.int32)
+            _require(send_head.dim() == 2 and send_head.shape[1] == world and send_head.dtype == torch.int32, "send_head must be [T, W] int32")
+            if topk_weights is not None:
+                _check_tensor("topk_weights", topk_weights, (x.shape[0], top_k), torch.float32)
+            # Rank s's rows are its block; channel c runs from recv_channel_prefix[s, c] to the next offset.
+            end = rank_prefix[:, me].long()
+            start = torch.cat([end.new_zeros(1), end[:-1]])
+            position, channel, slot = (torch.cat(parts) for parts in zip(
+                *(self._channel_rows(recv_channel_prefix[s].long(), int(start[s]), int(end[s])) for s in range(world)), strict=True
+            ))
         fields = [x[position], channel.int().unsqueeze(1), slot.int().unsqueeze(1)]
         widths = [(x.shape[1], x.dtype), (1, torch.int32), (1, torch.int32)]
         if topk_weights is not None:
@@ -389,23 +412,38 @@ class Buffer:
         views = row_format.views(got)
         num_tokens = send_head.shape[0]
         token_channel = _channel_of_tokens(num_tokens, num_channels)
-        out = torch.zeros(num_tokens, x.shape[1], dtype=torch.float32)
-        weights = torch.zeros(num_tokens, top_k, dtype=torch.float32)
-        first = 0
-        for r, count in enumerate(from_each):
-            lookup = torch.full((num_channels * (num_tokens + 1),), -1, dtype=torch.int64)
-            got_channel, got_slot = views[1][first : first + count, 0].long(), views[2][first : first + count, 0].long()
-            _require(bool((got_slot <= num_tokens).all()), f"rank {r} sent a row past its channel queue")
-            lookup[got_channel * (num_tokens + 1) + got_slot] = torch.arange(first, first + count)
-            wanted = send_head[:, r].long()
-            has = wanted >= 0
-            row = lookup[token_channel * (num_tokens + 1) + wanted.clamp(0, num_tokens)]
-            _require(bool((row[has] >= 0).all()), f"a token waits for a row rank {r} never sent (send_head is stale)")
-            out.index_add_(0, has.nonzero().squeeze(1), views[0][row[has]].float())
-            if topk_weights is not None:
-                weights.index_add_(0, has.nonzero().squeeze(1), views[3][row[has]])
-            first += count
+        out = torch.zeros(num_tokens, x.shape[1])
+        weights = torch.zeros(num_tokens, top_k)
+        with _checks(self.group):  # on a GPU: a receiver waiting forever, or reading the wrong slot
+            first = 0
+            for r, count in enumerate(from_each):
+                got_channel, got_slot = views[1][first : first + count, 0].long(), views[2][first : first + count, 0].long()
+                lookup = torch.full((num_channels * (num_tokens + 1),), -1, dtype=torch.int64)
+                _require(bool((got_slot <= num_tokens).all()), f"rank {r} sent a row past its channel queue")
+                lookup[got_channel * (num_tokens + 1) + got_slot] = torch.arange(first, first + count)
+                wanted = send_head[:, r].long()
+                row = lookup[token_channel * (num_tokens + 1) + wanted.clamp(0, num_tokens)]
+                tokens = (wanted >= 0).nonzero().squeeze(1)
+                _require(bool((row[tokens] >= 0).all()), f"a token waits for a row rank {r} never sent (send_head is stale)")
+                out.index_add_(0, tokens, views[0][row[tokens]].float())
+                if topk_weights is not None:
+                    weights.index_add_(0, tokens, views[3][row[tokens]])
+                first += count
         return out.to(x.dtype), weights if topk_weights is not None else None, EventOverlap()
+
+    @staticmethod
+    def _channel_rows(offsets: Tensor, start: int, end: int) -> tuple[Tensor, Tensor, Tensor]:
+        """``(position, channel, slot in channel)`` of the rows ``[start, end)`` a source rank sent here,
+        its channels starting at ``offsets [channels]``."""
+        bounds = torch.cat([offsets, offsets.new_full((1,), end)])
+        _require(
+            bool(bounds[0] == start) and bool((bounds[1:] >= bounds[:-1]).all()),
+            f"channel offsets {offsets.tolist()} fall outside the rows {start}..{end} of their rank",
+        )
+        lengths = bounds[1:] - bounds[:-1]
+        channel = torch.repeat_interleave(torch.arange(offsets.numel()), lengths)
+        slot = torch.arange(channel.numel()) - (lengths.cumsum(0) - lengths)[channel]
+        return torch.arange(start, end), channel, slot
 
     # --- low-latency mode -------------------------------------------------------------------------
 
@@ -413,9 +451,8 @@ class Buffer:
         _require(self.low_latency_mode, "clean_low_latency_buffer on a buffer not in low-latency mode")
         self._dirty = False
 
-    def _low_latency_call(self, max_tokens: int, hidden: int, num_experts: int) -> int:
-        """Checks of every low-latency kernel. Returns which of the two buffers this kernel uses; the
-        tensor the kernel before the last one returned from it is overwritten (with NaN)."""
+    def _low_latency_checks(self, max_tokens: int, hidden: int, num_experts: int) -> None:
+        """Host-side checks of every low-latency kernel."""
         world = self.group_size
         _require(self.low_latency_mode, "low-latency kernels need low_latency_mode=True")
         _require(not self._dirty, "low-latency kernel after normal-mode kernels without clean_low_latency_buffer")
@@ -424,6 +461,10 @@ class Buffer:
         _require(hidden in _LOW_LATENCY_HIDDEN, f"hidden size {hidden} is not one the kernels are built for")
         needed = self.get_low_latency_rdma_size_hint(max_tokens, hidden, world, num_experts)
         _require(self.num_rdma_bytes >= needed, f"RDMA buffer of {self.num_rdma_bytes} bytes, this call needs {needed}")
+
+    def _next_low_latency_buffer(self, max_tokens: int, hidden: int, num_experts: int) -> int:
+        """Which of the two buffers this kernel uses (every rank must pass the same sizes); the tensor
+        the kernel before the last one returned from it is overwritten (with NaN)."""
         agreed = _gather(self.group, torch.tensor([max_tokens, hidden, num_experts]))
         _require(bool((agreed == agreed[0]).all()), f"ranks disagree on (Tmax, hidden, experts): {agreed.tolist()}")
         which = self._low_latency_calls % 2
@@ -442,22 +483,24 @@ class Buffer:
         """``(recv_x [L, W*Tmax, H], recv_count [L] int32, handle, event, hook)``; handle is
         ``(src_info [L, W*Tmax] int32, layout_range [L, W] int64, Tmax, H, E)``."""
         max_tokens, world, me = num_max_dispatch_tokens_per_rank, self.group_size, self.rank
-        _require(not (use_fp8 or return_recv_hook), "only BF16 without receive hooks is simulated")
-        _require(x.dim() == 2 and x.is_contiguous() and x.dtype == torch.bfloat16, "x must be a contiguous [T, H] bf16 tensor")
-        _require(topk_idx.dim() == 2 and topk_idx.dtype == torch.int64 and topk_idx.shape[0] == x.shape[0], "topk_idx must be [T, K] int64")
-        _require(topk_idx.shape[1] <= _LOW_LATENCY_MAX_TOP_K, f"top-k {topk_idx.shape[1]} > {_LOW_LATENCY_MAX_TOP_K}")
-        _require(x.shape[0] <= max_tokens, f"{x.shape[0]} tokens > num_max_dispatch_tokens_per_rank={max_tokens}")
-        which = self._low_latency_call(max_tokens, x.shape[1], num_experts)
         num_local, hidden = num_experts // world, x.shape[1]
+        with _checks(self.group):
+            _require(not (use_fp8 or return_recv_hook), "only BF16 without receive hooks is simulated")
+            _require(x.dim() == 2 and x.is_contiguous() and x.dtype == torch.bfloat16, "x must be a contiguous [T, H] bf16 tensor")
+            _check_tensor("topk_idx", topk_idx, (x.shape[0], topk_idx.shape[1]), torch.int64)
+            _require(topk_idx.shape[1] <= _LOW_LATENCY_MAX_TOP_K, f"top-k {topk_idx.shape[1]} > {_LOW_LATENCY_MAX_TOP_K}")
+            _require(x.shape[0] <= max_tokens, f"{x.shape[0]} tokens > num_max_dispatch_tokens_per_rank={max_tokens}")
+            self._low_latency_checks(max_tokens, hidden, num_experts)
+        which = self._next_low_latency_buffer(max_tokens, hidden, num_experts)
 
+        # One row per route, grouped by destination rank: the token, its expert there, its index.
         token, k = (topk_idx >= 0).nonzero(as_tuple=True)
         expert = topk_idx[token, k]
-        order = torch.argsort(expert // num_local, stable=True)  # one row per route, grouped by destination
+        order = torch.argsort(expert // num_local, stable=True)
         token, expert = token[order], expert[order]
         row_format = RowFormat(((hidden, x.dtype), (1, torch.int32), (1, torch.int32)))
         rows = _pack(row_format, [x[token], (expert % num_local).int().unsqueeze(1), token.int().unsqueeze(1)])
-        sent = torch.bincount(expert // num_local, minlength=world).tolist()
-        got, from_each = _exchange(self.group, rows, sent)
+        got, from_each = _exchange(self.group, rows, torch.bincount(expert // num_local, minlength=world).tolist())
         got_x, got_expert, got_token = row_format.views(got)
         source = torch.repeat_interleave(torch.arange(world), torch.tensor(from_each, dtype=torch.int64))
 
@@ -465,13 +508,13 @@ class Buffer:
         recv_x = self._low_latency_outputs[which]
         if recv_x is None or recv_x.shape != shape:
             recv_x = self._low_latency_outputs[which] = x.new_full(shape, float("nan"))
-        src_info = torch.full((num_local, world * max_tokens), -1, dtype=torch.int32)
+        src_info = torch.full(shape[:2], -1, dtype=torch.int32)
         layout_range = torch.zeros(num_local, world, dtype=torch.int64)
         recv_count = torch.zeros(num_local, dtype=torch.int32)
         shuffle = torch.Generator().manual_seed(7919 * self._low_latency_calls + me)
-        for e in range(num_local):
+        for e in range(num_local):  # blocks, and rows inside them, in a shuffled arrival order
             begin = 0
-            for j in torch.randperm(world, generator=shuffle).tolist():  # blocks in arrival order
+            for j in torch.randperm(world, generator=shuffle).tolist():
                 rows_here = ((got_expert[:, 0] == e) & (source == j)).nonzero().squeeze(1)
                 rows_here = rows_here[torch.randperm(rows_here.numel(), generator=shuffle)]
                 count = rows_here.numel()
@@ -494,37 +537,39 @@ class Buffer:
         src_info, layout_range, max_tokens, hidden, num_experts = handle
         world, me = self.group_size, self.rank
         num_local = num_experts // world
-        _require(not (use_logfmt or zero_copy or return_recv_hook or out is not None), "only the plain combine is simulated")
-        _check_tensor("x", x, (num_local, world * max_tokens, hidden), torch.bfloat16)
-        _check_tensor("src_info", src_info, (num_local, world * max_tokens), torch.int32)
-        _check_tensor("layout_range", layout_range, (num_local, world), torch.int64)
         num_tokens, top_k = topk_idx.shape
-        _check_tensor("topk_idx", topk_idx, (num_tokens, top_k), torch.int64)
-        _check_tensor("topk_weights", topk_weights, (num_tokens, top_k), torch.float32)
-        self._low_latency_call(max_tokens, hidden, num_experts)
-
-        # Expert side: each block's rows go back to their source rank, tagged (global expert, token).
-        keys: list[list[Tensor]] = [[] for _ in range(world)]
-        rows: list[list[Tensor]] = [[] for _ in range(world)]
-        for e in range(num_local):
-            for j in range(world):
-                begin, count = int(layout_range[e, j]) >> _BLOCK_BITS, int(layout_range[e, j]) & ((1 << _BLOCK_BITS) - 1)
-                _require(begin + count <= world * max_tokens, f"layout_range[{e}, {j}] points past the buffer")
-                tokens = src_info[e, begin : begin + count].long()
-                keys[j].append(torch.stack([torch.full_like(tokens, me * num_local + e), tokens], dim=1))
-                rows[j].append(x[e, begin : begin + count])
+        with _checks(self.group):
+            _require(not (use_logfmt or zero_copy or return_recv_hook or out is not None), "only the plain combine is simulated")
+            _check_tensor("x", x, (num_local, world * max_tokens, hidden), torch.bfloat16)
+            _check_tensor("src_info", src_info, (num_local, world * max_tokens), torch.int32)
+            _check_tensor("layout_range", layout_range, (num_local, world), torch.int64)
+            _check_tensor("topk_idx", topk_idx, (num_tokens, top_k), torch.int64)
+            _check_tensor("topk_weights", topk_weights, (num_tokens, top_k), torch.float32)
+            self._low_latency_checks(max_tokens, hidden, num_experts)
+            # Expert side: each block's rows go back to their source rank, tagged (global expert, token).
+            keys: list[list[Tensor]] = [[] for _ in range(world)]
+            rows: list[list[Tensor]] = [[] for _ in range(world)]
+            for e in range(num_local):
+                for j in range(world):
+                    begin, count = int(layout_range[e, j]) >> _BLOCK_BITS, int(layout_range[e, j]) & ((1 << _BLOCK_BITS) - 1)
+                    _require(begin + count <= world * max_tokens, f"layout_range[{e}, {j}] points past the buffer")
+                    tokens = src_info[e, begin : begin + count].long()
+                    keys[j].append(torch.stack([torch.full_like(tokens, me * num_local + e), tokens], dim=1))
+                    rows[j].append(x[e, begin : begin + count])
+        self._next_low_latency_buffer(max_tokens, hidden, num_experts)
         row_format = RowFormat(((hidden, x.dtype), (2, torch.int64)))
         send = _pack(row_format, [torch.cat([torch.cat(r) for r in rows]), torch.cat([torch.cat(k) for k in keys])])
         got, _ = _exchange(self.group, send, [sum(r.shape[0] for r in per_rank) for per_rank in rows])
         got_x, got_key = row_format.views(got)
 
         # Source side: slot (expert, token) holds the last row written there; sum with the weights.
-        _require(bool((got_key[:, 1] < max_tokens).all()), "a row names a token past num_max_dispatch_tokens_per_rank")
-        slot = torch.full((num_experts * max_tokens,), -1, dtype=torch.int64)
-        slot.scatter_reduce_(0, got_key[:, 0] * max_tokens + got_key[:, 1], torch.arange(got.shape[0]), "amax")
         valid = topk_idx >= 0
-        row = slot[torch.where(valid, topk_idx * max_tokens + torch.arange(num_tokens).unsqueeze(1), 0)]
-        _require(bool((row[valid] >= 0).all()), "a token's expert sent no row for it")
+        with _checks(self.group):  # on a GPU: a receiver waiting forever, or reading the wrong slot
+            _require(bool((got_key[:, 1] < max_tokens).all()), "a row names a token past num_max_dispatch_tokens_per_rank")
+            slot = torch.full((num_experts * max_tokens,), -1, dtype=torch.int64)
+            slot.scatter_reduce_(0, got_key[:, 0] * max_tokens + got_key[:, 1], torch.arange(got.shape[0]), "amax")
+            row = slot[torch.where(valid, topk_idx * max_tokens + torch.arange(num_tokens).unsqueeze(1), 0)]
+            _require(bool((row[valid] >= 0).all()), "a token's expert sent no row for it")
         picked = torch.zeros(num_tokens, top_k, hidden)
         picked[valid] = got_x[row[valid]].float()
         return (picked * topk_weights.unsqueeze(-1)).sum(dim=1).to(x.dtype), EventOverlap(), None
