@@ -5,8 +5,11 @@
 * ``deepep_ll`` (:mod:`.low_latency`): low-latency kernels, padded layout (decode), any group DeepEP takes.
 
 Importing this package never imports ``deep_ep``: the backends import it on their first call.
-Tested against :mod:`moe_ops.testing.deepep_sim`, a CPU simulator of DeepEP's documented behaviour,
-not against DeepEP on GPUs (docs/backends.md lists what the simulator does not model).
+
+Tested against :mod:`moe_ops.testing.deepep_sim`, a CPU simulator of DeepEP's documented behaviour over
+gloo, **not against DeepEP on GPUs**. The simulator does not model kernel timing, SM use, NVSHMEM / RDMA
+/ CUDA IPC, hook-based overlap (receive hooks), async events, internode normal mode, FP8 / UE8M0 /
+LogFMT, zero-copy combine, or DeepEP's exact buffer-size formulas (docs/backends.md).
 """
 
 from moe_ops.backends.deepep.low_latency import DeepEPLowLatencyBackend

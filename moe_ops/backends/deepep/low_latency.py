@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from moe_ops import permute, routing, stage
-from moe_ops.backends.base import Backend, DispatchOutputs, DispatchPlan, Layout, int64_like
+from moe_ops.backends.base import DispatchOutputs, DispatchPlan, Layout, int64_like
 from moe_ops.backends.deepep import runtime
 from moe_ops.errors import MoEInputError
 from moe_ops.groups import Comm
@@ -128,21 +128,13 @@ class _Handle:
         return _row_routes(_slots(self.src_info, self.layout_range, self.max_tokens), self.route_row, self.capacity)
 
 
-class DeepEPLowLatencyBackend(Backend):
+class DeepEPLowLatencyBackend(runtime.DeepEPBase):
     name = "deepep_ll"
+    mode = "low_latency"
     layouts = frozenset({"padded"})
-    multi_rank = True
-
-    @property
-    def device_types(self) -> frozenset[str]:  # type: ignore[override]
-        return runtime.device_types()
 
     def dispatch(self, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, plan: DispatchPlan) -> DispatchOutputs:
-        def check() -> None:
-            runtime.check_dispatch(x, topk_idx, plan, "low_latency")
-            runtime.check_weights(topk_weights)
-
-        runtime.prepare(plan, self.name, check)
+        self.prepare(x, topk_idx, topk_weights, plan)
         comm, max_tokens, num_experts = plan.comm, plan.max_tokens_per_rank, plan.num_experts
         buffer = runtime.low_latency_buffer(comm, max_tokens, x.shape[1], num_experts)
         ids = runtime.deepep_ids(topk_idx, num_experts)
@@ -192,11 +184,8 @@ class DeepEPLowLatencyBackend(Backend):
     def handle_len(self, layout: Layout) -> int:
         return 6
 
-    def rows_shape(self, handle: list[Tensor]) -> tuple[int, ...]:
-        return tuple(handle[2].shape)
-
     def fake_handle(self, x: Tensor, topk_idx: Tensor, rows_shape: tuple[int, ...], plan: DispatchPlan) -> list[Tensor]:
-        runtime.check_dispatch(x, topk_idx, plan, "low_latency")
+        runtime.check_dispatch(x, topk_idx, plan, self.mode)
         world, top_k = plan.comm.world_size, topk_idx.shape[1]
         slots = world * plan.max_tokens_per_rank
         return [

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from moe_ops import config, permute, stage
-from moe_ops.backends.base import Backend, DispatchOutputs, DispatchPlan, Layout, int64_like
+from moe_ops.backends.base import DispatchOutputs, DispatchPlan, Layout, int64_like
 from moe_ops.backends.deepep import runtime
 from moe_ops.groups import Comm
 
@@ -70,21 +70,13 @@ def _deepep_handle(handle: list[Tensor]) -> tuple[Tensor, ...]:
     return tuple(handle[_OWN:])
 
 
-class DeepEPBackend(Backend):
+class DeepEPBackend(runtime.DeepEPBase):
     name = "deepep"
+    mode = "normal"
     layouts = frozenset({"ragged", "padded"})
-    multi_rank = True
-
-    @property
-    def device_types(self) -> frozenset[str]:  # type: ignore[override]
-        return runtime.device_types()
 
     def dispatch(self, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, plan: DispatchPlan) -> DispatchOutputs:
-        def check() -> None:
-            runtime.check_dispatch(x, topk_idx, plan, "normal")
-            runtime.check_weights(topk_weights)
-
-        runtime.prepare(plan, self.name, check)
+        self.prepare(x, topk_idx, topk_weights, plan)
         buffer, dispatch_config, _ = runtime.normal_buffer(plan.comm, x.shape[1])
         ids = runtime.deepep_ids(topk_idx, plan.num_experts)
         got = _exchange(buffer, dispatch_config, x, ids, topk_weights, plan)
@@ -125,11 +117,8 @@ class DeepEPBackend(Backend):
     def handle_len(self, layout: Layout) -> int:
         return _OWN + 6
 
-    def rows_shape(self, handle: list[Tensor]) -> tuple[int, ...]:
-        return tuple(handle[2].shape)
-
     def fake_handle(self, x: Tensor, topk_idx: Tensor, rows_shape: tuple[int, ...], plan: DispatchPlan) -> list[Tensor]:
-        runtime.check_dispatch(x, topk_idx, plan, "normal")
+        runtime.check_dispatch(x, topk_idx, plan, self.mode)
         world, (num_tokens, top_k) = plan.comm.world_size, topk_idx.shape
         if plan.capacity is None:
             received: int | torch.SymInt = torch.library.get_ctx().new_dynamic_size()

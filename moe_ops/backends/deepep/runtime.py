@@ -1,5 +1,5 @@
 """What the two DeepEP backends share: finding ``deep_ep``, DeepEP's documented limits (checked before
-DeepEP is called), and the one ``deep_ep.Buffer`` per group.
+DeepEP is called), their common base class, and the one ``deep_ep.Buffer`` per group.
 
 ``deep_ep`` is imported inside the op's real kernel on first use, never when ``moe_ops`` is imported
 and never by a fake kernel. UCCL-EP's drop-in wrapper installs under the same name and API.
@@ -15,16 +15,15 @@ from __future__ import annotations
 
 import importlib
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
 from moe_ops import config
-from moe_ops.backends.base import DispatchPlan
+from moe_ops.backends.base import Backend, DispatchPlan
 from moe_ops.errors import MoEInputError
 from moe_ops.groups import Comm
 
@@ -80,8 +79,7 @@ def check_rows(name: str, rows: Tensor, mode: Mode) -> None:
 
 
 def check_dispatch(x: Tensor, topk_idx: Tensor, plan: DispatchPlan, mode: Mode) -> None:
-    """DeepEP's limits for one dispatch (metadata only, so the fake kernel runs it too; the router
-    weights' dtype, which the fake kernel does not see, is :func:`check_weights`)."""
+    """DeepEP's limits for one dispatch (metadata only, so the fake kernel runs it too)."""
     check_rows("x", x, mode)
     if topk_idx.shape[1] > MAX_TOP_K:
         raise MoEInputError(f"topk_idx has top-k {topk_idx.shape[1]}; DeepEP takes at most {MAX_TOP_K}")
@@ -96,25 +94,36 @@ def check_dispatch(x: Tensor, topk_idx: Tensor, plan: DispatchPlan, mode: Mode) 
         raise MoEInputError(f"DeepEP's low-latency mode takes groups of fewer than 8 ranks or a multiple of 8, not {world}")
 
 
-def check_weights(topk_weights: Tensor) -> None:
-    if topk_weights.dtype != torch.float32:
-        raise MoEInputError(f"topk_weights must be float32 for DeepEP, got {topk_weights.dtype}")
+class DeepEPBase(Backend):
+    """What the DeepEP backends share: devices, the checks before a dispatch, the handle's row shape.
+    Subclasses set ``mode``; their handles hold ``ids [T, K]``, ``route_row``, ``row_src`` first."""
 
+    mode: ClassVar[Mode]
+    multi_rank = True
 
-def prepare(plan: DispatchPlan, backend: str, check: Callable[[], None]) -> None:
-    """Run ``check`` and make sure ``deep_ep`` imports; share a failure with every peer through the
-    handshake (so every rank raises it and none waits in a collective), else agree with them."""
-    try:
-        check()
-        if plan.comm.group is None:
-            raise MoEInputError(f"backend {backend!r} needs a torch.distributed group (group_name)")
-        _deep_ep()
-    except MoEInputError as error:
+    @property
+    def device_types(self) -> frozenset[str]:  # type: ignore[override]
+        return device_types()
+
+    def prepare(self, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, plan: DispatchPlan) -> None:
+        """Check DeepEP's limits and that ``deep_ep`` imports; share a failure with every peer through
+        the handshake (so every rank raises it and none waits in a collective), else agree with them."""
+        try:
+            check_dispatch(x, topk_idx, plan, self.mode)
+            if topk_weights.dtype != torch.float32:
+                raise MoEInputError(f"topk_weights must be float32 for DeepEP, got {topk_weights.dtype}")
+            if plan.comm.group is None:
+                raise MoEInputError(f"backend {self.name!r} needs a torch.distributed group (group_name)")
+            _deep_ep()
+        except MoEInputError as error:
+            if plan.handshake is not None:
+                plan.handshake.exchange(error=error)
+            raise
         if plan.handshake is not None:
-            plan.handshake.exchange(error=error)
-        raise
-    if plan.handshake is not None:
-        plan.handshake.exchange()
+            plan.handshake.exchange()
+
+    def rows_shape(self, handle: list[Tensor]) -> tuple[int, ...]:
+        return tuple(handle[2].shape)
 
 
 # --- one buffer per group -------------------------------------------------------------------------
