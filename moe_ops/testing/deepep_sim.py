@@ -73,11 +73,11 @@ def _checks(group: Any) -> Iterator[None]:
         yield
     except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
         error = e
+    if not bool(_gather(group, torch.tensor([int(error is not None)])).any()):
+        return
     messages: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}", group=group)
-    failed = [f"rank {r}: {m}" for r, m in enumerate(messages) if m is not None]
-    if failed:
-        raise SimulatedDeepEPError("; ".join(failed)) from error
+    raise SimulatedDeepEPError("; ".join(f"rank {r}: {m}" for r, m in enumerate(messages) if m is not None)) from error
 
 
 def install() -> None:
@@ -95,18 +95,25 @@ def install_on_rank(rank: int) -> None:
     install()
 
 
-def buffers_made_on_new_group(rank: int, calls: list[tuple[Problem, str]]) -> tuple[int, list[tuple[int, int, bool]]]:
-    """World task: on a new group of every rank, run the conformance pipeline of each ``(problem,
-    backend)``; returns the buffers the group had before (0: none is made at import) and
-    ``(nvl bytes, rdma bytes, low-latency)`` of each ``Buffer`` made meanwhile."""
+def buffers_made_on_new_group(rank: int, calls: list[tuple[Problem, str]]) -> tuple[int, int, list[tuple[int, int, bool]]]:
+    """World task: on a new group of every rank, trace the conformance pipeline of each ``(problem,
+    backend)`` with fake tensors, then run it. Returns the buffers the group had before (0: none is made
+    at import), the buffers made while tracing (0: fake kernels make none), and ``(nvl bytes, rdma
+    bytes, low-latency)`` of each ``Buffer`` the runs made."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
     from moe_ops.backends.deepep import runtime
     from moe_ops.testing import conformance
 
     group = dist.new_group(list(range(dist.get_world_size())))
-    before, made = len(_created), int(group.group_name in runtime._buffers)
+    before, existing = len(_created), int(group.group_name in runtime._buffers)
+    for problem, backend in calls:
+        step = conformance.pipeline(problem, rank, group=group.group_name, backend=backend)
+        make_fx(step, tracing_mode="symbolic", _allow_non_fake_inputs=True)(problem.xs[rank], problem.topk_idx[rank], problem.topk_weights[rank])
+    traced = len(_created) - before
     for problem, backend in calls:
         conformance.run_rank(problem, rank, group=group.group_name, backend=backend)
-    return made, _created[before:]
+    return existing, traced, _created[before:]
 
 
 def _align(num_bytes: int) -> int:
