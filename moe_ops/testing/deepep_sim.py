@@ -304,7 +304,7 @@ class Buffer:
             config = self._normal_call(x, config, combine=False)
             _require(expert_alignment == 1, "expert_alignment other than 1 is not simulated")
             _require(topk_idx is not None and topk_weights is not None, "dispatch without top-k is not simulated")
-            assert topk_idx is not None and topk_weights is not None and num_tokens_per_expert is not None
+            _require(all(t is not None for t in (num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert)), "dispatch needs the layout")
             num_tokens, top_k = topk_idx.shape
             num_experts = num_tokens_per_expert.numel()
             num_local, num_channels = num_experts // world, config.num_sms // 2
@@ -313,7 +313,6 @@ class Buffer:
             _check_tensor("num_tokens_per_expert", num_tokens_per_expert, (num_experts,), torch.int32)
             _check_tensor("topk_weights", topk_weights, (num_tokens, top_k), torch.float32)
             _require(num_experts % world == 0 and x.shape[0] == num_tokens, "inconsistent dispatch arguments")
-            assert is_token_in_rank is not None and num_tokens_per_rank is not None
             _require(torch.equal(num_tokens_per_rank, is_token_in_rank.sum(0).int()), "num_tokens_per_rank disagrees with is_token_in_rank")
 
         per_channel = _per_channel_counts(is_token_in_rank, num_channels)  # [W, channels] sent from here
