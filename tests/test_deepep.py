@@ -8,8 +8,8 @@ checked at W = 2 and 4 (both layouts) and must refuse W = 1 and 3; ``deepep_ll``
 W = 1…4. DeepEP moves bf16 tokens; low-latency hidden sizes are DeepEP's (2048 here).
 
 Example counts (2-core CI): Hypothesis draws EXAMPLES[W] problems per world size and mode (T up to 24
-per rank, E up to 32); compiled runs (the slowest part) use one fixed problem for each of normal ragged
-(W = 2), normal padded (W = 4) and low-latency (W = 3).
+per rank, E up to 32); the Triton local stage (interpreted) gets one problem per mode; compiled runs,
+the slowest part (every rank compiles), one fixed problem per mode at W = 2.
 """
 
 import subprocess
@@ -28,18 +28,20 @@ pytestmark = pytest.mark.multiproc
 
 NORMAL_SIZES = (2, 4)
 LOW_LATENCY_SIZES = (1, 2, 3, 4)
-EXAMPLES = {1: 4, 2: 8, 3: 4, 4: 5}
+EXAMPLES = {1: 4, 2: 6, 3: 4, 4: 4}
 NORMAL_HIDDEN = (8, 64, 128)
 LL_HIDDEN = 2048
-_worlds: dict[int, World] = {}
+TRITON = {"MOE_OPS_KERNELS": "triton", "TRITON_INTERPRET": "1"}  # the local stage GPUs run, interpreted
+_worlds: dict[tuple[int, bool], World] = {}
 
 
-def world(size: int) -> World:
+def world(size: int, triton: bool = False) -> World:
     """A live gloo world of ``size`` ranks with the simulator installed, shared by this module's tests."""
-    if size not in _worlds or not _worlds[size].alive:
-        _worlds[size] = World(size)
-        _worlds[size].run(deepep_sim.install_on_rank)
-    return _worlds[size]
+    key = (size, triton)
+    if key not in _worlds or not _worlds[key].alive:
+        _worlds[key] = World(size, env=TRITON if triton else None)
+        _worlds[key].run(deepep_sim.install_on_rank)
+    return _worlds[key]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -95,7 +97,15 @@ def test_edge_cases(backend: str, size: int, layout: str) -> None:
         conformance.check_world(world(size), problem, backend)
 
 
-COMPILED = [("deepep", 2, "ragged"), ("deepep", 4, "padded"), ("deepep_ll", 3, "padded")]
+@pytest.mark.parametrize(("backend", "layout"), [("deepep", "ragged"), ("deepep", "padded"), ("deepep_ll", "padded")])
+def test_triton_local_stage(backend: str, layout: str) -> None:
+    """The Triton kernels of the local stage (what CUDA runs) on DeepEP's outputs, garbage rows included."""
+    kw = padded(12, 3) if layout == "padded" else {}
+    problem = bf16_problem([12, 5], LL_HIDDEN if backend == "deepep_ll" else 16, 8, 3, mask_fraction=0.2, seed=2, **kw)
+    conformance.check_world(world(2, triton=True), problem, backend)
+
+
+COMPILED = [("deepep", 2, "ragged"), ("deepep", 2, "padded"), ("deepep_ll", 2, "padded")]
 
 
 @pytest.mark.parametrize(("backend", "size", "layout"), COMPILED)
