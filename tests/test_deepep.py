@@ -8,7 +8,7 @@ checked at W = 2 and 4 (both layouts) and must refuse W = 1 and 3; ``deepep_ll``
 W = 1…4. DeepEP moves bf16 tokens; low-latency hidden sizes are DeepEP's (2048 here).
 
 Example counts (2-core CI): Hypothesis draws EXAMPLES[W] problems per world size and mode (T up to 24
-per rank, E up to 32); the Triton local stage (interpreted) gets one problem per mode; compiled runs,
+per rank, 16 in low-latency mode; E up to 32); the Triton local stage (interpreted) gets one problem per mode; compiled runs,
 the slowest part (every rank compiles), one fixed problem per mode at W = 2.
 """
 

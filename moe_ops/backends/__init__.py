@@ -42,7 +42,7 @@ def resolve(name: str, device_type: str, world_size: int, layout: Layout) -> Bac
 
 def _register_builtin() -> None:
     from moe_ops.backends.collective import CollectiveBackend
-    from moe_ops.backends.deepep import DeepEPBackend, DeepEPLowLatencyBackend  # imports deep_ep on first call only
+    from moe_ops.backends.deepep import DeepEPBackend, DeepEPLowLatencyBackend  # deep_ep: imported by their first call
     from moe_ops.backends.local import LocalBackend
 
     register(LocalBackend())

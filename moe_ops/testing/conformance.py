@@ -251,7 +251,7 @@ def die_task(rank: int, problem: Problem, backend: str, victim: int) -> None:
 def opcheck_task(rank: int, problem: Problem, backend: str, dispatch_checks: tuple[str, ...] | None = None) -> None:
     """``torch.library.opcheck`` of dispatch and combine on this rank's inputs over the default group
     (every rank runs the same sequence of op calls, so the collectives inside stay matched).
-    ``dispatch_checks``: opcheck's ``test_utils`` for dispatch (default: all of them)."""
+    ``dispatch_checks``: opcheck's ``test_utils`` for dispatch (default: opcheck's own)."""
     import torch.distributed as dist
 
     kwargs = dict(

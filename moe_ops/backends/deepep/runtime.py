@@ -114,7 +114,9 @@ class DeepEPBase(Backend):
                 raise MoEInputError(f"topk_weights must be float32 for DeepEP, got {topk_weights.dtype}")
             if plan.comm.group is None:
                 raise MoEInputError(f"backend {self.name!r} needs a torch.distributed group (group_name)")
-            _deep_ep()
+            index_dtype = getattr(_deep_ep(), "topk_idx_t", torch.int64)
+            if index_dtype != torch.int64:
+                raise MoEInputError(f"this DeepEP build takes {index_dtype} expert ids; the DeepEP backends need int64 (its default)")
         except MoEInputError as error:
             if plan.handshake is not None:
                 plan.handshake.exchange(error=error)
