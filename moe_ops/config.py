@@ -20,6 +20,13 @@ always, CPU tensors too (only meaningful under ``TRITON_INTERPRET=1``, which is 
 kernels). ``"npu"``: torch_npu's kernels wherever they fit, CPU tensors too (only meaningful with the
 simulator of moe_ops.testing.npu_sim installed, which is how CI tests that path).
 ``MOE_OPS_KERNELS`` sets it at import.
+
+``deepep_num_sms``: streaming multiprocessors DeepEP's normal-mode (high-throughput) kernels may use,
+set through ``deep_ep.Buffer.set_num_sms`` before each normal-mode call (DeepEP keeps it class-wide, so
+it is shared with any other DeepEP user in the process). Even; default 20, DeepEP V1's own default and
+Megatron-Core's ``moe_deepep_num_sms``. Low-latency kernels size themselves. ``MOE_OPS_DEEPEP_NUM_SMS``
+sets it at import. Read at trace time too (it fixes the shape of DeepEP's channel matrices in the
+handle), so change it before compiling.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from collections.abc import Iterator
 check_values: bool = os.environ.get("MOE_OPS_CHECK_VALUES", "0") == "1"
 handshake: str = os.environ.get("MOE_OPS_HANDSHAKE", "auto")
 kernels: str = os.environ.get("MOE_OPS_KERNELS", "auto")
+deepep_num_sms: int = int(os.environ.get("MOE_OPS_DEEPEP_NUM_SMS", "20"))
 
 
 def handshake_every_call(layout: str, device_type: str) -> bool:

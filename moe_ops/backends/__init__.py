@@ -45,6 +45,7 @@ def resolve(name: str, device_type: str, world_size: int, layout: Layout) -> Bac
 def _register_builtin() -> None:
     from moe_ops.backends.allgather import AllGatherBackend
     from moe_ops.backends.collective import CollectiveBackend
+    from moe_ops.backends.deepep import DeepEPBackend, DeepEPLowLatencyBackend  # deep_ep: imported by their first call
     from moe_ops.backends.local import LocalBackend
     from moe_ops.backends.mc2 import Mc2Backend, Mc2Int8Backend
 
@@ -53,6 +54,8 @@ def _register_builtin() -> None:
     register(AllGatherBackend())
     register(Mc2Backend())
     register(Mc2Int8Backend())
+    register(DeepEPBackend())
+    register(DeepEPLowLatencyBackend())
 
 
 _register_builtin()

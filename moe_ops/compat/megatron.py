@@ -24,11 +24,13 @@ from torch import Tensor
 
 import moe_ops
 from moe_ops import backends
+from moe_ops import config as config_module
 from moe_ops.api import DispatchResult
+from moe_ops.backends.deepep import FLEX_DISPATCHER_BACKENDS
 from moe_ops.groups import group_name_of
 
 # moe_flex_dispatcher_backend values -> moe_ops backends. Any registered moe_ops backend name is taken too.
-FLEX_BACKENDS = {"moe_ops": "auto", "deepep": "deepep", "uccl_ep": "deepep"}
+FLEX_BACKENDS = {"moe_ops": "auto", **FLEX_DISPATCHER_BACKENDS}
 
 
 @dataclass
@@ -69,6 +71,8 @@ def resolve_config(config: TokenDispatcherConfig) -> ResolvedConfig:
 
     ``moe_permute_fusion``, ``moe_enable_deepep`` and ``moe_share_token_dispatcher`` change nothing here
     (permutation is always fused into the ops, and dispatchers hold no shared state);
+    ``moe_deepep_num_sms`` becomes ``moe_ops.config.deepep_num_sms`` when the dispatcher is built on the
+    ``deepep`` backend (DeepEP keeps its SM count process-wide);
     ``moe_expert_capacity_factor`` keeps the flex dispatcher's meaning — the router has already dropped
     over-capacity routes by zeroing their probability, and those routes are masked.
     """
@@ -76,8 +80,7 @@ def resolve_config(config: TokenDispatcherConfig) -> ResolvedConfig:
     backend = FLEX_BACKENDS.get(name, name)
     if backend != "auto" and backend not in backends.available():
         known = ", ".join(sorted({*FLEX_BACKENDS, *backends.available()}))
-        hint = " (DeepEP / UCCL-EP is not installed)" if name in ("deepep", "uccl_ep") else ""
-        raise ValueError(f"moe_flex_dispatcher_backend={name!r} is not available{hint}; choose one of: {known}")
+        raise ValueError(f"moe_flex_dispatcher_backend={name!r} is not available; choose one of: {known}")
     if config.moe_router_expert_pad_multiple is not None:
         raise ValueError(
             "moe_router_expert_pad_multiple is not supported: moe_ops keeps expert rows packed; use the padded "
@@ -115,6 +118,8 @@ class MoEFlexTokenDispatcher:
     ) -> None:
         self.config = config
         self.resolved = resolve_config(config)
+        if self.resolved.backend == "deepep":
+            config_module.deepep_num_sms = config.moe_deepep_num_sms
         self.group_name = group_name_of(ep_group)
         self.moe = moe_ops.Dispatcher(config.num_moe_experts, group=self.group_name, backend=self.resolved.backend)
         if num_local_experts != self.moe.num_local_experts:

@@ -1,0 +1,22 @@
+"""DeepEP (and UCCL-EP, which installs the same ``deep_ep`` API) as moe_ops transports, on DeepEP's V1
+``deep_ep.Buffer`` API:
+
+* ``deepep`` (:mod:`.normal`): normal-mode kernels, both layouts, intranode groups of 2, 4 or 8 ranks;
+* ``deepep_ll`` (:mod:`.low_latency`): low-latency kernels, padded layout (decode), any group DeepEP takes.
+
+Importing this package never imports ``deep_ep``: the backends import it on their first call.
+
+Tested against :mod:`moe_ops.testing.deepep_sim`, a CPU simulator of DeepEP's documented behaviour over
+gloo, **not against DeepEP on GPUs**. The simulator does not model kernel timing, SM use, NVSHMEM / RDMA
+/ CUDA IPC, hook-based overlap (receive hooks), async events, internode normal mode, FP8 / UE8M0 /
+LogFMT, zero-copy combine, or DeepEP's exact buffer-size formulas (docs/backends.md).
+"""
+
+from moe_ops.backends.deepep.low_latency import DeepEPLowLatencyBackend
+from moe_ops.backends.deepep.normal import DeepEPBackend
+
+#: Megatron-Core / NeMo Automodel ``moe_flex_dispatcher_backend`` values and the moe_ops backend each
+#: selects (UCCL-EP is a drop-in ``deep_ep``, so the same backend runs it).
+FLEX_DISPATCHER_BACKENDS: dict[str, str] = {"deepep": "deepep", "uccl_ep": "deepep"}
+
+__all__ = ["FLEX_DISPATCHER_BACKENDS", "DeepEPBackend", "DeepEPLowLatencyBackend"]

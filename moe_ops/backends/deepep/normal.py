@@ -1,0 +1,142 @@
+"""The ``deepep`` backend: DeepEP's normal-mode (high-throughput, intranode NVLink) kernels.
+
+Dispatch: ``Buffer.get_dispatch_layout`` then ``Buffer.dispatch``. DeepEP sends each token once to
+every rank holding one of its experts and returns, per receiving rank, the tokens deduplicated in
+(source rank, source token) order with their top-k ids made local (``-1`` for experts elsewhere) and
+their weights. The shared local stage (:func:`moe_ops.stage.dispatch_rows`) lays those out
+expert-major, exactly as the ``collective`` backend does after its all-to-all.
+
+* Ragged layout: DeepEP waits on the host for the received counts (inside the op) and returns the
+  per-expert counts as a Python list, whose sum is ``N``; the fake kernel returns unbacked sizes.
+* Padded layout: ``num_worst_tokens = W * max_tokens_per_rank`` sizes the receive buffers for the worst
+  case, so DeepEP does not wait on the host; rows past the real count carry id -1 and are never read.
+
+Combine: the expert rank reduces each received token's rows (weights applied, float32 accumulation,
+rounded once to ``expert_out.dtype``) and ``Buffer.combine`` sums those partial rows per source token.
+Dispatch backward is ``Buffer.combine`` of the unweighted row sums with the rows' weight gradients as
+DeepEP's ``topk_weights``; combine backward is a cached-handle ``Buffer.dispatch`` of ``grad_out``.
+
+Handle: ``[ids [T, K] int64, route_row [M, K] int64, row_src [N] or [L, C] int64]`` followed by DeepEP's
+six handle tensors ``rank_prefix_matrix [W, W]``, ``channel_prefix_matrix [W, S/2]``,
+``recv_channel_prefix_matrix [W, S/2]``, ``recv_src_idx [M]`` (int32), ``is_token_in_rank [T, W]`` (bool),
+``send_head [T, W]`` (int32), with ``M`` the received tokens (ragged, data-dependent) or
+``num_worst_tokens`` (padded) and ``S`` :data:`moe_ops.config.deepep_num_sms`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from moe_ops import config, permute, stage
+from moe_ops.backends.base import DispatchOutputs, DispatchPlan, Layout, int64_like
+from moe_ops.backends.deepep import runtime
+from moe_ops.groups import Comm
+
+_OWN = 3  # handle tensors of ours before DeepEP's
+
+
+class _Received(NamedTuple):
+    """What ``Buffer.dispatch`` delivered to this rank."""
+
+    tokens: Tensor  #: [M, H] bf16
+    ids: Tensor  #: [M, K] int64 local expert ids, -1 elsewhere (and on rows past the count)
+    weights: Tensor  #: [M, K] float32
+    num_rows: int | None  #: routes received (ragged layout); None for padded
+    handle: list[Tensor]  #: DeepEP's handle tuple, as a list
+
+
+def _exchange(buffer: Any, dispatch_config: Any, x: Tensor, ids: Tensor, weights: Tensor, plan: DispatchPlan) -> _Received:
+    """DeepEP's normal dispatch of ``x`` by ``ids`` (global, -1 masked)."""
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(ids, plan.num_experts)
+    padded = plan.capacity is not None
+    tokens, recv_ids, recv_weights, counts, handle, _ = buffer.dispatch(
+        x,
+        num_tokens_per_rank=per_rank,
+        is_token_in_rank=in_rank,
+        num_tokens_per_expert=per_expert,
+        topk_idx=ids,
+        topk_weights=weights,
+        num_worst_tokens=plan.comm.world_size * plan.max_tokens_per_rank if padded else 0,
+        config=dispatch_config,
+    )
+    return _Received(tokens, recv_ids, recv_weights, None if padded else sum(counts), list(handle))
+
+
+def _deepep_handle(handle: list[Tensor]) -> tuple[Tensor, ...]:
+    """DeepEP's handle tuple from ours."""
+    return tuple(handle[_OWN:])
+
+
+class DeepEPBackend(runtime.DeepEPBase):
+    name = "deepep"
+    mode = "normal"
+    layouts = frozenset({"ragged", "padded"})
+
+    def dispatch(self, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, plan: DispatchPlan) -> DispatchOutputs:
+        self.prepare(x, topk_idx, topk_weights, plan)
+        buffer, dispatch_config, _ = runtime.normal_buffer(plan.comm, x.shape[1])
+        ids = runtime.deepep_ids(topk_idx, plan.num_experts)
+        got = _exchange(buffer, dispatch_config, x, ids, topk_weights, plan)
+        out = stage.dispatch_rows(
+            got.tokens, got.weights, got.ids, plan.num_local_experts, plan.capacity, got.num_rows, plan.zero_padding
+        )
+        handle = [ids, out.route_row, out.row_src, *got.handle]
+        return DispatchOutputs(out.recv_x, out.recv_weights, out.tokens_per_expert, out.dropped, handle)
+
+    def combine(self, expert_out: Tensor, recv_weights: Tensor, handle: list[Tensor], comm: Comm) -> Tensor:
+        runtime.check_rows("expert_out", expert_out, "normal")
+        buffer, _, combine_config = runtime.normal_buffer(comm, expert_out.shape[-1])
+        partial = stage.reduce(expert_out.flatten(0, -2), handle[1], recv_weights.reshape(-1))
+        out, _, _ = buffer.combine(partial, handle=_deepep_handle(handle), config=combine_config)
+        return out
+
+    def dispatch_backward(
+        self, grad_recv_x: Tensor, grad_recv_weights: Tensor, handle: list[Tensor], comm: Comm
+    ) -> tuple[Tensor, Tensor]:
+        runtime.check_rows("grad_recv_x", grad_recv_x, "normal")
+        buffer, _, combine_config = runtime.normal_buffer(comm, grad_recv_x.shape[-1])
+        route_row = handle[1]
+        grad_tokens = stage.reduce(grad_recv_x.flatten(0, -2), route_row, None)
+        grad_weights = permute.gather_routes(grad_recv_weights.reshape(-1), route_row)
+        grad_x, grad_topk_weights, _ = buffer.combine(
+            grad_tokens, handle=_deepep_handle(handle), topk_weights=grad_weights, config=combine_config
+        )
+        return grad_x, grad_topk_weights
+
+    def combine_backward(
+        self, grad_out: Tensor, expert_out: Tensor, recv_weights: Tensor, handle: list[Tensor], comm: Comm
+    ) -> tuple[Tensor, Tensor]:
+        runtime.check_rows("grad_out", grad_out, "normal")
+        buffer, dispatch_config, _ = runtime.normal_buffer(comm, grad_out.shape[-1])
+        grad_tokens, *_ = buffer.dispatch(grad_out, handle=_deepep_handle(handle), config=dispatch_config)
+        return stage.expand_grad(grad_tokens, expert_out, recv_weights, handle[1], handle[2])
+
+    def handle_len(self, layout: Layout) -> int:
+        return _OWN + 6
+
+    def fake_handle(self, x: Tensor, topk_idx: Tensor, rows_shape: tuple[int, ...], plan: DispatchPlan) -> list[Tensor]:
+        runtime.check_dispatch(x, topk_idx, plan, self.mode)
+        world, (num_tokens, top_k) = plan.comm.world_size, topk_idx.shape
+        if plan.capacity is None:
+            received: int | torch.SymInt = torch.library.get_ctx().new_dynamic_size()
+        else:
+            received = world * plan.max_tokens_per_rank
+        channels = config.deepep_num_sms // 2
+
+        def int32(*shape: int | torch.SymInt) -> Tensor:
+            return topk_idx.new_empty(shape, dtype=torch.int32)
+
+        return [
+            int64_like(topk_idx, topk_idx.shape),
+            int64_like(topk_idx, (received, top_k)),
+            int64_like(topk_idx, rows_shape),
+            int32(world, world),
+            int32(world, channels),
+            int32(world, channels),
+            int32(received),
+            topk_idx.new_empty((num_tokens, world), dtype=torch.bool),
+            int32(num_tokens, world),
+        ]

@@ -1,0 +1,203 @@
+"""The DeepEP backends (``deepep``: normal mode; ``deepep_ll``: low-latency mode) on real processes over
+gloo, talking to :mod:`moe_ops.testing.deepep_sim` (a CPU simulator of DeepEP's documented behaviour,
+installed as ``deep_ep`` in the workers only): the conformance suite, compiled equals eager, DeepEP's
+limits as clear errors, the buffer's life cycle, and deliberate mapping mistakes that must be caught.
+
+Group sizes: ``deepep`` runs DeepEP's intranode normal kernels, built for 2, 4 and 8 ranks, so it is
+checked at W = 2 and 4 (both layouts) and must refuse W = 1 and 3; ``deepep_ll`` (padded only) at
+W = 1…4. DeepEP moves bf16 tokens; low-latency hidden sizes are DeepEP's (2048 here).
+
+Example counts (2-core CI): Hypothesis draws EXAMPLES[W] problems per world size and mode (T up to 24
+per rank, 16 in low-latency mode; E up to 32); the Triton local stage (interpreted) gets one problem per mode; compiled runs,
+the slowest part (every rank compiles), one fixed problem per mode at W = 2.
+"""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+
+from moe_ops.testing import conformance, deepep_mistakes, deepep_sim
+from moe_ops.testing.harness import RankFailure, World
+from moe_ops.testing.problems import Problem, make_problem, problems
+
+pytestmark = pytest.mark.multiproc
+
+NORMAL_SIZES = (2, 4)
+LOW_LATENCY_SIZES = (1, 2, 3, 4)
+EXAMPLES = {1: 4, 2: 6, 3: 4, 4: 4}
+NORMAL_HIDDEN = (8, 64, 128)
+LL_HIDDEN = 2048
+TRITON = {"MOE_OPS_KERNELS": "triton", "TRITON_INTERPRET": "1"}  # the local stage GPUs run, interpreted
+
+
+@pytest.fixture
+def world(worlds):
+    """``world(size, triton=False)``: a live gloo world of ``size`` ranks with the simulator installed
+    (with ``triton``, its workers run the Triton local stage interpreted)."""
+
+    def get(size: int, triton: bool = False) -> World:
+        w = worlds(size, env=TRITON if triton else None)
+        w.run(deepep_sim.install_on_rank)
+        return w
+
+    return get
+
+
+def bf16_problem(tokens: list[int], hidden: int, num_experts: int, top_k: int, **kw: object) -> Problem:
+    return make_problem(tokens, hidden, num_experts, top_k, dtype=torch.bfloat16, **kw)  # type: ignore[arg-type]
+
+
+def padded(max_tokens: int, capacity: int | None) -> dict[str, object]:
+    return dict(layout="padded", max_tokens_per_rank=max_tokens, capacity=capacity)
+
+
+@pytest.mark.parametrize("size", NORMAL_SIZES)
+def test_normal_property(world, size: int) -> None:
+    @settings(max_examples=EXAMPLES[size])
+    @given(problem=problems(size, max_tokens=24, max_experts=32, hidden_sizes=NORMAL_HIDDEN, dtypes=(torch.bfloat16,)))
+    def check(problem: Problem) -> None:
+        conformance.check_world(world(size), problem, "deepep")
+
+    check()
+
+
+@pytest.mark.parametrize("size", LOW_LATENCY_SIZES)
+def test_low_latency_property(world, size: int) -> None:
+    @settings(max_examples=EXAMPLES[size])
+    @given(problem=problems(size, max_tokens=16, max_experts=32, hidden_sizes=(LL_HIDDEN,), dtypes=(torch.bfloat16,), layouts=("padded",)))
+    def check(problem: Problem) -> None:
+        conformance.check_world(world(size), problem, "deepep_ll")
+
+    check()
+
+
+EDGE_CASES = [("deepep", size, layout) for size in NORMAL_SIZES for layout in ("ragged", "padded")] + [
+    ("deepep_ll", size, "padded") for size in LOW_LATENCY_SIZES
+]
+
+
+@pytest.mark.parametrize(("backend", "size", "layout"), EDGE_CASES)
+def test_edge_cases(world, backend: str, size: int, layout: str) -> None:
+    """A rank with no tokens, everything to one rank's experts or one expert, all masked; capacity 3
+    drops in the padded layout (DeepEP's low-latency arrival order must not decide which)."""
+    hidden = LL_HIDDEN if backend == "deepep_ll" else 16
+    tokens = [13, 0, 9, 1][:size]
+    kw = padded(13, 3) if layout == "padded" else {}
+    for pattern in ("one_rank", "one_expert", "all_masked", "uniform"):
+        problem = bf16_problem(tokens, hidden, 4 * size, 2, pattern=pattern, mask_fraction=0.3, seed=3, **kw)
+        conformance.check_world(world(size), problem, backend)
+
+
+@pytest.mark.parametrize(("backend", "layout"), [("deepep", "ragged"), ("deepep", "padded"), ("deepep_ll", "padded")])
+def test_triton_local_stage(world, backend: str, layout: str) -> None:
+    """The Triton kernels of the local stage (what CUDA runs) on DeepEP's outputs, garbage rows included."""
+    kw = padded(12, 3) if layout == "padded" else {}
+    problem = bf16_problem([12, 5], LL_HIDDEN if backend == "deepep_ll" else 16, 8, 3, mask_fraction=0.2, seed=2, **kw)
+    conformance.check_world(world(2, triton=True), problem, backend)
+
+
+COMPILED = [("deepep", 2, "ragged"), ("deepep", 2, "padded"), ("deepep_ll", 2, "padded")]
+
+
+@pytest.mark.parametrize(("backend", "size", "layout"), COMPILED)
+def test_compiled_equals_eager(world, backend: str, size: int, layout: str) -> None:
+    hidden = LL_HIDDEN if backend == "deepep_ll" else 32
+    kw = padded(12, 5) if layout == "padded" else {}
+    problem = bf16_problem([12, 0, 9, 7][:size], hidden, 4 * size, 3, mask_fraction=0.2, seed=9, **kw)
+    conformance.check_world(world(size), problem, backend, compiled=True)
+
+
+OPCHECKS = [("deepep", "ragged"), ("deepep", "padded"), ("deepep_ll", "padded")]
+
+
+@pytest.mark.parametrize(("backend", "layout"), OPCHECKS)
+def test_opcheck(world, backend: str, layout: str) -> None:
+    """Fake kernels against real ones (shapes, dtypes and strides of every output, handle included).
+    The low-latency handle holds DeepEP's arrival-order ``src_info`` and ``layout_range``, which differ
+    from call to call by design, so its dispatch skips opcheck's check that two runs return equal tensors."""
+    hidden = LL_HIDDEN if backend == "deepep_ll" else 16
+    kw = padded(20, 5) if layout == "padded" else {}
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor") if backend == "deepep_ll" else None
+    problem = bf16_problem([20, 9], hidden, 8, 3, mask_fraction=0.2, seed=2, **kw)
+    world(2).run(conformance.opcheck_task, problem, backend, checks)
+
+
+def _errors(world, size: int, problem: Problem, backend: str) -> list[str]:  # type: ignore[no-untyped-def]
+    outcomes = world(size).outcomes(conformance.rank_task, problem, backend, False, timeout=60)
+    assert all(o.error_type == "MoEInputError" for o in outcomes), [(o.rank, o.error_type, o.message) for o in outcomes]
+    return [o.message for o in outcomes]
+
+
+@pytest.mark.parametrize("size", [1, 3])
+def test_normal_mode_refuses_group_sizes_deepep_lacks(world, size: int) -> None:
+    for message in _errors(world, size, bf16_problem([6, 3, 2][:size], 16, 3 * size, 2, seed=1), "deepep"):
+        assert "built for groups of 2, 4, 8 ranks" in message, message
+
+
+LIMITS = [
+    ("deepep", dict(hidden=16, dtype=torch.float32), "must be bfloat16"),
+    ("deepep", dict(hidden=12), "multiple of 8"),
+    ("deepep", dict(hidden=16, top_k=12), "at most 11"),
+    ("deepep_ll", dict(hidden=64, **padded(6, None)), "low-latency kernels take 2048"),
+    ("deepep_ll", dict(hidden=LL_HIDDEN, top_k=12, **padded(6, None)), "at most 11"),
+]
+
+
+@pytest.mark.parametrize(("backend", "kw", "expected"), LIMITS)
+def test_deepep_limits_raise_clear_errors_on_every_rank(world, backend: str, kw: dict, expected: str) -> None:
+    kw = {"dtype": torch.bfloat16, "top_k": 2} | kw
+    problem = make_problem([6, 4], kw.pop("hidden"), 24, kw.pop("top_k"), seed=2, **kw)
+    messages = _errors(world, 2, problem, backend)
+    assert len(set(messages)) == 1 and expected in messages[0], messages
+    conformance.check_world(world(2), bf16_problem([6, 4], LL_HIDDEN, 4, 2, seed=2, **padded(6, None)), "deepep_ll")
+
+
+@pytest.mark.parametrize("mistake", sorted(deepep_mistakes.MISTAKES))
+def test_conformance_catches_mapping_mistakes(world, mistake: str) -> None:
+    backend = mistake.split(":")[0]
+    kw = padded(11, 4) if backend == "deepep_ll" or mistake == "deepep:count" else {}
+    problem = bf16_problem([11, 7], LL_HIDDEN if backend == "deepep_ll" else 16, 8, 3, mask_fraction=0.2, seed=4, **kw)
+    with pytest.raises((RankFailure, AssertionError)):
+        conformance.check_world(world(2), problem, backend, False, deepep_mistakes.rank_task, mistake)
+    conformance.check_world(world(2), problem, backend)  # undone: the same problem passes
+
+
+def test_one_buffer_per_group_created_on_first_use(world) -> None:
+    """No buffer before a group's first call, none while tracing; the first normal call makes one, a
+    low-latency call replaces it once by one in low-latency mode; later calls of either mode reuse it."""
+    normal = bf16_problem([8, 5], 64, 4, 2, seed=5)
+    low_latency = bf16_problem([8, 5], LL_HIDDEN, 4, 2, seed=5, **padded(8, None))
+    calls = [(normal, "deepep"), (low_latency, "deepep_ll"), (normal, "deepep"), (low_latency, "deepep_ll")]
+    for before, traced, made in world(2).run(deepep_sim.buffers_made_on_new_group, calls):
+        assert before == 0 and traced == 0 and [low for _, _, low in made] == [False, True], made
+
+
+def test_import_never_imports_deep_ep() -> None:
+    probe = "import sys, moe_ops; assert 'deep_ep' not in sys.modules; print(moe_ops.ops.backends.available())"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert "deepep" in out and "deepep_ll" in out
+
+
+def test_cpu_tensors_need_the_simulator() -> None:
+    """Without the simulator installed, the DeepEP backends take CUDA tensors only."""
+    from moe_ops import backends
+
+    assert "deep_ep" not in sys.modules or sys.modules["deep_ep"] is not deepep_sim
+    with pytest.raises(ValueError, match="does not run on 'cpu'"):
+        backends.resolve("deepep", "cpu", 2, "ragged")
+    deepep_sim.install()
+    try:
+        assert backends.resolve("deepep", "cpu", 2, "ragged").name == "deepep"
+    finally:
+        deepep_sim.uninstall()
+    with pytest.raises(ValueError, match="does not run on 'cpu'"):
+        backends.resolve("deepep_ll", "cpu", 2, "padded")
+
+
+def test_megatron_flex_dispatcher_names() -> None:
+    from moe_ops.backends.deepep import FLEX_DISPATCHER_BACKENDS
+
+    assert FLEX_DISPATCHER_BACKENDS == {"deepep": "deepep", "uccl_ep": "deepep"}
