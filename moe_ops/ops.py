@@ -174,6 +174,8 @@ def _dispatch_fake(
     max_tokens_per_rank: int = -1,
     zero_padding: bool = False,
 ) -> DispatchReturn:
+    # The same signature as ``dispatch``, defaults included: the dispatcher drops arguments equal to
+    # their defaults before calling a fake kernel.
     impl, plan = _dispatch_plan(
         x,
         topk_idx,
