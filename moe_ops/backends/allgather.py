@@ -26,19 +26,10 @@ from moe_ops import permute, routing, stage
 from moe_ops.backends.base import Backend, DispatchOutputs, DispatchPlan, Layout, int64_like
 from moe_ops.groups import Comm
 from moe_ops.handshake import collective
-from moe_ops.packing import RowFormat
+from moe_ops.packing import gather_padded, gather_rows
 
-
-# torch 2.13 renamed the single-tensor collectives; 2.11 and 2.12 have only the old names.
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+# torch 2.13 renamed the single-tensor reduce-scatter; 2.11 and 2.12 have only the old name.
 _reduce_scatter_sum = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-
-
-def _gather(comm: Comm, what: str, rows: Tensor) -> Tensor:
-    """``[W * R, ...]``: every rank's ``rows [R, ...]``, in rank order."""
-    out = rows.new_empty(comm.world_size * rows.shape[0], *rows.shape[1:])
-    collective(what, comm, _all_gather, out, rows.contiguous())
-    return out
 
 
 def _reduce_scatter(comm: Comm, what: str, rows: Tensor) -> Tensor:
@@ -59,11 +50,8 @@ class AllGatherBackend(Backend):
         num_tokens, top_k = topk_idx.shape
         if plan.handshake is not None:
             plan.handshake.exchange()
-        row_format = RowFormat(((x.shape[1], x.dtype), (top_k, torch.int64), (top_k, topk_weights.dtype)))
-        mine = row_format.empty(bound, x.device)
-        for view, t, fill in zip(row_format.views(mine), (x, topk_idx.long(), topk_weights), (0, -1, 0), strict=True):
-            view.copy_(permute.pad_rows(t, bound, fill))
-        tokens, ids, weights = row_format.views(_gather(comm, "moe.dispatch all_gather", mine))
+        fields = [(x, 0), (topk_idx.long(), -1), (topk_weights, 0)]
+        tokens, ids, weights = gather_padded(comm, "moe.dispatch all_gather", fields, bound)
         local_ids = routing.local_expert_ids(ids, plan.num_experts, comm.world_size, comm.rank)
         out = stage.dispatch_rows(tokens, weights, local_ids, plan.num_local_experts, plan.capacity, None, plan.zero_padding)
         slot = comm.rank * bound + torch.arange(num_tokens, device=x.device).unsqueeze(1)
@@ -93,7 +81,7 @@ class AllGatherBackend(Backend):
     ) -> tuple[Tensor, Tensor]:
         own_slot, route_row, row_src = handle
         bound = route_row.shape[0] // comm.world_size
-        grad_tokens = _gather(comm, "moe.combine_backward all_gather", permute.pad_rows(grad_out, bound, 0))
+        grad_tokens = gather_rows(comm, "moe.combine_backward all_gather", permute.pad_rows(grad_out, bound, 0))
         return stage.expand_grad(grad_tokens, expert_out, recv_weights, route_row, row_src)
 
     def handle_len(self, layout: Layout) -> int:

@@ -43,7 +43,7 @@ def route_ids(topk_idx: Tensor, num_experts: int) -> Tensor:
     """``[T, K]`` int64: the routes MC2 carries — ids in ``[0, E)``, each expert once per row (a repeat
     is masked: MC2 cannot send a token to one expert twice); -1 elsewhere."""
     ids = torch.where((topk_idx >= 0) & (topk_idx < num_experts), topk_idx.long(), -1)
-    return torch.where(routing.first_occurrence(ids), ids, -1)
+    return routing.unique_routes(ids)
 
 
 def sent_ids(ids: Tensor, num_experts: int) -> Tensor:

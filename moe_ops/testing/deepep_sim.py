@@ -121,10 +121,8 @@ def _align(num_bytes: int) -> int:
 
 
 class EventOverlap:
-    """DeepEP's event wrapper; every simulated call is synchronous."""
-
-    def current_stream_wait(self) -> None:
-        pass
+    """The slot of DeepEP's event wrapper in the returned tuples: every simulated call is synchronous and
+    the backend never waits on it."""
 
 
 class Config:

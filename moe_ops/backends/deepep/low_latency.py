@@ -40,7 +40,7 @@ from moe_ops.backends.deepep import runtime
 from moe_ops.errors import MoEInputError
 from moe_ops.groups import Comm
 from moe_ops.handshake import collective
-from moe_ops.packing import RowFormat
+from moe_ops.packing import gather_padded
 
 _BLOCK_BITS = 32  # layout_range[e, j] = start << 32 | length
 
@@ -76,17 +76,8 @@ def _low_latency_dispatch(buffer: Any, x: Tensor, ids: Tensor, max_tokens: int, 
 def _all_routes(comm: Comm, ids: Tensor, weights: Tensor, max_tokens: int) -> tuple[Tensor, Tensor]:
     """Every rank's expert ids and weights, ``[W*Tmax, K]`` each (row ``j * Tmax + t``; -1 and 0 past a
     rank's ``T``), through one all-gather of 8 bytes per route."""
-    top_k = ids.shape[1]
-    row_format = RowFormat(((top_k, torch.int32), (top_k, torch.float32)))
-    mine = row_format.empty(max_tokens, ids.device)
-    my_ids, my_weights = row_format.views(mine)
-    my_ids.fill_(-1)
-    my_weights.zero_()
-    my_ids[: ids.shape[0]] = ids
-    my_weights[: ids.shape[0]] = weights
-    everyone = row_format.empty(comm.world_size * max_tokens, ids.device)
-    collective("moe.dispatch routes all_gather", comm, dist.all_gather, list(everyone.chunk(comm.world_size)), mine)
-    all_ids, all_weights = row_format.views(everyone)
+    fields = [(ids.int(), -1), (weights.float(), 0)]
+    all_ids, all_weights = gather_padded(comm, "moe.dispatch routes all_gather", fields, max_tokens)
     return all_ids.long(), all_weights
 
 
