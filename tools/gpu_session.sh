@@ -1,15 +1,31 @@
 #!/bin/sh
-# One call on the GPU loaner: versions, the test suite (single-process first, then the multi-process
-# part), the kernel profile and the benchmark. Usage: tools/gpu_session.sh OUTDIR [bench args...]
-# Each stage has its own time limit so the whole stays inside one 10-minute call.
+# One call on the GPU loaner: versions, the CUDA tests, the transformers CUDA-graph test (with wheels
+# carried in .gpu-wheels/ when the loaner's transformers predates the EP interface), the kernel profile,
+# the benchmark, then the CPU part of the suite on the loaner's torch.
+#
+#   tools/gpu_session.sh OUTDIR [bench args...]
+#
+# STAGES (default "cuda hf profile bench cpu multiproc") picks stages; each has its own time limit so the
+# whole stays inside one 10-minute call. Logs land in OUTDIR/<stage>.log.
 out=${1:?outdir}; shift
 mkdir -p "$out"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
 nvidia-smi -L
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-stage() { name=$1; limit=$2; shift 2; start=$(date +%s); timeout "$limit" "$@" > "$out/$name.log" 2>&1; rc=$?; echo "== $name: rc=$rc in $(( $(date +%s) - start )) s"; tail -n "${TAIL:-15}" "$out/$name.log"; }
-TIMEOUT="-p timeout --timeout=150 -rf --tb=short"
-stage tests-single 170 tools/in-env.sh python3 -m pytest -q -n 4 -m "not multiproc" -p no:cacheprovider $TIMEOUT --durations=8
-TAIL=40 stage profile 25 python3 tools/profile_kernels.py
-TAIL=70 stage bench 70 python3 tools/bench.py --out "$out/bench" "$@"
-TAIL=60 stage tests-multiproc 140 tools/in-env.sh python3 -m pytest -v -s -m multiproc -p no:cacheprovider $TIMEOUT --durations=10 tests/test_collective.py::test_compiled_equals_eager tests/test_kernels.py tests/test_collective.py
+python3 -c "import torch, triton, sys; print('torch', torch.__version__, 'triton', triton.__version__, 'python', sys.version.split()[0])"
+stage() { name=$1; limit=$2; shift 2; start=$(date +%s); timeout -k 5 "$limit" "$@" > "$out/$name.log" 2>&1; rc=$?; echo "== $name: rc=$rc in $(( $(date +%s) - start )) s"; tail -n "${TAIL:-25}" "$out/$name.log"; }
+wants() { case " ${STAGES:-cuda hf profile bench cpu multiproc} " in *" $1 "*) return 0;; esac; return 1; }
+PYTEST="tools/in-env.sh python3 -m pytest -p no:cacheprovider -p timeout --timeout=120 -rfE --tb=short"
+
+wants cuda && stage tests-cuda 240 $PYTEST -q -n 4 -m "cuda and not multiproc" --durations=8
+if wants hf; then
+    if [ -d .gpu-wheels ]; then
+        python3 -m pip install -q --no-deps --target /tmp/hf-site .gpu-wheels/*.whl > "$out/hf-install.log" 2>&1
+        hf_path=/tmp/hf-site
+    fi
+    TAIL=15 stage tests-hf-cuda 150 env PYTHONPATH="${hf_path:-}" $PYTEST -v -k cuda_graph tests/test_transformers.py
+fi
+wants profile && TAIL=40 stage profile 30 python3 tools/profile_kernels.py
+wants bench && TAIL=70 stage bench 90 python3 tools/bench.py --out "$out/bench" "$@"
+wants cpu && stage tests-cpu 200 $PYTEST -q -n 8 -m "not cuda and not multiproc" --durations=5
+wants multiproc && TAIL=40 stage tests-multiproc 200 $PYTEST -q -n 4 -m "multiproc and not cuda" --durations=10
+true
