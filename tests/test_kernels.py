@@ -1,7 +1,8 @@
 """The Triton kernels on the CPU under TRITON_INTERPRET=1 (in worker processes started with it set),
 through the same conformance suite: the local backend (W = 1) and the collective backend (W = 2)
 with ``moe_ops.config.kernels = "triton"``. Shapes are small (the interpreter is slow) but cover
-several route chunks, H not a multiple of the block, T = 0, int32 and int64 ids, drops.
+several route chunks, H not a multiple of the block, T = 0, int32 and int64 ids, drops, on both dispatch
+paths (one launch for few routes, three launches for many).
 
 Examples: INTERPRET_EXAMPLES Hypothesis problems per world size, plus the fixed cases below.
 """
@@ -89,12 +90,29 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("small_routes", [None, 0], ids=["default", "three launches"])
 @pytest.mark.parametrize("case", CASES)
-def test_cases(world, case: str) -> None:
+def test_cases(world, case: str, small_routes: int | None) -> None:
+    """Each case on the default path (one launch up to SMALL_ROUTES routes) and on the three-launch path."""
     import torch
 
     kw = dict(CASES[case])
     if kw.get("id_dtype") == "int32":
         kw["id_dtype"] = torch.int32
     tokens, hidden, experts, top_k = (kw.pop(k) for k in ("tokens", "hidden", "experts", "top_k"))
-    conformance.check_world(world(1), make_problem(tokens, hidden, experts, top_k, mask_fraction=0.1, seed=7, **kw), "auto")
+    problem = make_problem(tokens, hidden, experts, top_k, mask_fraction=0.1, seed=7, **kw)
+    default = world(1).run(_small_routes, small_routes)[0]
+    try:
+        conformance.check_world(world(1), problem, "auto")
+    finally:
+        world(1).run(_small_routes, default)
+
+
+def _small_routes(rank: int, limit: int | None) -> int:
+    """Set ``layout.SMALL_ROUTES`` to ``limit`` (if given); returns the previous value."""
+    from moe_ops.kernels import layout
+
+    previous = layout.SMALL_ROUTES
+    if limit is not None:
+        layout.SMALL_ROUTES = limit
+    return previous

@@ -126,6 +126,10 @@ def bench_config(tokens: int, hidden: int, experts: int, top_k: int, dtype: torc
     check = torch.ops.moe.combine(ours[0][0], ours[0][1], ours[0][4])
     torch.testing.assert_close(check.float(), (sets[0].x.float() * 1.0), rtol=2e-2, atol=2e-2)  # weights sum to 1
 
+    capacity = 2 * tokens * top_k // experts  # twice the mean load: no host sync, (almost) no drops
+    row.ms["moe_ops padded dispatch (C = 2x mean load)"] = median_ms(rotating([lambda s=s: torch.ops.moe.dispatch(
+        s.x, s.idx, s.w, num_experts=experts, layout="padded", capacity=capacity) for s in sets]))
+
     plain = [torch_dispatch(s.x, s.idx, s.w) for s in sets]
     row.ms["torch dispatch"] = median_ms(rotating([lambda s=s: torch_dispatch(s.x, s.idx, s.w) for s in sets]))
     row.ms["torch combine"] = median_ms(rotating([lambda p=p: torch_combine(p[0], p[1], p[2], tokens) for p in plain]))
@@ -180,8 +184,9 @@ def decode_graph_ms(sets: list[Inputs], experts: int, tokens: int, moe: bool) ->
 
 
 def sweep(dtype: torch.dtype, device: torch.device, l2: int) -> list[dict[str, object]]:
-    """Kernel block shapes at T=4096, H=7168, E=256, K=8, GPU time only (CUDA-graph replays, no host
-    work): the padded dispatch (routing + scatter kernels, capacity twice the mean load) and combine."""
+    """GPU time only (CUDA-graph replays, no host work) at H=7168, E=256, K=8: kernel block shapes at
+    T=4096 (the padded dispatch with capacity twice the mean load, and combine), then the padded decode
+    dispatch at T = 64...512 on the one-launch path against the three-launch path."""
     tokens, hidden, experts, top_k = TABLE[0]
     sets = make_inputs(tokens, hidden, experts, top_k, dtype, device, l2)[:4]
     capacity = 2 * tokens * top_k // experts
@@ -198,6 +203,17 @@ def sweep(dtype: torch.dtype, device: torch.device, l2: int) -> list[dict[str, o
             progress(f"sweep block={block} warps={warps}: dispatch {dispatch:.3f} ms, combine {combine:.3f} ms (GPU only)")
     layout_kernels.SCATTER_H_BLOCK, layout_kernels.SCATTER_WARPS = 1024, 4
     reduce_kernels.REDUCE_H_BLOCK, reduce_kernels.REDUCE_WARPS = 1024, 4
+    small_routes = layout_kernels.SMALL_ROUTES
+    for tokens in (64, 128, 256, 512):
+        sets = make_inputs(tokens, hidden, experts, top_k, dtype, device, l2)[:4]
+        for limit in (small_routes, 0):
+            layout_kernels.SMALL_ROUTES = max(limit, tokens * top_k) if limit else 0  # one launch, or three
+            dispatch = median_ms(rotating([graphed(lambda s=s: torch.ops.moe.dispatch(
+                s.x, s.idx, s.w, num_experts=experts, layout="padded")) for s in sets]))
+            launches = "one launch" if limit else "three launches"
+            results.append({"tokens": tokens, "dispatch path": launches, "padded dispatch gpu ms": dispatch})
+            progress(f"sweep T={tokens} {launches}: padded dispatch {dispatch:.4f} ms (GPU only)")
+    layout_kernels.SMALL_ROUTES = small_routes
     return results
 
 

@@ -1,4 +1,8 @@
-"""Routing metadata and the dispatch permute as three Triton kernels, without a sort of the routes.
+"""Routing metadata and the dispatch permute as Triton kernels, without a sort of the routes.
+
+Up to ``SMALL_ROUTES`` routes (decode), one launch does it all: ``_dispatch_small`` has a program per
+(source row, hidden block) that finds its routes' positions by comparing them with every route, and a
+program per block of experts that counts them (and resets their unused padded slots). Beyond that, three:
 
 1. ``_chunk_ranks``: routes in chunks of ``CHUNK``; each program ranks its routes among the equal ids
    before them in the chunk (a ``CHUNK x CHUNK`` comparison) and writes the chunk's histogram.
@@ -28,6 +32,9 @@ CHUNK = 128  # routes ranked per program by one CHUNK x CHUNK comparison
 FILL_BLOCK = 1024  # padding slots reset per program
 SCATTER_H_BLOCK = 1024  # hidden elements per scatter program (tools/bench.py --sweep picks these)
 SCATTER_WARPS = 4
+SMALL_ROUTES = 2048  # up to this many routes, one launch (_dispatch_small) does all of dispatch
+SMALL_R_BLOCK = 512  # routes compared per step there
+SMALL_E_BLOCK = 16  # experts counted per bookkeeping program there
 
 
 @triton.jit
@@ -76,6 +83,25 @@ def _expert_prefix(
 
 
 @triton.jit
+def _write_routes(
+    tokens_ptr, token_stride, weights_ptr, j, route, in_row, keep, row, hidden,
+    recv_x_ptr, recv_weights_ptr, route_row_ptr, row_src_ptr,
+    K_BLOCK: tl.constexpr, H_BLOCK: tl.constexpr,
+):
+    """Source row ``j``'s routes ``route [K_BLOCK]`` go to layout rows ``row`` where ``keep``: hidden block 0
+    records the maps and weights, every block copies its slice of the row to each kept row."""
+    row = tl.where(keep, row, -1)
+    if tl.program_id(1) == 0:
+        tl.store(route_row_ptr + route, row, mask=in_row)
+        tl.store(row_src_ptr + row, route, mask=keep)
+        tl.store(recv_weights_ptr + row, tl.load(weights_ptr + route, mask=keep), mask=keep)
+    cols = tl.program_id(1) * H_BLOCK + tl.arange(0, H_BLOCK)
+    v = tl.load(tokens_ptr + j * token_stride + cols, mask=cols < hidden)
+    tl.store(recv_x_ptr + row[:, None] * hidden + cols[None, :], tl.broadcast_to(v[None, :], (K_BLOCK, H_BLOCK)),
+             mask=keep[:, None] & (cols[None, :] < hidden))
+
+
+@triton.jit
 def _scatter_rows(
     tokens_ptr, token_stride, weights_ptr, ids_ptr, rank_ptr, chunk_base_ptr, counts_ptr, ends_ptr,
     top_k, hidden, num_local, capacity,
@@ -99,15 +125,72 @@ def _scatter_rows(
         start = tl.load(ends_ptr + key, mask=valid, other=0) - tl.load(counts_ptr + key, mask=valid, other=0)
         keep = valid
         row = (start + pos).to(tl.int64)
-    row = tl.where(keep, row, -1)
-    if tl.program_id(1) == 0:
-        tl.store(route_row_ptr + route, row, mask=in_row)
-        tl.store(row_src_ptr + row, route, mask=keep)
-        tl.store(recv_weights_ptr + row, tl.load(weights_ptr + route, mask=keep), mask=keep)
-    cols = tl.program_id(1) * H_BLOCK + tl.arange(0, H_BLOCK)
-    v = tl.load(tokens_ptr + j * token_stride + cols, mask=cols < hidden)
-    tl.store(recv_x_ptr + row[:, None] * hidden + cols[None, :], tl.broadcast_to(v[None, :], (K_BLOCK, H_BLOCK)),
-             mask=keep[:, None] & (cols[None, :] < hidden))
+    _write_routes(tokens_ptr, token_stride, weights_ptr, j, route, in_row, keep, row, hidden,
+                  recv_x_ptr, recv_weights_ptr, route_row_ptr, row_src_ptr, K_BLOCK, H_BLOCK)
+
+
+@triton.jit
+def _valid_keys(ids_ptr, offs, mask, num_local, invalid):
+    """The ids at ``offs`` as int32 keys, ``invalid`` where masked, out of range or outside ``mask``."""
+    raw = tl.load(ids_ptr + offs, mask=mask, other=-1)
+    return tl.where((raw >= 0) & (raw < num_local), raw, invalid).to(tl.int32)  # checked before narrowing
+
+
+@triton.jit
+def _dispatch_small(
+    tokens_ptr, token_stride, weights_ptr, ids_ptr, num_tokens, top_k, hidden, num_local, capacity,
+    recv_x_ptr, recv_weights_ptr, route_row_ptr, row_src_ptr, counts_ptr, dropped_ptr,
+    PADDED: tl.constexpr, K_BLOCK: tl.constexpr, H_BLOCK: tl.constexpr, R_BLOCK: tl.constexpr,
+    E_BLOCK: tl.constexpr, P_BLOCK: tl.constexpr,
+):
+    """All of dispatch in one launch, for few routes. Program (j, b) with ``j < num_tokens``: source row j,
+    hidden block b; it finds its routes' positions by comparing them with every route (no workspace, no
+    prefix pass). Program (num_tokens + e, 0): experts ``[e*E_BLOCK, (e+1)*E_BLOCK)``, whose counts it
+    writes, resetting the slots they leave unused (padded layout)."""
+    j = tl.program_id(0)
+    num_routes = num_tokens * top_k
+    if j < num_tokens:
+        row_j = j.to(tl.int64)
+        k = tl.arange(0, K_BLOCK)
+        route = row_j * top_k + k
+        in_row = k < top_k
+        key = _valid_keys(ids_ptr, route, in_row, num_local, -1)
+        pos = tl.zeros([K_BLOCK], tl.int32)  # equal keys among earlier routes
+        start = tl.zeros([K_BLOCK], tl.int32)  # ragged: routes to smaller experts
+        for r0 in range(0, num_routes, R_BLOCK):
+            r = r0 + tl.arange(0, R_BLOCK)
+            other = _valid_keys(ids_ptr, r, r < num_routes, num_local, -2)  # -2 matches no key
+            pos += tl.sum(((other[None, :] == key[:, None]) & (r[None, :] < route[:, None])).to(tl.int32), axis=1)
+            if not PADDED:
+                start += tl.sum(((other[None, :] < key[:, None]) & (other[None, :] >= 0)).to(tl.int32), axis=1)
+        valid = key >= 0
+        if PADDED:
+            keep = valid & (pos < capacity)
+            row = key.to(tl.int64) * capacity + pos
+        else:
+            keep = valid
+            row = (start + pos).to(tl.int64)
+        _write_routes(tokens_ptr, token_stride, weights_ptr, row_j, route, in_row, keep, row, hidden,
+                      recv_x_ptr, recv_weights_ptr, route_row_ptr, row_src_ptr, K_BLOCK, H_BLOCK)
+    elif tl.program_id(1) == 0:
+        e = (j - num_tokens) * E_BLOCK + tl.arange(0, E_BLOCK)
+        total = tl.zeros([E_BLOCK], tl.int32)
+        for r0 in range(0, num_routes, R_BLOCK):
+            r = r0 + tl.arange(0, R_BLOCK)
+            other = _valid_keys(ids_ptr, r, r < num_routes, num_local, -1)
+            total += tl.sum((other[None, :] == e[:, None]).to(tl.int32), axis=1)
+        kept = total
+        if PADDED:
+            kept = tl.minimum(total, capacity)
+        tl.store(counts_ptr + e, kept, mask=e < num_local)
+        tl.store(dropped_ptr + e, total - kept, mask=e < num_local)
+        if PADDED:
+            for p0 in range(0, capacity, P_BLOCK):
+                p = p0 + tl.arange(0, P_BLOCK)
+                unused = (e[:, None] < num_local) & (p[None, :] >= kept[:, None]) & (p[None, :] < capacity)
+                slot = e[:, None].to(tl.int64) * capacity + p[None, :]
+                tl.store(row_src_ptr + slot, tl.full([E_BLOCK, P_BLOCK], -1, tl.int64), mask=unused)
+                tl.store(recv_weights_ptr + slot, tl.zeros([E_BLOCK, P_BLOCK], tl.float32).to(recv_weights_ptr.dtype.element_ty), mask=unused)
 
 
 def dispatch_rows(
@@ -125,46 +208,68 @@ def dispatch_rows(
     (anything outside ``[0, num_local)`` is masked). Returns ``(recv_x, recv_weights,
     tokens_per_expert, dropped, route_row, row_src)`` in the layouts of docs/contract.md; padding rows of
     ``recv_x`` are left unwritten unless ``zero_padding``. ``num_rows`` (ragged) saves a device-to-host
-    read where known.
+    read where known. Up to ``SMALL_ROUTES`` routes take one launch (``_dispatch_small``), more take three.
     """
     m, top_k = ids.shape
     hidden, device = tokens.shape[1], tokens.device
     assert tokens.stride(1) == 1 and weights.is_contiguous() and ids.is_contiguous()
+    padded = capacity is not None
+    counts = torch.empty(num_local, dtype=torch.int32, device=device)
+    dropped = torch.empty_like(counts)
+    route_row = torch.empty(m, top_k, dtype=torch.int64, device=device)
+    h_block = block_size(hidden, SCATTER_H_BLOCK)
+    h_blocks = max(1, triton.cdiv(hidden, h_block))
+    if m * top_k <= SMALL_ROUTES or not m:
+        if padded:
+            rows_shape: tuple[int, ...] = (num_local, capacity)
+        else:
+            num_valid = ((ids >= 0) & (ids < num_local)).sum() if num_rows is None else num_rows
+            rows_shape = (int(num_valid),)
+        recv_x, recv_weights, row_src = _layout_buffers(rows_shape, hidden, tokens.dtype, weights.dtype, device, zero_padding and padded)
+        if m or num_local:
+            _dispatch_small[(m + triton.cdiv(num_local, SMALL_E_BLOCK), h_blocks)](
+                tokens, tokens.stride(0), weights, ids, m, top_k, hidden, num_local, capacity if padded else 0,
+                recv_x, recv_weights, route_row, row_src, counts, dropped,
+                PADDED=padded, K_BLOCK=k_block(top_k), H_BLOCK=h_block, R_BLOCK=SMALL_R_BLOCK,
+                E_BLOCK=SMALL_E_BLOCK, P_BLOCK=128, num_warps=SCATTER_WARPS,
+            )
+        return recv_x, recv_weights, counts, dropped, route_row, row_src
     num_routes = m * top_k
     num_chunks = triton.cdiv(num_routes, CHUNK)
     bins = bins_for(num_local)
-    padded = capacity is not None
     slots = num_local * capacity if padded else 0
     # one int32 workspace: per-route ranks, chunk histograms, per-chunk bases
-    chunks = max(num_chunks, 1)
-    work = torch.empty(num_routes + 2 * chunks * bins, dtype=torch.int32, device=device)
-    rank, hist, chunk_base = work.split([num_routes, chunks * bins, chunks * bins])
+    work = torch.empty(num_routes + 2 * num_chunks * bins, dtype=torch.int32, device=device)
+    rank, hist, chunk_base = work.split([num_routes, num_chunks * bins, num_chunks * bins])
     row_src = torch.empty(slots, dtype=torch.int64, device=device)
     recv_weights = torch.empty(slots, dtype=weights.dtype, device=device)
-    grid = max(chunks, triton.cdiv(slots, FILL_BLOCK))
+    grid = max(num_chunks, triton.cdiv(slots, FILL_BLOCK))
     _chunk_ranks[(grid,)](ids, num_routes, num_chunks, num_local, rank, hist, row_src, recv_weights, slots,
                           CHUNK=CHUNK, BINS=bins, FILL_BLOCK=FILL_BLOCK)
-    counts = torch.empty(num_local, dtype=torch.int32, device=device)
-    dropped = torch.empty_like(counts)
     experts = min(bins, 32)
     _expert_prefix[(bins // experts,)](hist, num_chunks, num_local, capacity if padded else -1, chunk_base, counts, dropped,
                                        BINS=bins, EXPERTS=experts, ROWS=max(1, 8192 // experts))
     if padded:
-        rows_shape: tuple[int, ...] = (num_local, capacity)
+        rows_shape = (num_local, capacity)
+        recv_x = (torch.zeros if zero_padding else torch.empty)(*rows_shape, hidden, dtype=tokens.dtype, device=device)
         ends = counts  # unused
     else:
         ends = torch.cumsum(counts, 0, dtype=torch.int32)
         rows_shape = ((int(ends[-1]) if num_local else 0) if num_rows is None else num_rows,)
-        row_src = torch.empty(rows_shape, dtype=torch.int64, device=device)
-        recv_weights = torch.empty(rows_shape, dtype=weights.dtype, device=device)
-    recv_x = (torch.zeros if zero_padding and padded else torch.empty)(*rows_shape, hidden, dtype=tokens.dtype, device=device)
-    route_row = torch.empty(m, top_k, dtype=torch.int64, device=device)
-    if m:
-        h_block = block_size(hidden, SCATTER_H_BLOCK)
-        _scatter_rows[(m, max(1, triton.cdiv(hidden, h_block)))](
-            tokens, tokens.stride(0), weights, ids, rank, chunk_base, counts, ends,
-            top_k, hidden, num_local, capacity if padded else -1,
-            recv_x, recv_weights, route_row, row_src,
-            CHUNK=CHUNK, BINS=bins, K_BLOCK=k_block(top_k), H_BLOCK=h_block, num_warps=SCATTER_WARPS,
-        )
+        recv_x, recv_weights, row_src = _layout_buffers(rows_shape, hidden, tokens.dtype, weights.dtype, device, False)
+    _scatter_rows[(m, h_blocks)](
+        tokens, tokens.stride(0), weights, ids, rank, chunk_base, counts, ends,
+        top_k, hidden, num_local, capacity if padded else -1,
+        recv_x, recv_weights, route_row, row_src,
+        CHUNK=CHUNK, BINS=bins, K_BLOCK=k_block(top_k), H_BLOCK=h_block, num_warps=SCATTER_WARPS,
+    )
     return recv_x, recv_weights.view(rows_shape), counts, dropped, route_row, row_src.view(rows_shape)
+
+
+def _layout_buffers(
+    rows_shape: tuple[int, ...], hidden: int, dtype: torch.dtype, weight_dtype: torch.dtype, device: torch.device, zero: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(recv_x [*rows_shape, H], recv_weights [*rows_shape], row_src [*rows_shape] int64)``, uninitialised
+    (``recv_x`` zero with ``zero``)."""
+    recv_x = (torch.zeros if zero else torch.empty)(*rows_shape, hidden, dtype=dtype, device=device)
+    return recv_x, torch.empty(rows_shape, dtype=weight_dtype, device=device), torch.empty(rows_shape, dtype=torch.int64, device=device)
