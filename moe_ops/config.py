@@ -27,6 +27,10 @@ it is shared with any other DeepEP user in the process). Even; default 20, DeepE
 Megatron-Core's ``moe_deepep_num_sms``. Low-latency kernels size themselves. ``MOE_OPS_DEEPEP_NUM_SMS``
 sets it at import. Read at trace time too (it fixes the shape of DeepEP's channel matrices in the
 handle), so change it before compiling.
+
+``symm_num_sms``: programs (one per streaming multiprocessor in practice) of the ``symm`` backend's
+kernel that stores rows into the peers' buffers; the rest of the GPU stays free for compute that
+overlaps the transfer. Default 32 (of 132 on an H100 or H200). ``MOE_OPS_SYMM_NUM_SMS`` sets it at import.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ check_values: bool = os.environ.get("MOE_OPS_CHECK_VALUES", "0") == "1"
 handshake: str = os.environ.get("MOE_OPS_HANDSHAKE", "auto")
 kernels: str = os.environ.get("MOE_OPS_KERNELS", "auto")
 deepep_num_sms: int = int(os.environ.get("MOE_OPS_DEEPEP_NUM_SMS", "20"))
+symm_num_sms: int = int(os.environ.get("MOE_OPS_SYMM_NUM_SMS", "32"))
 
 
 def handshake_every_call(layout: str, device_type: str) -> bool:

@@ -97,5 +97,5 @@ def expand_grad(grad_tokens: Tensor, expert_out: Tensor, recv_weights: Tensor, r
     if use_triton(expert_out):
         from moe_ops.kernels import reduce as kernels
 
-        return kernels.expand_grad(grad_tokens.contiguous(), expert_out, recv_weights, route_row)
+        return kernels.expand_grad(grad_tokens.contiguous(), expert_out.contiguous(), recv_weights.contiguous(), route_row.contiguous())
     return permute.expand_grad(grad_tokens, expert_out, recv_weights, row_src, route_row.shape[1])

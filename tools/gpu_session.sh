@@ -5,15 +5,16 @@
 #
 #   tools/gpu_session.sh OUTDIR [bench args...]
 #
-# STAGES (default "cuda hf profile bench cpu multiproc") picks stages; each has its own time limit so the
-# whole stays inside one 10-minute call. Logs land in OUTDIR/<stage>.log.
+# STAGES (default "cuda hf profile bench multi cpu") picks stages; each has its own time limit so the
+# whole stays inside one 10-minute call. Logs land in OUTDIR/<stage>.log. "multi" runs
+# tools/bench_multi_gpu.py on every GPU of the machine (one GPU: W = 1, a smoke test).
 out=${1:?outdir}; shift
 mkdir -p "$out"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
 nvidia-smi -L
 python3 -c "import torch, triton, sys; print('torch', torch.__version__, 'triton', triton.__version__, 'python', sys.version.split()[0])"
 stage() { name=$1; limit=$2; shift 2; start=$(date +%s); timeout -k 5 "$limit" "$@" > "$out/$name.log" 2>&1; rc=$?; echo "== $name: rc=$rc in $(( $(date +%s) - start )) s"; tail -n "${TAIL:-25}" "$out/$name.log"; }
-wants() { case " ${STAGES:-cuda hf profile bench cpu multiproc} " in *" $1 "*) return 0;; esac; return 1; }
+wants() { case " ${STAGES:-cuda hf profile bench multi cpu} " in *" $1 "*) return 0;; esac; return 1; }
 PYTEST="tools/in-env.sh python3 -m pytest -p no:cacheprovider -p timeout --timeout=120 -rfE --tb=short"
 
 wants cuda && stage tests-cuda 240 $PYTEST -q -n 4 -m "cuda and not multiproc" --durations=8
@@ -26,6 +27,7 @@ if wants hf; then
 fi
 wants profile && TAIL=40 stage profile 30 python3 tools/profile_kernels.py
 wants bench && TAIL=70 stage bench 90 python3 tools/bench.py --out "$out/bench" "$@"
-wants cpu && stage tests-cpu 200 $PYTEST -q -n 8 -m "not cuda and not multiproc" --durations=5
-wants multiproc && TAIL=40 stage tests-multiproc 200 $PYTEST -q -n 4 -m "multiproc and not cuda" --durations=10
+wants multi && TAIL=40 stage multi-gpu 200 python3 tools/bench_multi_gpu.py --out "$out/multi"
+# -v: with xdist, each result is named as it comes, so a stage cut short still says what failed
+wants cpu && TAIL=40 stage tests-cpu "${CPU_LIMIT:-240}" sh -c "$PYTEST -v -n 12 -m 'not cuda' --durations=10 | grep -v 'PASSED\|PytestBenchmarkWarning\|warner('"
 true

@@ -48,6 +48,7 @@ def _register_builtin() -> None:
     from moe_ops.backends.deepep import DeepEPBackend, DeepEPLowLatencyBackend  # deep_ep: imported by their first call
     from moe_ops.backends.local import LocalBackend
     from moe_ops.backends.mc2 import Mc2Backend, Mc2Int8Backend
+    from moe_ops.backends.symm import SymmBackend
 
     register(LocalBackend())
     register(CollectiveBackend())
@@ -56,6 +57,7 @@ def _register_builtin() -> None:
     register(Mc2Int8Backend())
     register(DeepEPBackend())
     register(DeepEPLowLatencyBackend())
+    register(SymmBackend())
 
 
 _register_builtin()

@@ -34,6 +34,13 @@ class DispatchPlan:
     def layout(self) -> Layout:
         return "ragged" if self.capacity is None else "padded"
 
+    def agree(self, payload: Tensor | None) -> list[list[int]]:
+        """Every rank's ``payload`` (row ``s`` = rank ``s``) through the handshake; a group of one has
+        none (its own payload comes back). ``[]`` where the handshake skipped the exchange."""
+        if self.handshake is None:
+            return [] if payload is None else [payload.tolist()]
+        return self.handshake.exchange(payload) or []
+
 
 class DispatchOutputs(NamedTuple):
     recv_x: Tensor  #: [N, H] or [L, C, H], x.dtype

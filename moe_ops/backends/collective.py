@@ -43,13 +43,6 @@ def _exchange(comm: Comm, what: str, rows: Tensor, send_splits: list[int] | None
     return out
 
 
-def _agree(plan: DispatchPlan, payload: Tensor | None) -> list[list[int]]:
-    """Every rank's payload (row ``s`` = rank ``s``), through the handshake (a group of one has none)."""
-    if plan.handshake is None:
-        return [] if payload is None else [payload.tolist()]
-    return plan.handshake.exchange(payload) or []
-
-
 def _splits(handle: list[Tensor]) -> tuple[list[int] | None, list[int] | None]:
     """(rows this rank sent per destination, rows it received per source), or ``(None, None)`` (padded)."""
     if len(handle) == 3:
@@ -88,14 +81,14 @@ class CollectiveBackend(Backend):
             send_slot = torch.where(dest >= 0, torch.where(same_dest, first_slot.unsqueeze(1), -1).amax(2), -1)
             routes = torch.zeros(world, dtype=torch.int64, device=x.device)
             routes.scatter_add_(0, dest.clamp(min=0).reshape(-1), (dest >= 0).reshape(-1).long())
-            peers = _agree(plan, torch.cat([buckets.counts, routes]))
+            peers = plan.agree(torch.cat([buckets.counts, routes]))
             send_splits = peers[comm.rank][:world]
             recv_splits = [peers[s][comm.rank] for s in range(world)]
             num_rows: int | None = sum(peers[s][world + comm.rank] for s in range(world))
             num_slots, padded_bound = sum(send_splits), None
             slot_dest = dest.reshape(-1)[buckets.order[:num_slots]]
         else:  # padded: slot d*Tmax + t, equal splits, nothing read back to the host
-            _agree(plan, None)
+            plan.agree(None)
             padded_bound = plan.max_tokens_per_rank
             send_splits = recv_splits = num_rows = None
             send_slot = torch.where(dest >= 0, dest * padded_bound + torch.arange(num_tokens, device=x.device).unsqueeze(1), -1)

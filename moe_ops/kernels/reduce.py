@@ -82,7 +82,9 @@ def reduce(rows: Tensor, route_row: Tensor, row_weights: Tensor | None, unique: 
     ``rows [R, H]`` (rows may be strided), ``route_row [M, K]``, ``row_weights [R]`` or ``None``."""
     m, top_k = route_row.shape
     hidden = rows.shape[1]
-    assert rows.stride(1) == 1 and route_row.is_contiguous()
+    if rows.stride(1) != 1:  # gradients arrive in any layout (an expanded ones-gradient has stride 0)
+        rows = rows.contiguous()
+    route_row = route_row.contiguous()
     out = torch.empty(m, hidden, dtype=rows.dtype, device=rows.device)
     h_block = block_size(hidden, REDUCE_H_BLOCK)
     if m and hidden:

@@ -55,7 +55,7 @@ def pipeline(problem: Problem, rank: int, *, group: object = None, backend: str 
 
     def step(x: Tensor, topk_idx: Tensor, topk_weights: Tensor) -> tuple[Tensor, ...]:
         d = moe_ops.dispatch(
-            x, topk_idx, topk_weights, problem.num_experts, group=group, backend=backend, **problem.dispatch_kwargs()
+            x, topk_idx, topk_weights, problem.num_experts, group=group, backend=backend, **problem.dispatch_kwargs(x.device)
         )
         out = moe_ops.combine(toy_experts(d.recv_x, d.tokens_per_expert, expert_ids), d, group=group, backend=backend)
         return d.recv_x, d.recv_weights, d.tokens_per_expert, d.dropped, out

@@ -46,13 +46,14 @@ class Problem:
         bound = self.max_tokens_per_rank if self.max_tokens_per_rank is not None else self.xs[0].shape[0]
         return self.world_size * bound
 
-    def dispatch_kwargs(self) -> dict[str, object]:
+    def dispatch_kwargs(self, device: torch.device | str = "cpu") -> dict[str, object]:
+        """``moe_ops.dispatch``'s keyword arguments of this problem, placement tensors on ``device``."""
         return dict(
             layout=self.layout,
             capacity=self.capacity,
             max_tokens_per_rank=self.max_tokens_per_rank,
-            expert_map=self.expert_map,
-            log2phy=self.log2phy,
+            expert_map=None if self.expert_map is None else self.expert_map.to(device),
+            log2phy=None if self.log2phy is None else self.log2phy.to(device),
         )
 
     def local_expert_ids(self, rank: int) -> Tensor:

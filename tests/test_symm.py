@@ -1,0 +1,127 @@
+"""The ``symm`` backend (stores into the peers' buffers) on real processes over gloo, its peer buffers
+simulated with shared memory (:mod:`moe_ops.testing.peer_sim`) and its Triton kernels interpreted
+(``TRITON_INTERPRET=1``): the put kernel's exact placement, the conformance suite at W = 1…4 in both
+layouts, compiled equals eager, opcheck, and the buffer's life cycle. On a GPU: W = 1 over real
+symmetric memory, eager and captured in a CUDA graph. More than one GPU is not tested here (issue 7:
+``tools/bench_multi_gpu.py`` on a multi-GPU machine).
+
+Example counts (2-core CI, interpreted kernels): EXAMPLES[W] Hypothesis problems per world size.
+"""
+
+import pytest
+import torch
+from hypothesis import given, settings
+
+from moe_ops.testing import conformance, peer_sim
+from moe_ops.testing.harness import World
+from moe_ops.testing.problems import Problem, make_problem, problems
+
+pytestmark = pytest.mark.multiproc
+
+INTERPRET = {"TRITON_INTERPRET": "1", "MOE_OPS_KERNELS": "triton"}
+EXAMPLES = {1: 5, 2: 8, 3: 5, 4: 5}
+
+
+@pytest.fixture
+def world(worlds):
+    """``world(size)``: a gloo world running the Triton kernels interpreted, with the simulator installed."""
+
+    def get(size: int) -> World:
+        w = worlds(size, env=INTERPRET)
+        w.run(peer_sim.install_on_rank)
+        return w
+
+    return get
+
+
+def test_put_rows_places_every_slot(world) -> None:
+    assert world(1).run(_put_rows_task) == [None]
+
+
+def _put_rows_task(rank: int) -> None:
+    """Three simulated ranks in one process: each stores its slots; every row lands where the layout
+    says, payloads only where sent, meta always, nothing else touched."""
+    from moe_ops.kernels.put import put_rows
+
+    world, bound, cols, meta_words = 3, 4, 5, 3
+    row_bytes, meta_offset = 48, 32  # payload: 5 fp32 (20 bytes, padded to 32); meta: 3 words; row: 48
+    buffers = [torch.full((world * bound * row_bytes,), 0xEE, dtype=torch.uint8) for _ in range(world)]
+    peers = torch.tensor([b.data_ptr() for b in buffers], dtype=torch.int64)
+    sent = {}
+    for sender in range(world):
+        src = torch.arange(6 * cols, dtype=torch.float32).view(6, cols) + 100 * sender
+        gen = torch.Generator().manual_seed(sender)
+        src_index = torch.randint(-1, 6, (world * bound,), generator=gen)
+        meta = torch.randint(-50, 50, (world * bound, meta_words), generator=gen, dtype=torch.int32)
+        put_rows(src, src_index, meta, peers, sender, bound, row_bytes, meta_offset, programs=2)
+        sent[sender] = (src, src_index, meta)
+    for dest in range(world):
+        rows = buffers[dest].view(world * bound, row_bytes)
+        for sender, (src, src_index, meta) in sent.items():
+            for t in range(bound):
+                row, slot = rows[sender * bound + t], dest * bound + t
+                payload = row[: 4 * cols]
+                if src_index[slot] >= 0:
+                    assert torch.equal(payload.view(torch.float32), src[src_index[slot]]), (dest, sender, t)
+                else:
+                    assert bool((payload == 0xEE).all()), (dest, sender, t)
+                assert bool((row[4 * cols : meta_offset] == 0xEE).all())
+                assert torch.equal(row[meta_offset : meta_offset + 4 * meta_words].view(torch.int32), meta[slot])
+                assert bool((row[meta_offset + 4 * meta_words :] == 0xEE).all())
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4])
+def test_property(world, size: int) -> None:
+    @settings(max_examples=EXAMPLES[size])
+    @given(problem=problems(size, max_tokens=20, max_experts=32, hidden_sizes=(1, 7, 40)))
+    def check(problem: Problem) -> None:
+        conformance.check_world(world(size), problem, "symm")
+
+    check()
+
+
+@pytest.mark.parametrize("layout", ["ragged", "padded"])
+@pytest.mark.parametrize("size", [2, 3])
+def test_edge_cases(world, size: int, layout: str) -> None:
+    """A rank with no tokens, everything to one rank or one expert, all masked; capacity 3 drops."""
+    kw = dict(layout="padded", max_tokens_per_rank=13, capacity=3) if layout == "padded" else {}
+    for pattern in ("one_rank", "one_expert", "all_masked", "uniform"):
+        problem = make_problem([13, 0, 9][:size], 24, 4 * size, 3, pattern=pattern, mask_fraction=0.3, seed=3, **kw)
+        conformance.check_world(world(size), problem, "symm")
+
+
+@pytest.mark.parametrize("layout", ["ragged", "padded"])
+def test_compiled_equals_eager(world, layout: str) -> None:
+    kw = dict(layout="padded", max_tokens_per_rank=12, capacity=5) if layout == "padded" else {}
+    problem = make_problem([12, 7], 32, 8, 3, mask_fraction=0.2, seed=9, dtype=torch.bfloat16, **kw)
+    conformance.check_world(world(2), problem, "symm", compiled=True)
+
+
+@pytest.mark.parametrize("layout", ["ragged", "padded"])
+def test_opcheck(world, layout: str) -> None:
+    kw = dict(layout="padded", max_tokens_per_rank=20, capacity=5) if layout == "padded" else {}
+    problem = make_problem([20, 9], 16, 8, 3, mask_fraction=0.2, seed=2, **kw)
+    world(2).run(conformance.opcheck_task, problem, "symm")
+
+
+def test_buffer_made_once_and_grown_by_every_rank_alike(world) -> None:
+    """The first call makes the group's buffer; calls that fit reuse it; a larger one grows it on every
+    rank at the same call (ranks with fewer tokens too: the size follows the group's largest count)."""
+    w = world(2)
+    before = w.run(peer_sim.buffers_made)
+    small = make_problem([6, 2], 16, 4, 2, seed=1)
+    conformance.check_world(w, small, "symm")
+    conformance.check_world(w, small, "symm")
+    conformance.check_world(w, make_problem([1, 40], 64, 4, 2, seed=1), "symm")
+    made = [sizes[len(old):] for sizes, old in zip(w.run(peer_sim.buffers_made), before, strict=True)]
+    assert made[0] == made[1], made
+    assert len(made[0]) <= 2 and (not made[0] or made[0] == sorted(made[0])), made
+
+
+def test_cpu_tensors_need_the_simulator() -> None:
+    from moe_ops import backends, peer_memory
+
+    if "cpu" in peer_memory.device_types():
+        pytest.skip("the simulator is installed in this process")
+    with pytest.raises(ValueError, match="does not run on 'cpu'"):
+        backends.resolve("symm", "cpu", 2, "ragged")

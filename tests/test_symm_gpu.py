@@ -1,0 +1,81 @@
+"""The ``symm`` backend on one GPU over real symmetric memory (CUDA only): a one-rank NCCL group, so
+the put kernel stores into this rank's own buffer and the barriers run with nobody else. Conformance
+in both layouts, eager and compiled, and a padded decode step captured in a CUDA graph. More than one
+GPU: ``tools/bench_multi_gpu.py`` (issue 7), not this file."""
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+import moe_ops
+from moe_ops.testing import conformance
+from moe_ops.testing.problems import make_problem
+
+pytestmark = pytest.mark.cuda
+
+PROBLEMS = {
+    "ragged": dict(tokens=[300], hidden=7168, experts=64, top_k=8, mask_fraction=0.1),
+    "padded": dict(tokens=[96], hidden=1000, experts=16, top_k=4, layout="padded", max_tokens_per_rank=128, capacity=20),
+    "no tokens": dict(tokens=[0], hidden=64, experts=8, top_k=2),
+}
+
+
+@pytest.fixture(scope="module")
+def group() -> Iterator[str]:
+    import torch.distributed as dist
+
+    from moe_ops.testing.harness import free_port
+
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
+                                device_id=torch.device("cuda", torch.cuda.current_device()))
+    yield dist.group.WORLD.group_name
+    if started:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("case", PROBLEMS)
+def test_conformance(group: str, case: str, compiled: bool) -> None:
+    kw = dict(PROBLEMS[case])
+    problem = make_problem(kw.pop("tokens"), kw.pop("hidden"), kw.pop("experts"), kw.pop("top_k"), dtype=torch.bfloat16, seed=5, **kw)
+    step = conformance.pipeline(problem, 0, group=group, backend="symm")
+    if compiled:
+        torch._dynamo.reset()
+        step = torch.compile(step, fullgraph=True, dynamic=True)
+    ours = conformance.run_rank(problem, 0, group=group, backend="symm", device="cuda", step=step)
+    ref, mag = conformance.expected(problem)
+    conformance.assert_rank_matches(problem, 0, ours, ref[0], mag[0])
+
+
+@torch.no_grad()
+def test_decode_step_replays_in_cuda_graph(group: str) -> None:
+    tokens, hidden, experts, top_k = 64, 2048, 32, 4
+    x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
+    w, idx = torch.topk(torch.rand(tokens, experts, device="cuda"), top_k)
+    kw = dict(num_experts=experts, group_name=group, backend="symm", layout="padded", max_tokens_per_rank=tokens)
+
+    def step() -> torch.Tensor:
+        recv_x, recv_w, _, _, handle = torch.ops.moe.dispatch(x, idx, w, **kw)
+        return torch.ops.moe.combine(recv_x * 2, recv_w, handle, group_name=group, backend="symm")
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    for seed in range(3):
+        gen = torch.Generator(device="cuda").manual_seed(seed)
+        x.copy_(torch.randn(x.shape, generator=gen, device="cuda", dtype=x.dtype))
+        w_new, idx_new = torch.topk(torch.rand(tokens, experts, generator=gen, device="cuda"), top_k)
+        w.copy_(w_new)
+        idx.copy_(idx_new)
+        graph.replay()
+        local = moe_ops.dispatch(x, idx, w, experts, layout="padded", max_tokens_per_rank=tokens)
+        expected = moe_ops.combine(local.recv_x * 2, local)
+        torch.testing.assert_close(out.float(), expected.float(), rtol=2e-2, atol=2e-2)
