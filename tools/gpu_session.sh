@@ -17,7 +17,7 @@ stage() { name=$1; limit=$2; shift 2; start=$(date +%s); timeout -k 5 "$limit" "
 wants() { case " ${STAGES:-cuda hf profile bench multi cpu} " in *" $1 "*) return 0;; esac; return 1; }
 PYTEST="tools/in-env.sh python3 -m pytest -p no:cacheprovider -p timeout --timeout=120 -rfE --tb=short"
 
-wants cuda && stage tests-cuda 240 $PYTEST -q -n 4 -m "cuda and not multiproc" --durations=8
+wants cuda && stage tests-cuda 150 $PYTEST -q -n 4 -m "cuda and not multiproc" --durations=8
 if wants hf; then
     if [ -d .gpu-wheels ]; then
         python3 -m pip install -q --no-deps --target /tmp/hf-site .gpu-wheels/*.whl > "$out/hf-install.log" 2>&1
@@ -26,8 +26,8 @@ if wants hf; then
     TAIL=15 stage tests-hf-cuda 150 env PYTHONPATH="${hf_path:-}" $PYTEST -v -k cuda_graph tests/test_transformers.py
 fi
 wants profile && TAIL=40 stage profile 30 python3 tools/profile_kernels.py
-wants bench && TAIL=70 stage bench 90 python3 tools/bench.py --out "$out/bench" "$@"
-wants multi && TAIL=40 stage multi-gpu 200 python3 tools/bench_multi_gpu.py --out "$out/multi"
+wants bench && TAIL=70 stage bench 120 python3 tools/bench.py --out "$out/bench" "$@"
+wants multi && TAIL=40 stage multi-gpu 150 python3 tools/bench_multi_gpu.py --out "$out/multi"
 # -v: with xdist, each result is named as it comes, so a stage cut short still says what failed
 wants cpu && TAIL=40 stage tests-cpu "${CPU_LIMIT:-240}" sh -c "$PYTEST -v -n 12 -m 'not cuda' --durations=10 | grep -v 'PASSED\|PytestBenchmarkWarning\|warner('"
 true
