@@ -5,7 +5,7 @@
 #
 #   tools/gpu_session.sh OUTDIR [bench args...]
 #
-# STAGES (default "cuda hf profile bench multi cpu") picks stages; each has its own time limit so the
+# STAGES (default "cuda hf profile bench multi cpu multiproc") picks stages; each has its own time limit so the
 # whole stays inside one 10-minute call. Logs land in OUTDIR/<stage>.log. "multi" runs
 # tools/bench_multi_gpu.py on every GPU of the machine (one GPU: W = 1, a smoke test).
 out=${1:?outdir}; shift
@@ -14,10 +14,13 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
 nvidia-smi -L
 python3 -c "import torch, triton, sys; print('torch', torch.__version__, 'triton', triton.__version__, 'python', sys.version.split()[0])"
 stage() { name=$1; limit=$2; shift 2; start=$(date +%s); timeout -k 5 "$limit" "$@" > "$out/$name.log" 2>&1; rc=$?; echo "== $name: rc=$rc in $(( $(date +%s) - start )) s"; tail -n "${TAIL:-25}" "$out/$name.log"; }
-wants() { case " ${STAGES:-cuda hf profile bench multi cpu} " in *" $1 "*) return 0;; esac; return 1; }
-PYTEST="tools/in-env.sh python3 -m pytest -p no:cacheprovider -p timeout --timeout=120 -rfE --tb=short"
+wants() { case " ${STAGES:-cuda hf profile bench multi cpu multiproc} " in *" $1 "*) return 0;; esac; return 1; }
+PYTEST="tools/in-env.sh python3 -m pytest -p no:cacheprovider -p timeout --timeout=${TEST_TIMEOUT:-120} -rfE --tb=short -v"
+# -v with xdist names each result as it comes (passes filtered out), so a stage cut short still says
+# what failed; pytest-timeout names a test that hangs.
+pytest_stage() { name=$1; limit=$2; workers=$3; marks=$4; shift 4; stage "$name" "$limit" sh -c "$PYTEST -n $workers -m '$marks' --durations=8 $* | grep -v 'PASSED\|PytestBenchmarkWarning\|warner('"; }
 
-wants cuda && stage tests-cuda 150 $PYTEST -q -n 4 -m "cuda and not multiproc" --durations=8
+wants cuda && pytest_stage tests-cuda "${CUDA_LIMIT:-200}" 4 "cuda and not multiproc"
 if wants hf; then
     if [ -d .gpu-wheels ]; then
         python3 -m pip install -q --no-deps --target /tmp/hf-site .gpu-wheels/*.whl > "$out/hf-install.log" 2>&1
@@ -28,6 +31,6 @@ fi
 wants profile && TAIL=40 stage profile 30 python3 tools/profile_kernels.py
 wants bench && TAIL=70 stage bench 120 python3 tools/bench.py --out "$out/bench" "$@"
 wants multi && TAIL=40 stage multi-gpu 150 python3 tools/bench_multi_gpu.py --out "$out/multi"
-# -v: with xdist, each result is named as it comes, so a stage cut short still says what failed
-wants cpu && TAIL=40 stage tests-cpu "${CPU_LIMIT:-240}" sh -c "$PYTEST -v -n 12 -m 'not cuda' --durations=10 | grep -v 'PASSED\|PytestBenchmarkWarning\|warner('"
+wants cpu && pytest_stage tests-cpu "${CPU_LIMIT:-150}" 8 "not cuda and not multiproc"
+wants multiproc && pytest_stage tests-multiproc "${MULTIPROC_LIMIT:-200}" 12 "multiproc and not cuda"
 true

@@ -7,7 +7,8 @@ row, ``payload_cols`` elements) at byte 0 and, optionally, ``meta_words`` int32 
 meta, if any, is always sent). So a token crosses a link once per destination rank that needs it.
 
 The kernel is persistent: ``programs`` programs (``moe_ops.config.symm_num_sms``, one per SM in
-practice) walk the (slot, block) items, which bounds the SMs a transfer occupies.
+practice) walk the items, each a tile of several slots' rows (so many rows' loads are in flight in a
+program at once), which bounds the SMs a transfer occupies.
 """
 
 from __future__ import annotations
@@ -19,34 +20,39 @@ from torch import Tensor
 
 from moe_ops.kernels import block_size
 
-PUT_BLOCK = 2048  # payload elements per item
-PUT_WARPS = 8
+PUT_BLOCK = 2048  # payload elements per row of a tile
+PUT_TILE = 16384  # elements a program moves per step: PUT_TILE // block rows at once (bytes in flight)
+PUT_WARPS = 16
 
 
 @triton.jit
 def _put_rows(
     src_ptr, src_stride, src_index_ptr, meta_ptr, meta_words, peers_ptr,
     rank, bound, num_slots, payload_cols, row_bytes, meta_offset,
-    HAS_META: tl.constexpr, BLOCK: tl.constexpr, META_BLOCK: tl.constexpr,
+    HAS_META: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, META_BLOCK: tl.constexpr,
 ):
+    """Each step: ROWS slots x BLOCK payload columns, so many rows' loads are in flight at once."""
     blocks = tl.maximum(tl.cdiv(payload_cols, BLOCK), 1)
-    for item in range(tl.program_id(0), num_slots * blocks, tl.num_programs(0)):
-        slot = item // blocks
+    for item in range(tl.program_id(0), tl.cdiv(num_slots, ROWS) * blocks, tl.num_programs(0)):
+        slot = (item // blocks) * ROWS + tl.arange(0, ROWS)
         b = item % blocks
-        dest = slot // bound
-        row = rank * bound + slot % bound
-        base = tl.load(peers_ptr + dest) + row.to(tl.int64) * row_bytes
-        src_row = tl.load(src_index_ptr + slot)
-        if src_row >= 0:
-            cols = b * BLOCK + tl.arange(0, BLOCK)
-            v = tl.load(src_ptr + src_row * src_stride + cols, mask=cols < payload_cols)
-            out = tl.multiple_of(base, 16).to(tl.pointer_type(src_ptr.dtype.element_ty))
-            tl.store(out + cols, v, mask=cols < payload_cols)
+        in_range = slot < num_slots
+        row = rank * bound + slot % bound  # where the slot lands in its destination's buffer
+        base = tl.load(peers_ptr + slot // bound, mask=in_range, other=0) + row.to(tl.int64) * row_bytes
+        base = tl.multiple_of(base, [16])  # buffers and rows are 16-byte aligned: vector stores
+        src_row = tl.load(src_index_ptr + slot, mask=in_range, other=-1)
+        cols = b * BLOCK + tl.arange(0, BLOCK)
+        mask = (src_row >= 0)[:, None] & (cols < payload_cols)[None, :]
+        v = tl.load(src_ptr + src_row[:, None] * src_stride + cols[None, :], mask=mask)
+        out = base.to(tl.pointer_type(src_ptr.dtype.element_ty))
+        tl.store(out[:, None] + cols[None, :], v, mask=mask)
         if HAS_META:
             if b == 0:
                 w = tl.arange(0, META_BLOCK)
-                m = tl.load(meta_ptr + slot.to(tl.int64) * meta_words + w, mask=w < meta_words)
-                tl.store((base + meta_offset).to(tl.pointer_type(tl.int32)) + w, m, mask=w < meta_words)
+                words = in_range[:, None] & (w < meta_words)[None, :]
+                m = tl.load(meta_ptr + slot[:, None].to(tl.int64) * meta_words + w[None, :], mask=words)
+                meta_out = (base + meta_offset).to(tl.pointer_type(tl.int32))
+                tl.store(meta_out[:, None] + w[None, :], m, mask=words)
 
 
 def put_rows(
@@ -71,10 +77,12 @@ def put_rows(
     if not num_slots:
         return
     meta_words = 0 if meta is None else meta.shape[1]
-    blocks = max(1, triton.cdiv(payload_cols, PUT_BLOCK))
-    _put_rows[(max(1, min(programs, num_slots * blocks)),)](
+    block = block_size(payload_cols, PUT_BLOCK)
+    rows = max(1, PUT_TILE // block)
+    items = triton.cdiv(num_slots, rows) * max(1, triton.cdiv(payload_cols, block))
+    _put_rows[(max(1, min(programs, items)),)](
         src, src.stride(0), src_index, src_index if meta is None else meta, meta_words, peers,
         rank, bound, num_slots, payload_cols, row_bytes, meta_offset,
-        HAS_META=meta is not None, BLOCK=block_size(payload_cols, PUT_BLOCK),
+        HAS_META=meta is not None, ROWS=rows, BLOCK=block,
         META_BLOCK=triton.next_power_of_2(max(meta_words, 1)), num_warps=PUT_WARPS,
     )
