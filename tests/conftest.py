@@ -5,7 +5,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-from moe_ops.testing.harness import World
+from moe_ops.testing.harness import TRITON_INTERPRETED, World, interpreter_fault
 
 # Example counts: "ci" is the default (CPU CI, 2 cores); "thorough" for a longer local run.
 settings.register_profile(
@@ -44,3 +44,17 @@ def worlds() -> Iterator[Callable[..., World]]:
     yield get
     for world in cache.values():
         world.close()
+
+
+@pytest.fixture(scope="session")
+def _interpreter_fault(worlds) -> str:  # type: ignore[no-untyped-def]
+    return worlds(1, env=TRITON_INTERPRETED).run(interpreter_fault)[0]
+
+
+@pytest.fixture
+def interpreted_worlds(worlds, _interpreter_fault: str) -> Callable[[int], World]:  # type: ignore[no-untyped-def]
+    """``interpreted_worlds(size)``: a gloo world whose workers run the Triton kernels on CPU tensors,
+    interpreted; the test skips (saying why) where this Triton interpreter cannot run them."""
+    if _interpreter_fault:
+        pytest.skip(f"this Triton interpreter cannot run the kernels here: {_interpreter_fault}")
+    return lambda size: worlds(size, env=TRITON_INTERPRETED)

@@ -30,16 +30,14 @@ LOW_LATENCY_SIZES = (1, 2, 3, 4)
 EXAMPLES = {1: 4, 2: 6, 3: 4, 4: 4}
 NORMAL_HIDDEN = (8, 64, 128)
 LL_HIDDEN = 2048
-TRITON = {"MOE_OPS_KERNELS": "triton", "TRITON_INTERPRET": "1"}  # the local stage GPUs run, interpreted
 
 
 @pytest.fixture
 def world(worlds):
-    """``world(size, triton=False)``: a live gloo world of ``size`` ranks with the simulator installed
-    (with ``triton``, its workers run the Triton local stage interpreted)."""
+    """``world(size)``: a live gloo world of ``size`` ranks with the simulator installed."""
 
-    def get(size: int, triton: bool = False) -> World:
-        w = worlds(size, env=TRITON if triton else None)
+    def get(size: int) -> World:
+        w = worlds(size)
         w.run(deepep_sim.install_on_rank)
         return w
 
@@ -92,11 +90,13 @@ def test_edge_cases(world, backend: str, size: int, layout: str) -> None:
 
 
 @pytest.mark.parametrize(("backend", "layout"), [("deepep", "ragged"), ("deepep", "padded"), ("deepep_ll", "padded")])
-def test_triton_local_stage(world, backend: str, layout: str) -> None:
+def test_triton_local_stage(interpreted_worlds, backend: str, layout: str) -> None:
     """The Triton kernels of the local stage (what CUDA runs) on DeepEP's outputs, garbage rows included."""
     kw = padded(12, 3) if layout == "padded" else {}
     problem = bf16_problem([12, 5], LL_HIDDEN if backend == "deepep_ll" else 16, 8, 3, mask_fraction=0.2, seed=2, **kw)
-    conformance.check_world(world(2, triton=True), problem, backend)
+    w = interpreted_worlds(2)
+    w.run(deepep_sim.install_on_rank)
+    conformance.check_world(w, problem, backend)
 
 
 COMPILED = [("deepep", 2, "ragged"), ("deepep", 2, "padded"), ("deepep_ll", 2, "padded")]

@@ -15,44 +15,13 @@ from moe_ops.testing.problems import Problem, make_problem, problems
 
 pytestmark = pytest.mark.multiproc
 
-INTERPRET = {"TRITON_INTERPRET": "1", "MOE_OPS_KERNELS": "triton"}
 INTERPRET_EXAMPLES = {1: 60, 2: 25}
 
 
 @pytest.fixture
-def world(worlds):
+def world(interpreted_worlds):
     """``world(size)``: a gloo world whose workers run the Triton kernels interpreted."""
-    return lambda size: worlds(size, env=INTERPRET)
-
-
-@pytest.fixture(autouse=True)
-def _interpreter_usable(world) -> None:
-    """Triton 3.6's interpreter cannot run a loop over a runtime bound with NumPy >= 2.3 (its scalars
-    are 1-element arrays there); such a machine (the GPU loaner) tests the compiled kernels instead."""
-    broken = world(1).run(_interpreter_fault)[0]
-    if broken:
-        pytest.skip(f"this Triton interpreter cannot run the kernels here: {broken}")
-
-
-def _interpreter_fault(rank: int) -> str:
-    import numpy
-    import torch
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def count_to(out_ptr, n):
-        total = 0
-        for _ in range(0, n, 1):
-            total += 1
-        tl.store(out_ptr, total)
-
-    out = torch.zeros(1, dtype=torch.int32)
-    try:
-        count_to[(1,)](out, 3)
-    except Exception as e:  # noqa: BLE001 - the probe reports what failed
-        return f"Triton {triton.__version__}, NumPy {numpy.__version__}: {type(e).__name__}: {e}"
-    return "" if out.item() == 3 else f"Triton {triton.__version__}: loop counted {out.item()} instead of 3"
+    return interpreted_worlds
 
 
 def test_workers_run_the_interpreter(world) -> None:
@@ -116,3 +85,11 @@ def _small_routes(rank: int, limit: int | None) -> int:
     if limit is not None:
         layout.SMALL_ROUTES = limit
     return previous
+
+
+@pytest.mark.parametrize("layout", ["ragged", "padded"])
+def test_opcheck(world, layout: str) -> None:
+    """opcheck through the Triton kernels, a batch of no tokens included (its gradients come strided)."""
+    kw = dict(layout="padded", max_tokens_per_rank=9, capacity=4) if layout == "padded" else {}
+    for tokens in (0, 9):
+        world(1).run(conformance.opcheck_task, make_problem([tokens], 16, 4, 2, mask_fraction=0.2, seed=1, **kw), "auto")

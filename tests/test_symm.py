@@ -18,16 +18,15 @@ from moe_ops.testing.problems import Problem, make_problem, problems
 
 pytestmark = pytest.mark.multiproc
 
-INTERPRET = {"TRITON_INTERPRET": "1", "MOE_OPS_KERNELS": "triton"}
 EXAMPLES = {1: 5, 2: 8, 3: 5, 4: 5}
 
 
 @pytest.fixture
-def world(worlds):
+def world(interpreted_worlds):
     """``world(size)``: a gloo world running the Triton kernels interpreted, with the simulator installed."""
 
     def get(size: int) -> World:
-        w = worlds(size, env=INTERPRET)
+        w = interpreted_worlds(size)
         w.run(peer_sim.install_on_rank)
         return w
 

@@ -3,6 +3,7 @@ the put kernel stores into this rank's own buffer and the barriers run with nobo
 in both layouts, eager and compiled, and a padded decode step captured in a CUDA graph. More than one
 GPU: ``tools/bench_multi_gpu.py`` (issue 7), not this file."""
 
+import faulthandler
 from collections.abc import Iterator
 
 import pytest
@@ -19,6 +20,18 @@ PROBLEMS = {
     "padded": dict(tokens=[96], hidden=1000, experts=16, top_k=4, layout="padded", max_tokens_per_rank=128, capacity=20),
     "no tokens": dict(tokens=[0], hidden=64, experts=8, top_k=2),
 }
+
+
+WATCHDOG_S = 150  # a test still running after this dumps every thread's stack and ends the process
+
+
+@pytest.fixture(autouse=True)
+def watchdog() -> Iterator[None]:
+    """A hang inside a kernel or NCCL never returns to Python, so pytest-timeout cannot end it; this
+    does, and says where it was."""
+    faulthandler.dump_traceback_later(WATCHDOG_S, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture(scope="module")

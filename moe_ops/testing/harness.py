@@ -191,3 +191,31 @@ class World:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+
+
+#: Environment of workers that run the Triton kernels on CPU tensors, interpreted.
+TRITON_INTERPRETED = {"TRITON_INTERPRET": "1", "MOE_OPS_KERNELS": "triton"}
+
+
+def interpreter_fault(rank: int) -> str:
+    """World task: why this worker's Triton interpreter cannot run moe_ops' kernels ("" if it can).
+    Triton 3.6's interpreter cannot run a loop over a runtime bound with NumPy >= 2.3 (its scalars are
+    1-element arrays there); such a machine (the GPU loaner) tests the compiled kernels instead."""
+    import numpy
+    import torch
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def count_to(out_ptr, n):
+        total = 0
+        for _ in range(0, n, 1):
+            total += 1
+        tl.store(out_ptr, total)
+
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        count_to[(1,)](out, 3)
+    except Exception as e:  # noqa: BLE001 - the probe reports what failed
+        return f"Triton {triton.__version__}, NumPy {numpy.__version__}: {type(e).__name__}: {e}"
+    return "" if out.item() == 3 else f"Triton {triton.__version__}: loop counted {out.item()} instead of 3"
