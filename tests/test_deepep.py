@@ -20,7 +20,7 @@ import torch
 from hypothesis import given, settings
 
 from moe_ops.testing import conformance, deepep_mistakes, deepep_sim
-from moe_ops.testing.harness import RankFailure, World
+from moe_ops.testing.harness import RankFailure, set_up
 from moe_ops.testing.problems import Problem, make_problem, problems
 
 pytestmark = pytest.mark.multiproc
@@ -35,13 +35,7 @@ LL_HIDDEN = 2048
 @pytest.fixture
 def world(worlds):
     """``world(size)``: a live gloo world of ``size`` ranks with the simulator installed."""
-
-    def get(size: int) -> World:
-        w = worlds(size)
-        w.run(deepep_sim.install_on_rank)
-        return w
-
-    return get
+    return set_up(worlds, deepep_sim.install_on_rank)
 
 
 def bf16_problem(tokens: list[int], hidden: int, num_experts: int, top_k: int, **kw: object) -> Problem:
@@ -94,9 +88,7 @@ def test_triton_local_stage(interpreted_worlds, backend: str, layout: str) -> No
     """The Triton kernels of the local stage (what CUDA runs) on DeepEP's outputs, garbage rows included."""
     kw = padded(12, 3) if layout == "padded" else {}
     problem = bf16_problem([12, 5], LL_HIDDEN if backend == "deepep_ll" else 16, 8, 3, mask_fraction=0.2, seed=2, **kw)
-    w = interpreted_worlds(2)
-    w.run(deepep_sim.install_on_rank)
-    conformance.check_world(w, problem, backend)
+    conformance.check_world(set_up(interpreted_worlds, deepep_sim.install_on_rank)(2), problem, backend)
 
 
 COMPILED = [("deepep", 2, "ragged"), ("deepep", 2, "padded"), ("deepep_ll", 2, "padded")]

@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 
 from moe_ops.testing import conformance, peer_sim
-from moe_ops.testing.harness import World
+from moe_ops.testing.harness import set_up
 from moe_ops.testing.problems import Problem, make_problem, problems
 
 pytestmark = pytest.mark.multiproc
@@ -24,13 +24,7 @@ EXAMPLES = {1: 5, 2: 8, 3: 5, 4: 5}
 @pytest.fixture
 def world(interpreted_worlds):
     """``world(size)``: a gloo world running the Triton kernels interpreted, with the simulator installed."""
-
-    def get(size: int) -> World:
-        w = interpreted_worlds(size)
-        w.run(peer_sim.install_on_rank)
-        return w
-
-    return get
+    return set_up(interpreted_worlds, peer_sim.install_on_rank)
 
 
 def test_put_rows_places_every_slot(world) -> None:

@@ -17,8 +17,8 @@ stage() { name=$1; limit=$2; shift 2; start=$(date +%s); timeout -k 5 "$limit" "
 wants() { case " ${STAGES:-cuda hf profile bench multi cpu multiproc} " in *" $1 "*) return 0;; esac; return 1; }
 PYTEST="tools/in-env.sh python3 -m pytest -p no:cacheprovider -p timeout --timeout=${TEST_TIMEOUT:-120} -rfE --tb=short -v"
 # -v with xdist names each result as it comes (passes filtered out), so a stage cut short still says
-# what failed; pytest-timeout names a test that hangs.
-pytest_stage() { name=$1; limit=$2; workers=$3; marks=$4; shift 4; stage "$name" "$limit" sh -c "$PYTEST -n $workers -m '$marks' --durations=8 $* | grep -v 'PASSED\|PytestBenchmarkWarning\|warner('"; }
+# what failed (grep --line-buffered: a killed stage keeps its lines); pytest-timeout names a test that hangs.
+pytest_stage() { name=$1; limit=$2; workers=$3; marks=$4; shift 4; stage "$name" "$limit" sh -c "$PYTEST -n $workers -m '$marks' --durations=8 $* | grep --line-buffered -v 'PASSED\|PytestBenchmarkWarning\|warner('"; }
 
 wants cuda && pytest_stage tests-cuda "${CUDA_LIMIT:-200}" 4 "cuda and not multiproc"
 if wants hf; then

@@ -219,3 +219,15 @@ def interpreter_fault(rank: int) -> str:
     except Exception as e:  # noqa: BLE001 - the probe reports what failed
         return f"Triton {triton.__version__}, NumPy {numpy.__version__}: {type(e).__name__}: {e}"
     return "" if out.item() == 3 else f"Triton {triton.__version__}: loop counted {out.item()} instead of 3"
+
+
+def set_up(get: Callable[[int], World], task: Callable[[int], None]) -> Callable[[int], World]:
+    """``get`` (``size -> World``) whose worlds have run ``task`` on every rank first (installing a
+    simulator, for example; the task must be idempotent)."""
+
+    def world(size: int) -> World:
+        w = get(size)
+        w.run(task)
+        return w
+
+    return world
