@@ -48,7 +48,8 @@ class PeerBuffer:
 
 Factory = Callable[[Comm, int, torch.device], PeerBuffer]
 _factories: dict[str, Factory] = {}
-_buffers: dict[tuple[str, str], PeerBuffer] = {}  # by (group name, device type)
+# by (group name, group, device type): a group made later under a destroyed group's name gets its own
+_buffers: dict[tuple[str, object, str], PeerBuffer] = {}
 
 
 def install(device_type: str, factory: Factory) -> None:
@@ -62,7 +63,7 @@ def device_types() -> frozenset[str]:
 
 def get(comm: Comm, nbytes: int, device: torch.device) -> PeerBuffer:
     """The group's buffer, at least ``nbytes`` long (made or enlarged here: collective)."""
-    key = (comm.group_name, device.type)
+    key = (comm.group_name, comm.group, device.type)
     held = _buffers.get(key)
     if held is not None and held.nbytes >= nbytes:
         return held
@@ -78,7 +79,8 @@ def get(comm: Comm, nbytes: int, device: torch.device) -> PeerBuffer:
 
 
 def release(group_name: str | None = None) -> None:
-    """Forget the buffers of ``group_name`` (all groups: ``None``); their memory goes when unused."""
+    """Forget the buffers of ``group_name`` (all groups: ``None``); their memory goes when unused. Call it
+    before destroying a group to free its buffer at once."""
     for key in [k for k in _buffers if group_name is None or k[0] == group_name]:
         del _buffers[key]
 

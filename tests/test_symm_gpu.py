@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import moe_ops
+from moe_ops import peer_memory
 from moe_ops.testing import conformance
 from moe_ops.testing.problems import make_problem
 
@@ -45,6 +46,7 @@ def group() -> Iterator[str]:
         dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
                                 device_id=torch.device("cuda", torch.cuda.current_device()))
     yield dist.group.WORLD.group_name
+    peer_memory.release(dist.group.WORLD.group_name)
     if started:
         dist.destroy_process_group()
 
