@@ -33,7 +33,7 @@ def test_put_rows_places_every_slot(world) -> None:
 
 def _put_rows_task(rank: int) -> None:
     """Three simulated ranks in one process: each stores its slots; every row lands where the layout
-    says, payloads only where sent, meta always, nothing else touched."""
+    says, payloads only where sent, meta always, nothing else touched; then an empty, strided source."""
     from moe_ops.kernels.put import put_rows
 
     world, bound, cols, meta_words = 3, 4, 5, 3
@@ -61,6 +61,14 @@ def _put_rows_task(rank: int) -> None:
                 assert bool((row[4 * cols : meta_offset] == 0xEE).all())
                 assert torch.equal(row[meta_offset : meta_offset + 4 * meta_words].view(torch.int32), meta[slot])
                 assert bool((row[meta_offset + 4 * meta_words :] == 0xEE).all())
+    # a rank with no rows sends metadata only; its empty source may come with any strides (autograd's
+    # empty gradients do, and .contiguous() keeps them: an empty tensor counts as contiguous)
+    empty = torch.empty(0, 2 * cols)[:, ::2]
+    meta = torch.full((world * bound, meta_words), 7, dtype=torch.int32)
+    put_rows(empty, torch.full((world * bound,), -1), meta, peers, 0, bound, row_bytes, meta_offset, programs=2)
+    for dest in range(world):
+        rows = buffers[dest].view(world * bound, row_bytes)[:bound]
+        assert bool((rows[:, meta_offset : meta_offset + 4 * meta_words].view(torch.int32) == 7).all())
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 4])

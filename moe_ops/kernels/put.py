@@ -72,7 +72,9 @@ def put_rows(
     ``row_bytes`` a multiple of 16."""
     num_slots = src_index.numel()
     payload_cols = src.shape[1]
-    assert src.stride(1) == 1 and src_index.is_contiguous() and row_bytes % 16 == 0
+    if src.stride(1) != 1:  # columns must be unit-stride; an empty gradient may keep any strides
+        src = src.contiguous()  # (it counts as contiguous), and then no row of it is read
+    assert src_index.is_contiguous() and row_bytes % 16 == 0
     assert meta is None or (meta.dtype == torch.int32 and meta.is_contiguous() and meta.shape[0] == num_slots)
     if not num_slots:
         return

@@ -82,8 +82,8 @@ def reduce(rows: Tensor, route_row: Tensor, row_weights: Tensor | None, unique: 
     ``rows [R, H]`` (rows may be strided), ``route_row [M, K]``, ``row_weights [R]`` or ``None``."""
     m, top_k = route_row.shape
     hidden = rows.shape[1]
-    if rows.stride(1) != 1:  # gradients arrive in any layout (an expanded ones-gradient has stride 0)
-        rows = rows.contiguous()
+    if rows.stride(1) != 1:  # columns must be unit-stride; an empty gradient may keep any strides
+        rows = rows.contiguous()  # (it counts as contiguous), and then no row of it is read
     route_row = route_row.contiguous()
     out = torch.empty(m, hidden, dtype=rows.dtype, device=rows.device)
     h_block = block_size(hidden, REDUCE_H_BLOCK)
