@@ -93,3 +93,27 @@ def test_opcheck(world, layout: str) -> None:
     kw = dict(layout="padded", max_tokens_per_rank=9, capacity=4) if layout == "padded" else {}
     for tokens in (0, 9):
         world(1).run(conformance.opcheck_task, make_problem([tokens], 16, 4, 2, mask_fraction=0.2, seed=1, **kw), "auto")
+
+
+def test_one_column_rows_of_any_stride(world) -> None:
+    """``[T, 1]`` tokens count as contiguous whatever their column stride (a transposed ``[1, T]``)."""
+    assert world(1).run(_one_column_dispatch) == [None]
+
+
+def _one_column_dispatch(rank: int) -> None:
+    import torch
+
+    from moe_ops import permute, routing
+    from moe_ops.kernels import layout
+
+    x = torch.randn(1, 30).t()
+    assert x.is_contiguous() and x.stride(1) != 1
+    ids, weights = torch.randint(-1, 4, (30, 2)), torch.rand(30, 2)
+    expected = permute.expand(x, weights, routing.expert_layout(routing.local_expert_ids(ids, 4, 1, 0), 4, None, None).row_src)[0]
+    default = layout.SMALL_ROUTES
+    try:
+        for limit in (default, 0):  # one launch, three launches
+            layout.SMALL_ROUTES = limit
+            assert torch.equal(layout.dispatch_rows(x, weights, ids, 4, None)[0], expected)
+    finally:
+        layout.SMALL_ROUTES = default

@@ -212,7 +212,7 @@ def dispatch_rows(
     """
     m, top_k = ids.shape
     hidden, device = tokens.shape[1], tokens.device
-    assert tokens.stride(1) == 1 and weights.is_contiguous() and ids.is_contiguous()
+    assert (tokens.stride(1) == 1 or hidden <= 1) and weights.is_contiguous() and ids.is_contiguous()
     padded = capacity is not None
     counts = torch.empty(num_local, dtype=torch.int32, device=device)
     dropped = torch.empty_like(counts)
