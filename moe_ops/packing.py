@@ -30,6 +30,10 @@ class RowFormat:
             offset += -(-size // _ALIGN) * _ALIGN
         return spans
 
+    def offset(self, field: int) -> int:
+        """The byte offset of field ``field`` in a row."""
+        return self._spans()[field][0]
+
     @property
     def row_bytes(self) -> int:
         offset, size = self._spans()[-1]

@@ -55,6 +55,15 @@ def destination_ranks(topk_idx: Tensor, num_experts: int, world_size: int) -> Te
     return torch.where(valid, ids // (num_experts // world_size), -1)
 
 
+def slot_tokens(send_slot: Tensor, num_slots: int) -> Tensor:
+    """``[S]`` int64: the token whose routes name each of ``num_slots`` send slots in ``send_slot [T, K]``
+    (the slot of each route's (token, destination), ``-1`` for none); ``-1`` for slots no route names."""
+    tokens = torch.arange(send_slot.shape[0], device=send_slot.device).unsqueeze(1).expand_as(send_slot)
+    out = torch.full((num_slots + 1,), -1, dtype=torch.int64, device=send_slot.device)
+    out.scatter_(0, torch.where(send_slot >= 0, send_slot, num_slots).reshape(-1), tokens.reshape(-1))
+    return out[:num_slots]
+
+
 def first_occurrence(keys: Tensor) -> Tensor:
     """``[T, K]`` bool: ``keys[t, k] >= 0`` and no ``j < k`` has ``keys[t, j] == keys[t, k]``."""
     k = keys.shape[1]

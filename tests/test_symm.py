@@ -71,6 +71,45 @@ def _put_rows_task(rank: int) -> None:
         assert bool((rows[:, meta_offset : meta_offset + 4 * meta_words].view(torch.int32) == 7).all())
 
 
+def test_put_tokens_places_every_slot(world) -> None:
+    assert world(1).run(_put_tokens_task) == [None]
+
+
+def _put_tokens_task(rank: int) -> None:
+    """Dispatch's put for three simulated ranks (T = 5, 6, 0; bound 6; 2 experts per rank, K = 3, masked
+    and out-of-range ids): row ``s * 6 + t`` of rank ``d`` holds token ``t`` of rank ``s`` exactly when one
+    of its routes goes to ``d``, its ids local to ``d`` (-1 elsewhere) and their weights (0 elsewhere)."""
+    from moe_ops.kernels.put import put_tokens
+
+    world, bound, hidden, num_local, top_k = 3, 6, 5, 2, 3
+    row_bytes, meta_offset, weights_offset = 48, 16, 16  # payload 10 bytes -> 16; ids 12 bytes -> 16; weights 12
+    buffers = [torch.full((world * bound * row_bytes,), 0xEE, dtype=torch.uint8) for _ in range(world)]
+    peers = torch.tensor([b.data_ptr() for b in buffers], dtype=torch.int64)
+    sent = []
+    for sender, tokens in enumerate((5, 6, 0)):
+        gen = torch.Generator().manual_seed(sender)
+        x = torch.randn(tokens, hidden, generator=gen).to(torch.bfloat16)
+        idx = torch.randint(-1, world * num_local + 2, (tokens, top_k), generator=gen)
+        w = torch.rand(tokens, top_k, generator=gen)
+        put_tokens(x, idx, w, num_local, peers, sender, bound, row_bytes, meta_offset, weights_offset, programs=2)
+        sent.append((x, idx, w))
+    for dest in range(world):
+        rows = buffers[dest].view(world * bound, row_bytes)
+        for sender, (x, idx, w) in enumerate(sent):
+            for t in range(bound):
+                row = rows[sender * bound + t]
+                ids = row[meta_offset : meta_offset + 4 * top_k].view(torch.int32)
+                weights = row[meta_offset + weights_offset : meta_offset + weights_offset + 4 * top_k].view(torch.float32)
+                mine = (idx[t] >= 0) & (idx[t] < world * num_local) & (idx[t] // num_local == dest) if t < len(x) else torch.zeros(top_k, dtype=torch.bool)
+                assert torch.equal(ids, torch.where(mine, idx[t] - dest * num_local, -1).int() if t < len(x) else torch.full((top_k,), -1, dtype=torch.int32))
+                assert torch.equal(weights, torch.where(mine, w[t], 0) if t < len(x) else torch.zeros(top_k))
+                payload = row[: 2 * hidden]
+                if bool(mine.any()):
+                    assert torch.equal(payload.view(torch.bfloat16), x[t]), (dest, sender, t)
+                else:
+                    assert bool((payload == 0xEE).all()), (dest, sender, t)
+
+
 @pytest.mark.parametrize("size", [1, 2, 3, 4])
 def test_property(world, size: int) -> None:
     @settings(max_examples=EXAMPLES[size])

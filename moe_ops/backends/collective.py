@@ -56,10 +56,7 @@ def _slot_tokens(send_slot: Tensor, num_slots: int, padded_bound: int | None) ->
     if padded_bound is not None:
         t = torch.arange(num_slots, device=send_slot.device) % padded_bound
         return torch.where(t < send_slot.shape[0], t, -1)
-    tokens = torch.arange(send_slot.shape[0], device=send_slot.device).unsqueeze(1).expand_as(send_slot)
-    out = torch.full((num_slots + 1,), -1, dtype=torch.int64, device=send_slot.device)
-    out.scatter_(0, torch.where(send_slot >= 0, send_slot, num_slots).reshape(-1), tokens.reshape(-1))
-    return out[:num_slots]
+    return routing.slot_tokens(send_slot, num_slots)
 
 
 class CollectiveBackend(Backend):

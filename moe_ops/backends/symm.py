@@ -20,12 +20,18 @@ processes, the put kernel under ``TRITON_INTERPRET=1``) at W = 1...4 and on one 
 symmetric memory). Not tested here: more than one GPU (NVLink stores, barrier timing) — issue 7's
 script ``tools/bench_multi_gpu.py`` runs that where a multi-GPU machine is lent.
 
-Handle: ``[send_slot [T, K], route_row [W*B, K], row_src [N] or [L, C], send_index [W*B], back_index
-[W*B]]``: the slot of each route's (token, destination); the layout row of each received route; the
-token each send slot carries (-1: none); each received slot's own index where it carried a token.
+Dispatch's put kernel (``put_tokens``) reads the routes itself: it finds each slot's token and local ids
+and stores them with the router weights, so no send buffer or index is built first. The other three
+transfers store rows named by an index (``put_rows``).
+
+Handle: ``[send_slot [T, K], route_row [W*B, K], row_src [N] or [L, C], back_index [W*B]]``: the slot of
+each route's (token, destination); the layout row of each received route; each received slot's own
+index where it carried a token (-1: empty).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -42,22 +48,33 @@ def _aligned(nbytes: int) -> int:
     return -(-nbytes // _ALIGN) * _ALIGN
 
 
-def _transfer(comm: Comm, src: Tensor, src_index: Tensor, meta: Tensor | None, bound: int) -> tuple[Tensor, Tensor | None]:
-    """Send slot ``i``'s payload ``src[src_index[i]]`` and ``meta[i]`` (int32 words) to rank ``i // bound``;
-    returns what every rank sent here, ``([W*bound, P] like src, [W*bound, M] int32 or None)``, as views
-    of this rank's buffer (valid until the next transfer)."""
-    from moe_ops.kernels.put import put_rows  # Triton: imported on the first transfer, not with moe_ops
-
+def _transfer(
+    comm: Comm, bound: int, payload: tuple[int, torch.dtype], meta_bytes: int, device: torch.device,
+    put: Callable[[Tensor, int, int], None],
+) -> tuple[Tensor, Tensor]:
+    """One transfer: ``put(peers, row_bytes, meta_offset)`` stores this rank's slots into the peers'
+    buffers between two barriers. Returns what every rank sent here — ``[W*bound, cols]`` payloads of
+    ``payload = (cols, dtype)`` and ``[W*bound, meta_bytes]`` uint8 metadata — as views of this rank's
+    buffer (valid until the next transfer)."""
+    cols, dtype = payload
     slots = comm.world_size * bound
-    payload_bytes = _aligned(src.shape[1] * src.element_size())
-    row_bytes = _aligned(payload_bytes + (0 if meta is None else 4 * meta.shape[1]))
-    buffer = peer_memory.get(comm, slots * row_bytes, src.device)
+    payload_bytes = _aligned(cols * dtype.itemsize)
+    row_bytes = _aligned(payload_bytes + meta_bytes)
+    buffer = peer_memory.get(comm, slots * row_bytes, device)
     buffer.barrier()  # every rank has read what the previous transfer left in its buffer
-    put_rows(src, src_index, meta, buffer.peers, comm.rank, bound, row_bytes, payload_bytes, config.symm_num_sms)
+    put(buffer.peers, row_bytes, payload_bytes)
     buffer.barrier()  # every rank's rows for this rank have landed
     rows = buffer.local[: slots * row_bytes].view(slots, row_bytes)
-    payload = rows[:, : src.shape[1] * src.element_size()].view(src.dtype)
-    return payload, None if meta is None else rows[:, payload_bytes : payload_bytes + 4 * meta.shape[1]].view(torch.int32)
+    return rows[:, : cols * dtype.itemsize].view(dtype), rows[:, payload_bytes : payload_bytes + meta_bytes]
+
+
+def _put_rows(comm: Comm, src: Tensor, src_index: Tensor, meta: Tensor | None, bound: int) -> Callable[[Tensor, int, int], None]:
+    """A ``put`` for :func:`_transfer`: slot ``i`` sends ``src[src_index[i]]`` and ``meta[i]`` (int32 words)."""
+    from moe_ops.kernels.put import put_rows  # Triton: imported on the first transfer, not with moe_ops
+
+    return lambda peers, row_bytes, meta_offset: put_rows(
+        src, src_index, meta, peers, comm.rank, bound, row_bytes, meta_offset, config.symm_num_sms
+    )
 
 
 class SymmBackend(Backend):
@@ -70,6 +87,8 @@ class SymmBackend(Backend):
         return peer_memory.device_types()
 
     def dispatch(self, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, plan: DispatchPlan) -> DispatchOutputs:
+        from moe_ops.kernels.put import put_tokens
+
         comm, world, num_local = plan.comm, plan.comm.world_size, plan.num_local_experts
         num_tokens, top_k = topk_idx.shape
         dest = routing.destination_ranks(topk_idx, plan.num_experts, world)
@@ -82,56 +101,53 @@ class SymmBackend(Backend):
         else:
             plan.agree(None)
             bound, num_rows = plan.max_tokens_per_rank, None
-        ranks = torch.arange(world, device=x.device)
-        goes = dest.unsqueeze(2) == ranks  # [T, K, W]: route k of token t goes to rank d
-        send_index = torch.full((world, bound), -1, dtype=torch.int64, device=x.device)
-        send_index[:, :num_tokens] = torch.where(goes.any(1), torch.arange(num_tokens, device=x.device).unsqueeze(1), -1).T
         meta_format = RowFormat(((top_k, torch.int32), (top_k, topk_weights.dtype)))
-        meta = meta_format.empty(world * bound, x.device)
-        ids, weights = (view.view(world, bound, top_k) for view in meta_format.views(meta))
-        ids.fill_(-1)
-        weights.zero_()
-        ids[:, :num_tokens] = torch.where(goes, topk_idx.unsqueeze(2) - ranks * num_local, -1).permute(2, 0, 1)
-        weights[:, :num_tokens] = torch.where(goes, topk_weights.unsqueeze(2), 0).permute(2, 0, 1)
 
-        tokens, received = _transfer(comm, x, send_index.view(-1), meta.view(torch.int32), bound)
-        assert received is not None
-        ids, weights = meta_format.views(received.view(torch.uint8))
+        def put(peers: Tensor, row_bytes: int, meta_offset: int) -> None:
+            put_tokens(x, topk_idx.contiguous(), topk_weights.contiguous(), num_local, peers, comm.rank, bound,
+                       row_bytes, meta_offset, meta_format.offset(1), config.symm_num_sms)
+
+        tokens, meta = _transfer(comm, bound, (x.shape[1], x.dtype), meta_format.row_bytes, x.device, put)
+        ids, weights = meta_format.views(meta)
         out = stage.dispatch_rows(tokens, weights, ids, num_local, plan.capacity, num_rows, plan.zero_padding)
-        carried = (ids >= 0).any(1)
-        back_index = torch.where(carried, torch.arange(world * bound, device=x.device), -1)
+        back_index = torch.where((ids >= 0).any(1), torch.arange(world * bound, device=x.device), -1)
         send_slot = torch.where(dest >= 0, dest * bound + torch.arange(num_tokens, device=x.device).unsqueeze(1), -1)
-        handle = [send_slot, out.route_row, out.row_src, send_index.view(-1), back_index]
-        return DispatchOutputs(out.recv_x, out.recv_weights, out.tokens_per_expert, out.dropped, handle)
+        return DispatchOutputs(out.recv_x, out.recv_weights, out.tokens_per_expert, out.dropped, [send_slot, out.route_row, out.row_src, back_index])
 
     def combine(self, expert_out: Tensor, recv_weights: Tensor, handle: list[Tensor], comm: Comm) -> Tensor:
-        send_slot, route_row, _, _, back_index = handle
+        send_slot, route_row, _, back_index = handle
+        bound = route_row.shape[0] // comm.world_size
         partial = stage.reduce(expert_out.flatten(0, -2), route_row, recv_weights.reshape(-1), ragged=expert_out.dim() == 2)
-        back, _ = _transfer(comm, partial, back_index, None, route_row.shape[0] // comm.world_size)
+        back, _ = _transfer(comm, bound, (partial.shape[1], partial.dtype), 0, partial.device,
+                            _put_rows(comm, partial, back_index, None, bound))
         return stage.reduce(back, send_slot, None, unique=True)
 
     def dispatch_backward(
         self, grad_recv_x: Tensor, grad_recv_weights: Tensor, handle: list[Tensor], comm: Comm
     ) -> tuple[Tensor, Tensor]:
-        send_slot, route_row, _, _, back_index = handle
+        send_slot, route_row, _, back_index = handle
+        bound = route_row.shape[0] // comm.world_size
         grad_tokens = stage.reduce(grad_recv_x.flatten(0, -2), route_row, None, ragged=grad_recv_x.dim() == 2)
         meta_format = RowFormat(((send_slot.shape[1], grad_recv_weights.dtype),))
         meta = meta_format.empty(route_row.shape[0], grad_recv_x.device)
         meta_format.views(meta)[0].copy_(permute.gather_routes(grad_recv_weights.reshape(-1), route_row))
-        back, received = _transfer(comm, grad_tokens, back_index, meta.view(torch.int32), route_row.shape[0] // comm.world_size)
-        assert received is not None
+        back, received = _transfer(comm, bound, (grad_tokens.shape[1], grad_tokens.dtype), meta_format.row_bytes,
+                                   grad_tokens.device, _put_rows(comm, grad_tokens, back_index, meta.view(torch.int32), bound))
         grad_x = stage.reduce(back, send_slot, None, unique=True)
-        return grad_x, permute.take_columns(meta_format.views(received.view(torch.uint8))[0], send_slot)
+        return grad_x, permute.take_columns(meta_format.views(received)[0], send_slot)
 
     def combine_backward(
         self, grad_out: Tensor, expert_out: Tensor, recv_weights: Tensor, handle: list[Tensor], comm: Comm
     ) -> tuple[Tensor, Tensor]:
-        _, route_row, row_src, send_index, _ = handle
-        grad_tokens, _ = _transfer(comm, grad_out, send_index, None, route_row.shape[0] // comm.world_size)
+        send_slot, route_row, row_src, _ = handle
+        bound = route_row.shape[0] // comm.world_size
+        send_index = routing.slot_tokens(send_slot, route_row.shape[0])
+        grad_tokens, _ = _transfer(comm, bound, (grad_out.shape[1], grad_out.dtype), 0, grad_out.device,
+                                   _put_rows(comm, grad_out, send_index, None, bound))
         return stage.expand_grad(grad_tokens, expert_out, recv_weights, route_row, row_src)
 
     def handle_len(self, layout: Layout) -> int:
-        return 5
+        return 4
 
     def rows_shape(self, handle: list[Tensor]) -> tuple[int, ...]:
         return tuple(handle[2].shape)
@@ -145,6 +161,5 @@ class SymmBackend(Backend):
             int64_like(topk_idx, topk_idx.shape),
             int64_like(topk_idx, (slots, topk_idx.shape[1])),
             int64_like(topk_idx, rows_shape),
-            int64_like(topk_idx, (slots,)),
             int64_like(topk_idx, (slots,)),
         ]

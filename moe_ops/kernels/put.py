@@ -18,11 +18,31 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from moe_ops.kernels import block_size
+from moe_ops.kernels import block_size, k_block
 
 PUT_BLOCK = 2048  # payload elements per row of a tile
 PUT_TILE = 16384  # elements a program moves per step: PUT_TILE // block rows at once (bytes in flight)
 PUT_WARPS = 16
+
+
+@triton.jit
+def _slot_tile(item, blocks, num_slots, rank, bound, peers_ptr, row_bytes, ROWS: tl.constexpr):
+    """Item ``item``'s ROWS slots, their payload block, and each slot's row address in its destination's buffer."""
+    slot = (item // blocks) * ROWS + tl.arange(0, ROWS)
+    in_range = slot < num_slots
+    row = rank * bound + slot % bound  # where the slot lands in its destination's buffer
+    base = tl.load(peers_ptr + slot // bound, mask=in_range, other=0) + row.to(tl.int64) * row_bytes
+    return slot, item % blocks, in_range, tl.multiple_of(base, [16])  # buffers and rows are 16-byte aligned
+
+
+@triton.jit
+def _store_payload(src_ptr, src_stride, src_row, base, b, payload_cols, BLOCK: tl.constexpr):
+    """Columns of block ``b`` of source rows ``src_row`` (-1: none) to the rows at addresses ``base``."""
+    cols = b * BLOCK + tl.arange(0, BLOCK)
+    mask = (src_row >= 0)[:, None] & (cols < payload_cols)[None, :]
+    v = tl.load(src_ptr + src_row[:, None] * src_stride + cols[None, :], mask=mask)
+    out = base.to(tl.pointer_type(src_ptr.dtype.element_ty))
+    tl.store(out[:, None] + cols[None, :], v, mask=mask)
 
 
 @triton.jit
@@ -34,18 +54,9 @@ def _put_rows(
     """Each step: ROWS slots x BLOCK payload columns, so many rows' loads are in flight at once."""
     blocks = tl.maximum(tl.cdiv(payload_cols, BLOCK), 1)
     for item in range(tl.program_id(0), tl.cdiv(num_slots, ROWS) * blocks, tl.num_programs(0)):
-        slot = (item // blocks) * ROWS + tl.arange(0, ROWS)
-        b = item % blocks
-        in_range = slot < num_slots
-        row = rank * bound + slot % bound  # where the slot lands in its destination's buffer
-        base = tl.load(peers_ptr + slot // bound, mask=in_range, other=0) + row.to(tl.int64) * row_bytes
-        base = tl.multiple_of(base, [16])  # buffers and rows are 16-byte aligned: vector stores
+        slot, b, in_range, base = _slot_tile(item, blocks, num_slots, rank, bound, peers_ptr, row_bytes, ROWS)
         src_row = tl.load(src_index_ptr + slot, mask=in_range, other=-1)
-        cols = b * BLOCK + tl.arange(0, BLOCK)
-        mask = (src_row >= 0)[:, None] & (cols < payload_cols)[None, :]
-        v = tl.load(src_ptr + src_row[:, None] * src_stride + cols[None, :], mask=mask)
-        out = base.to(tl.pointer_type(src_ptr.dtype.element_ty))
-        tl.store(out[:, None] + cols[None, :], v, mask=mask)
+        _store_payload(src_ptr, src_stride, src_row, base, b, payload_cols, BLOCK)
         if HAS_META:
             if b == 0:
                 w = tl.arange(0, META_BLOCK)
@@ -53,6 +64,42 @@ def _put_rows(
                 m = tl.load(meta_ptr + slot[:, None].to(tl.int64) * meta_words + w[None, :], mask=words)
                 meta_out = (base + meta_offset).to(tl.pointer_type(tl.int32))
                 tl.store(meta_out[:, None] + w[None, :], m, mask=words)
+
+
+@triton.jit
+def _put_tokens(
+    x_ptr, x_stride, idx_ptr, weights_ptr, peers_ptr,
+    rank, bound, num_slots, num_tokens, top_k, num_local, num_experts, hidden, row_bytes, meta_offset, weights_offset,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr, K_BLOCK: tl.constexpr,
+):
+    """Dispatch's transfer: slot ``d * bound + t`` carries token ``t`` to rank ``d`` if one of its routes
+    goes there, and always its ``K`` ids local to ``d`` (-1 where not there) and their router weights."""
+    blocks = tl.maximum(tl.cdiv(hidden, BLOCK), 1)
+    for item in range(tl.program_id(0), tl.cdiv(num_slots, ROWS) * blocks, tl.num_programs(0)):
+        slot, b, in_range, base = _slot_tile(item, blocks, num_slots, rank, bound, peers_ptr, row_bytes, ROWS)
+        t = slot % bound
+        dest = slot // bound
+        k = tl.arange(0, K_BLOCK)
+        route = t.to(tl.int64)[:, None] * top_k + k[None, :]
+        ids = tl.load(idx_ptr + route, mask=(in_range & (t < num_tokens))[:, None] & (k < top_k)[None, :], other=-1)
+        mine = (ids >= 0) & (ids < num_experts) & (ids // num_local == dest[:, None])  # checked before narrowing
+        goes = tl.max(mine.to(tl.int32), axis=1) > 0
+        _store_payload(x_ptr, x_stride, tl.where(goes, t, -1).to(tl.int64), base, b, hidden, BLOCK)
+        if b == 0:
+            fields = in_range[:, None] & (k < top_k)[None, :]
+            local = tl.where(mine, ids - dest[:, None] * num_local, -1).to(tl.int32)
+            tl.store((base + meta_offset).to(tl.pointer_type(tl.int32))[:, None] + k[None, :], local, mask=fields)
+            w = tl.load(weights_ptr + route, mask=mine, other=0)
+            w_out = (base + meta_offset + weights_offset).to(tl.pointer_type(weights_ptr.dtype.element_ty))
+            tl.store(w_out[:, None] + k[None, :], w, mask=fields)
+
+
+def _launch_shape(payload_cols: int, num_slots: int, programs: int) -> tuple[int, int, int]:
+    """``(block, rows, programs)``: payload columns and slots per step, programs to launch."""
+    block = block_size(payload_cols, PUT_BLOCK)
+    rows = max(1, PUT_TILE // block)
+    items = triton.cdiv(num_slots, rows) * max(1, triton.cdiv(payload_cols, block))
+    return block, rows, max(1, min(programs, items))
 
 
 def put_rows(
@@ -79,12 +126,42 @@ def put_rows(
     if not num_slots:
         return
     meta_words = 0 if meta is None else meta.shape[1]
-    block = block_size(payload_cols, PUT_BLOCK)
-    rows = max(1, PUT_TILE // block)
-    items = triton.cdiv(num_slots, rows) * max(1, triton.cdiv(payload_cols, block))
-    _put_rows[(max(1, min(programs, items)),)](
+    block, rows, grid = _launch_shape(payload_cols, num_slots, programs)
+    _put_rows[(grid,)](
         src, src.stride(0), src_index, src_index if meta is None else meta, meta_words, peers,
         rank, bound, num_slots, payload_cols, row_bytes, meta_offset,
         HAS_META=meta is not None, ROWS=rows, BLOCK=block,
         META_BLOCK=triton.next_power_of_2(max(meta_words, 1)), num_warps=PUT_WARPS,
+    )
+
+
+def put_tokens(
+    x: Tensor,
+    topk_idx: Tensor,
+    topk_weights: Tensor,
+    num_local: int,
+    peers: Tensor,
+    rank: int,
+    bound: int,
+    row_bytes: int,
+    meta_offset: int,
+    weights_offset: int,
+    programs: int,
+) -> None:
+    """Dispatch's transfer, reading the routes directly: slot ``d * bound + t`` (``d`` over the ``W =
+    len(peers)`` ranks) carries token ``t`` of ``x [T, H]`` to rank ``d`` if one of its routes ``topk_idx
+    [T, K]`` (expert ``e`` lives on rank ``e // num_local``; ids outside ``[0, W * num_local)`` are masked)
+    goes there; every slot's ``K`` int32 ids local to ``d`` (-1 elsewhere) go to ``meta_offset`` and their
+    ``topk_weights`` (0 elsewhere) to ``meta_offset + weights_offset`` of its row."""
+    num_tokens, top_k = topk_idx.shape
+    world, hidden = peers.numel(), x.shape[1]
+    assert (x.stride(1) == 1 or hidden <= 1) and topk_idx.is_contiguous() and topk_weights.is_contiguous()
+    assert row_bytes % 16 == 0 and num_tokens <= bound
+    if not bound:
+        return
+    block, rows, grid = _launch_shape(hidden, world * bound, programs)
+    _put_tokens[(grid,)](
+        x, x.stride(0), topk_idx, topk_weights, peers,
+        rank, bound, world * bound, num_tokens, top_k, num_local, world * num_local, hidden, row_bytes, meta_offset,
+        weights_offset, ROWS=rows, BLOCK=block, K_BLOCK=k_block(top_k), num_warps=PUT_WARPS,
     )
