@@ -1,14 +1,18 @@
-"""Rows stored straight into peers' buffers (the ``symm`` backend's transport), as one Triton kernel.
+"""Rows stored straight into peers' buffers (the ``symm`` backend's transport), as Triton kernels.
 
 The sender has ``W * B`` slots: slot ``i = d * B + t`` goes to rank ``d``, where it lands in row
-``rank * B + t`` of that rank's buffer. Each row of a buffer is ``row_bytes`` long: a payload (a source
-row, ``payload_cols`` elements) at byte 0 and, optionally, ``meta_words`` int32 words at ``meta_offset``.
-``src_index[i]`` names the source row of slot ``i``'s payload; ``-1`` sends no payload (the slot's
-meta, if any, is always sent). So a token crosses a link once per destination rank that needs it.
+``rank * B + t`` of that rank's buffer. Each row of a buffer is ``row_bytes`` long: a payload at byte 0
+and, optionally, metadata at ``meta_offset``. A slot without a payload sends only its metadata, so a
+token crosses a link once per destination rank that needs it.
 
-The kernel is persistent: ``programs`` programs (``moe_ops.config.symm_num_sms``, one per SM in
-practice) walk the items, each a tile of several slots' rows (so many rows' loads are in flight in a
-program at once), which bounds the SMs a transfer occupies.
+* ``_put_tokens`` (dispatch): reads the routes itself; slot ``d * B + t`` carries token ``t`` if one of
+  its routes goes to rank ``d``, and always its ids local to ``d`` and their router weights.
+* ``_put_rows`` (combine, the backward passes): ``src_index[i]`` names slot ``i``'s source row
+  (``-1``: none); ``meta[i]`` (int32 words), if given, is always sent.
+
+Both are persistent: ``programs`` programs (``moe_ops.config.symm_num_sms``, one per SM in practice)
+walk the items, each a tile of several slots' rows (so many rows' loads are in flight in a program at
+once), which bounds the SMs a transfer occupies.
 """
 
 from __future__ import annotations
