@@ -106,7 +106,7 @@ def buffers_made_on_new_group(rank: int, calls: list[tuple[Problem, str]]) -> tu
     from moe_ops.testing import conformance
 
     group = dist.new_group(list(range(dist.get_world_size())))
-    before, existing = len(_created), int(group.group_name in runtime._buffers)
+    before, existing = len(_created), int((group.group_name, group) in runtime._buffers)
     for problem, backend in calls:
         step = conformance.pipeline(problem, rank, group=group.group_name, backend=backend)
         make_fx(step, tracing_mode="symbolic", _allow_non_fake_inputs=True)(problem.xs[rank], problem.topk_idx[rank], problem.topk_weights[rank])

@@ -140,13 +140,14 @@ class _GroupBuffer:
     dirty: bool = False  #: normal-mode kernels ran since the low-latency buffer was last cleaned
 
 
-_buffers: dict[str, _GroupBuffer] = {}  # by group name
+# by (group name, group): a group made later under a destroyed group's name gets its own
+_buffers: dict[tuple[str, object], _GroupBuffer] = {}
 
 
 def _ensure(comm: Comm, nvl_bytes: int, rdma_bytes: int, num_qps_per_rank: int) -> _GroupBuffer:
     """The group's buffer, (re)created when it lacks ``nvl_bytes``, ``rdma_bytes`` or low-latency mode
     for ``num_qps_per_rank`` local experts (0: not needed)."""
-    held = _buffers.get(comm.group_name)
+    held = _buffers.get((comm.group_name, comm.group))
     if held is not None and nvl_bytes <= held.nvl_bytes and rdma_bytes <= held.rdma_bytes and (
         num_qps_per_rank in (0, held.num_qps_per_rank)
     ):
@@ -159,7 +160,7 @@ def _ensure(comm: Comm, nvl_bytes: int, rdma_bytes: int, num_qps_per_rank: int) 
         comm.group, nvl_bytes, rdma_bytes, low_latency_mode=low_latency,
         **({"num_qps_per_rank": num_qps_per_rank} if low_latency else {}),
     )
-    _buffers[comm.group_name] = held = _GroupBuffer(buffer, nvl_bytes, rdma_bytes, num_qps_per_rank)
+    _buffers[(comm.group_name, comm.group)] = held = _GroupBuffer(buffer, nvl_bytes, rdma_bytes, num_qps_per_rank)
     return held
 
 
