@@ -68,13 +68,17 @@ def _transfer(
     return rows[:, : cols * dtype.itemsize].view(dtype), rows[:, payload_bytes : payload_bytes + meta_bytes]
 
 
-def _put_rows(comm: Comm, src: Tensor, src_index: Tensor, meta: Tensor | None, bound: int) -> Callable[[Tensor, int, int], None]:
-    """A ``put`` for :func:`_transfer`: slot ``i`` sends ``src[src_index[i]]`` and ``meta[i]`` (int32 words)."""
+def _send_rows(comm: Comm, src: Tensor, src_index: Tensor, bound: int, meta: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """:func:`_transfer` of rows named by an index: slot ``i`` sends ``src[src_index[i]]`` (-1: none) and
+    ``meta[i]`` (``[S, M]`` uint8, ``M`` a multiple of 4)."""
     from moe_ops.kernels.put import put_rows  # Triton: imported on the first transfer, not with moe_ops
 
-    return lambda peers, row_bytes, meta_offset: put_rows(
-        src, src_index, meta, peers, comm.rank, bound, row_bytes, meta_offset, config.symm_num_sms
-    )
+    words = None if meta is None else meta.view(torch.int32)
+
+    def put(peers: Tensor, row_bytes: int, meta_offset: int) -> None:
+        put_rows(src, src_index, words, peers, comm.rank, bound, row_bytes, meta_offset, config.symm_num_sms)
+
+    return _transfer(comm, bound, (src.shape[1], src.dtype), 0 if meta is None else meta.shape[1], src.device, put)
 
 
 class SymmBackend(Backend):
@@ -118,8 +122,7 @@ class SymmBackend(Backend):
         send_slot, route_row, _, back_index = handle
         bound = route_row.shape[0] // comm.world_size
         partial = stage.reduce(expert_out.flatten(0, -2), route_row, recv_weights.reshape(-1), ragged=expert_out.dim() == 2)
-        back, _ = _transfer(comm, bound, (partial.shape[1], partial.dtype), 0, partial.device,
-                            _put_rows(comm, partial, back_index, None, bound))
+        back, _ = _send_rows(comm, partial, back_index, bound)
         return stage.reduce(back, send_slot, None, unique=True)
 
     def dispatch_backward(
@@ -131,8 +134,7 @@ class SymmBackend(Backend):
         meta_format = RowFormat(((send_slot.shape[1], grad_recv_weights.dtype),))
         meta = meta_format.empty(route_row.shape[0], grad_recv_x.device)
         meta_format.views(meta)[0].copy_(permute.gather_routes(grad_recv_weights.reshape(-1), route_row))
-        back, received = _transfer(comm, bound, (grad_tokens.shape[1], grad_tokens.dtype), meta_format.row_bytes,
-                                   grad_tokens.device, _put_rows(comm, grad_tokens, back_index, meta.view(torch.int32), bound))
+        back, received = _send_rows(comm, grad_tokens, back_index, bound, meta)
         grad_x = stage.reduce(back, send_slot, None, unique=True)
         return grad_x, permute.take_columns(meta_format.views(received)[0], send_slot)
 
@@ -142,8 +144,7 @@ class SymmBackend(Backend):
         send_slot, route_row, row_src, _ = handle
         bound = route_row.shape[0] // comm.world_size
         send_index = routing.slot_tokens(send_slot, route_row.shape[0])
-        grad_tokens, _ = _transfer(comm, bound, (grad_out.shape[1], grad_out.dtype), 0, grad_out.device,
-                                   _put_rows(comm, grad_out, send_index, None, bound))
+        grad_tokens, _ = _send_rows(comm, grad_out, send_index, bound)
         return stage.expand_grad(grad_tokens, expert_out, recv_weights, route_row, row_src)
 
     def handle_len(self, layout: Layout) -> int:
