@@ -36,7 +36,15 @@ def _slot_tile(item, blocks, num_slots, rank, bound, peers_ptr, row_bytes, ROWS:
     in_range = slot < num_slots
     row = rank * bound + slot % bound  # where the slot lands in its destination's buffer
     base = tl.load(peers_ptr + slot // bound, mask=in_range, other=0) + row.to(tl.int64) * row_bytes
-    return slot, item % blocks, in_range, tl.multiple_of(base, [16])  # buffers and rows are 16-byte aligned
+    return slot, item % blocks, in_range, base
+
+
+@triton.jit
+def _row_pointer(base, offset, DTYPE: tl.constexpr, ALIGN: tl.constexpr):
+    """``base + offset`` (byte addresses) as pointers to ``DTYPE``, declared ``ALIGN``-byte aligned. The
+    hint goes on the pointers: Triton does not carry one on the integers through the cast, and without it
+    every store is scalar."""
+    return tl.multiple_of((base + offset).to(tl.pointer_type(DTYPE)), [ALIGN])
 
 
 @triton.jit
@@ -45,7 +53,7 @@ def _store_payload(src_ptr, src_stride, src_row, base, b, payload_cols, BLOCK: t
     cols = b * BLOCK + tl.arange(0, BLOCK)
     mask = (src_row >= 0)[:, None] & (cols < payload_cols)[None, :]
     v = tl.load(src_ptr + src_row[:, None] * src_stride + cols[None, :], mask=mask)
-    out = base.to(tl.pointer_type(src_ptr.dtype.element_ty))
+    out = _row_pointer(base, 0, src_ptr.dtype.element_ty, 16)  # buffers and rows are 16-byte aligned
     tl.store(out[:, None] + cols[None, :], v, mask=mask)
 
 
@@ -66,7 +74,7 @@ def _put_rows(
                 w = tl.arange(0, META_BLOCK)
                 words = in_range[:, None] & (w < meta_words)[None, :]
                 m = tl.load(meta_ptr + slot[:, None].to(tl.int64) * meta_words + w[None, :], mask=words)
-                meta_out = (base + meta_offset).to(tl.pointer_type(tl.int32))
+                meta_out = _row_pointer(base, meta_offset, tl.int32, 16)  # the payload is padded to 16 bytes
                 tl.store(meta_out[:, None] + w[None, :], m, mask=words)
 
 
@@ -92,9 +100,10 @@ def _put_tokens(
         if b == 0:
             fields = in_range[:, None] & (k < top_k)[None, :]
             local = tl.where(mine, ids - dest[:, None] * num_local, -1).to(tl.int32)
-            tl.store((base + meta_offset).to(tl.pointer_type(tl.int32))[:, None] + k[None, :], local, mask=fields)
+            ids_out = _row_pointer(base, meta_offset, tl.int32, 16)  # the payload is padded to 16 bytes
+            tl.store(ids_out[:, None] + k[None, :], local, mask=fields)
             w = tl.load(weights_ptr + route, mask=mine, other=0)
-            w_out = (base + meta_offset + weights_offset).to(tl.pointer_type(weights_ptr.dtype.element_ty))
+            w_out = _row_pointer(base, meta_offset + weights_offset, weights_ptr.dtype.element_ty, 8)  # packing.RowFormat: 8
             tl.store(w_out[:, None] + k[None, :], w, mask=fields)
 
 
