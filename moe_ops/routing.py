@@ -55,6 +55,19 @@ def destination_ranks(topk_idx: Tensor, num_experts: int, world_size: int) -> Te
     return torch.where(valid, ids // (num_experts // world_size), -1)
 
 
+def routes_per_rank(dest: Tensor, world_size: int) -> Tensor:
+    """``[W]`` int64: how many routes of ``dest [T, K]`` (``destination_ranks``) go to each rank. No host sync."""
+    routes = torch.zeros(world_size, dtype=torch.int64, device=dest.device)
+    return routes.scatter_add_(0, dest.clamp(min=0).reshape(-1), (dest >= 0).reshape(-1).long())
+
+
+def send_slots(dest: Tensor, bound: int) -> Tensor:
+    """``[T, K]`` int64: slot ``d * bound + t`` of each route's (token ``t``, destination ``d``) among
+    ``W * bound`` send slots, ``-1`` for masked routes (``dest [T, K]`` from ``destination_ranks``)."""
+    tokens = torch.arange(dest.shape[0], device=dest.device).unsqueeze(1)
+    return torch.where(dest >= 0, dest * bound + tokens, -1)
+
+
 def slot_tokens(send_slot: Tensor, num_slots: int) -> Tensor:
     """``[S]`` int64: the token whose routes name each of ``num_slots`` send slots in ``send_slot [T, K]``
     (the slot of each route's (token, destination), ``-1`` for none); ``-1`` for slots no route names."""

@@ -25,7 +25,6 @@ import argparse
 import datetime
 import json
 import os
-import socket
 import statistics
 import sys
 import traceback
@@ -37,19 +36,15 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import moe_ops  # noqa: E402
+from bench import graphed  # noqa: E402  (tools/ is this script's folder)
 from moe_ops.testing import conformance  # noqa: E402
+from moe_ops.testing.harness import free_port  # noqa: E402
 from moe_ops.testing.problems import make_problem  # noqa: E402
 
 BANDWIDTH = (4096, 7168, 256, 8)
 DECODE = (128, 7168, 256, 8)
 BACKENDS = {"symm": ("ragged", "padded"), "collective": ("ragged", "padded"), "allgather": ("padded",)}
 ITERS, WARMUP = 20, 5
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _attempt(fn: Callable[[], object]) -> object:
@@ -126,11 +121,7 @@ def _slowest_median_ms(fn: Callable[[], object], graph: bool = False) -> float:
     """Median over ITERS timed calls of ``fn`` (replays of a CUDA graph of it with ``graph``), the
     slowest rank's."""
     if graph:
-        fn()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        fn = g.replay
+        fn = graphed(fn)
     for _ in range(WARMUP):
         fn()
     times = []
@@ -304,8 +295,8 @@ def main() -> int:
     parser.add_argument("--skip-checks", action="store_true")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    mp.spawn(baseline_worker, args=(args.world, _free_port(), args.out), nprocs=args.world)
-    mp.spawn(worker, args=(args.world, _free_port(), args.out, args.skip_checks), nprocs=args.world)
+    mp.spawn(baseline_worker, args=(args.world, free_port(), args.out), nprocs=args.world)
+    mp.spawn(worker, args=(args.world, free_port(), args.out, args.skip_checks), nprocs=args.world)
     return 0
 
 

@@ -76,8 +76,7 @@ class CollectiveBackend(Backend):
             first_slot = starts[dest.clamp(min=0)] + buckets.position.view(num_tokens, top_k)
             same_dest = (dest.unsqueeze(2) == dest.unsqueeze(1)) & first.unsqueeze(1)
             send_slot = torch.where(dest >= 0, torch.where(same_dest, first_slot.unsqueeze(1), -1).amax(2), -1)
-            routes = torch.zeros(world, dtype=torch.int64, device=x.device)
-            routes.scatter_add_(0, dest.clamp(min=0).reshape(-1), (dest >= 0).reshape(-1).long())
+            routes = routing.routes_per_rank(dest, world)
             peers = plan.agree(torch.cat([buckets.counts, routes]))
             send_splits = peers[comm.rank][:world]
             recv_splits = [peers[s][comm.rank] for s in range(world)]
@@ -88,7 +87,7 @@ class CollectiveBackend(Backend):
             plan.agree(None)
             padded_bound = plan.max_tokens_per_rank
             send_splits = recv_splits = num_rows = None
-            send_slot = torch.where(dest >= 0, dest * padded_bound + torch.arange(num_tokens, device=x.device).unsqueeze(1), -1)
+            send_slot = routing.send_slots(dest, padded_bound)
             num_slots = world * padded_bound
             slot_dest = torch.arange(num_slots, device=x.device) // padded_bound
         slot_token = _slot_tokens(send_slot, num_slots, padded_bound)

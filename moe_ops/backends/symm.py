@@ -97,8 +97,7 @@ class SymmBackend(Backend):
         num_tokens, top_k = topk_idx.shape
         dest = routing.destination_ranks(topk_idx, plan.num_experts, world)
         if plan.capacity is None:  # ragged: token counts and routes per destination agreed in the handshake
-            routes = torch.zeros(world, dtype=torch.int64, device=x.device)
-            routes.scatter_add_(0, dest.clamp(min=0).reshape(-1), (dest >= 0).reshape(-1).long())
+            routes = routing.routes_per_rank(dest, world)
             peers = plan.agree(torch.cat([routes.new_tensor([num_tokens]), routes]))
             bound = max(p[0] for p in peers)
             num_rows: int | None = sum(p[1 + comm.rank] for p in peers)
@@ -115,7 +114,7 @@ class SymmBackend(Backend):
         ids, weights = meta_format.views(meta)
         out = stage.dispatch_rows(tokens, weights, ids, num_local, plan.capacity, num_rows, plan.zero_padding)
         back_index = torch.where((ids >= 0).any(1), torch.arange(world * bound, device=x.device), -1)
-        send_slot = torch.where(dest >= 0, dest * bound + torch.arange(num_tokens, device=x.device).unsqueeze(1), -1)
+        send_slot = routing.send_slots(dest, bound)
         return DispatchOutputs(out.recv_x, out.recv_weights, out.tokens_per_expert, out.dropped, [send_slot, out.route_row, out.row_src, back_index])
 
     def combine(self, expert_out: Tensor, recv_weights: Tensor, handle: list[Tensor], comm: Comm) -> Tensor:

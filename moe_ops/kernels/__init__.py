@@ -7,6 +7,7 @@ either through :mod:`moe_ops.stage`. Importing this package imports Triton.
 """
 
 import triton
+from torch import Tensor
 
 # Block shapes come from short lists, so that the shapes met in practice compile few kernel variants.
 
@@ -24,3 +25,10 @@ def bins_for(num_local: int) -> int:
 def k_block(top_k: int) -> int:
     """Lanes for the ``top_k`` routes of a row."""
     return max(8, triton.next_power_of_2(top_k))
+
+
+def unit_columns(t: Tensor) -> bool:
+    """Whether the kernels can address ``t``'s rows as ``base + row * stride(0) + column``: its columns
+    are unit-stride, or their stride is never used (one column, or no rows — an empty tensor counts as
+    contiguous whatever its strides, so ``.contiguous()`` keeps them)."""
+    return t.stride(-1) == 1 or t.shape[-1] <= 1 or t.numel() == 0

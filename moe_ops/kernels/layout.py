@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from moe_ops.kernels import bins_for, block_size, k_block
+from moe_ops.kernels import bins_for, block_size, k_block, unit_columns
 
 CHUNK = 128  # routes ranked per program by one CHUNK x CHUNK comparison
 FILL_BLOCK = 1024  # padding slots reset per program
@@ -35,6 +35,13 @@ SCATTER_WARPS = 4
 SMALL_ROUTES = 2048  # up to this many routes, one launch (_dispatch_small) does all of dispatch
 SMALL_R_BLOCK = 512  # routes compared per step there
 SMALL_E_BLOCK = 16  # experts counted per bookkeeping program there
+
+
+@triton.jit
+def _valid_keys(ids_ptr, offs, mask, num_local, invalid):
+    """The ids at ``offs`` as int32 keys, ``invalid`` where masked, out of range or outside ``mask``."""
+    raw = tl.load(ids_ptr + offs, mask=mask, other=-1)
+    return tl.where((raw >= 0) & (raw < num_local), raw, invalid).to(tl.int32)  # checked before narrowing
 
 
 @triton.jit
@@ -47,9 +54,8 @@ def _chunk_ranks(
     if c < num_chunks:
         lane = tl.arange(0, CHUNK)
         offs = c * CHUNK + lane
-        raw = tl.load(ids_ptr + offs, mask=offs < num_routes, other=-1)
-        valid = (raw >= 0) & (raw < num_local)  # in the ids' own dtype: no truncation before the check
-        key = tl.where(valid, raw, num_local).to(tl.int32)  # num_local: masked / not here
+        key = _valid_keys(ids_ptr, offs, offs < num_routes, num_local, num_local)  # num_local: masked / not here
+        valid = key < num_local
         earlier = (key[:, None] == key[None, :]) & (lane[None, :] < lane[:, None])
         tl.store(rank_ptr + offs, tl.sum(earlier.to(tl.int32), axis=1), mask=offs < num_routes)
         # BINS >= num_local: count invalid routes in bin 0, then take them out again
@@ -114,9 +120,8 @@ def _scatter_rows(
     k = tl.arange(0, K_BLOCK)
     route = j * top_k + k
     in_row = k < top_k
-    raw = tl.load(ids_ptr + route, mask=in_row, other=-1)
-    valid = in_row & (raw >= 0) & (raw < num_local)
-    key = tl.where(valid, raw, 0).to(tl.int32)
+    key = _valid_keys(ids_ptr, route, in_row, num_local, -1)
+    valid = key >= 0
     pos = tl.load(chunk_base_ptr + (route // CHUNK) * BINS + key, mask=valid, other=0) + tl.load(rank_ptr + route, mask=valid, other=0)
     if capacity >= 0:  # padded: slot pos of expert key, if it fits
         keep = valid & (pos < capacity)
@@ -127,13 +132,6 @@ def _scatter_rows(
         row = (start + pos).to(tl.int64)
     _write_routes(tokens_ptr, token_stride, weights_ptr, j, route, in_row, keep, row, hidden,
                   recv_x_ptr, recv_weights_ptr, route_row_ptr, row_src_ptr, K_BLOCK, H_BLOCK)
-
-
-@triton.jit
-def _valid_keys(ids_ptr, offs, mask, num_local, invalid):
-    """The ids at ``offs`` as int32 keys, ``invalid`` where masked, out of range or outside ``mask``."""
-    raw = tl.load(ids_ptr + offs, mask=mask, other=-1)
-    return tl.where((raw >= 0) & (raw < num_local), raw, invalid).to(tl.int32)  # checked before narrowing
 
 
 @triton.jit
@@ -212,7 +210,7 @@ def dispatch_rows(
     """
     m, top_k = ids.shape
     hidden, device = tokens.shape[1], tokens.device
-    assert (tokens.stride(1) == 1 or hidden <= 1) and weights.is_contiguous() and ids.is_contiguous()
+    assert unit_columns(tokens) and weights.is_contiguous() and ids.is_contiguous()
     padded = capacity is not None
     counts = torch.empty(num_local, dtype=torch.int32, device=device)
     dropped = torch.empty_like(counts)

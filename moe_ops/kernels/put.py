@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from moe_ops.kernels import block_size, k_block
+from moe_ops.kernels import block_size, k_block, unit_columns
 
 PUT_BLOCK = 2048  # payload elements per row of a tile
 PUT_TILE = 16384  # elements a program moves per step: PUT_TILE // block rows at once (bytes in flight)
@@ -132,8 +132,8 @@ def put_rows(
     ``row_bytes`` a multiple of 16."""
     num_slots = src_index.numel()
     payload_cols = src.shape[1]
-    if src.stride(1) != 1:  # columns must be unit-stride; an empty gradient may keep any strides
-        src = src.contiguous()  # (it counts as contiguous), and then no row of it is read
+    if not unit_columns(src):
+        src = src.contiguous()
     assert src_index.is_contiguous() and row_bytes % 16 == 0
     assert meta is None or (meta.dtype == torch.int32 and meta.is_contiguous() and meta.shape[0] == num_slots)
     if not num_slots:
@@ -168,7 +168,7 @@ def put_tokens(
     ``topk_weights`` (0 elsewhere) to ``meta_offset + weights_offset`` of its row."""
     num_tokens, top_k = topk_idx.shape
     world, hidden = peers.numel(), x.shape[1]
-    assert (x.stride(1) == 1 or hidden <= 1) and topk_idx.is_contiguous() and topk_weights.is_contiguous()
+    assert unit_columns(x) and topk_idx.is_contiguous() and topk_weights.is_contiguous()
     assert row_bytes % 16 == 0 and num_tokens <= bound
     if not bound:
         return

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from moe_ops.kernels import block_size, k_block
+from moe_ops.kernels import block_size, k_block, unit_columns
 
 REDUCE_H_BLOCK = 1024  # hidden elements per reduce program (tools/bench.py --sweep picks these)
 REDUCE_WARPS = 4
@@ -82,8 +82,8 @@ def reduce(rows: Tensor, route_row: Tensor, row_weights: Tensor | None, unique: 
     ``rows [R, H]`` (rows may be strided), ``route_row [M, K]``, ``row_weights [R]`` or ``None``."""
     m, top_k = route_row.shape
     hidden = rows.shape[1]
-    if rows.stride(1) != 1:  # columns must be unit-stride; an empty gradient may keep any strides
-        rows = rows.contiguous()  # (it counts as contiguous), and then no row of it is read
+    if not unit_columns(rows):
+        rows = rows.contiguous()
     route_row = route_row.contiguous()
     out = torch.empty(m, hidden, dtype=rows.dtype, device=rows.device)
     h_block = block_size(hidden, REDUCE_H_BLOCK)
