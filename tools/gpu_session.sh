@@ -5,7 +5,8 @@
 #
 #   tools/gpu_session.sh OUTDIR [bench args...]
 #
-# STAGES (default "cuda hf profile bench multi cpu multiproc") picks stages; each has its own time limit so the
+# STAGES (default "cuda hf profile bench multi cpu multiproc") picks stages; each has its own time limit (env
+# CUDA_LIMIT, MULTI_LIMIT, CPU_LIMIT, MULTIPROC_LIMIT) so the
 # whole stays inside one 10-minute call. Logs land in OUTDIR/<stage>.log. "multi" runs
 # tools/bench_multi_gpu.py on every GPU of the machine (one GPU: W = 1, a smoke test).
 out=${1:?outdir}; shift
@@ -20,7 +21,9 @@ PYTEST="tools/in-env.sh python3 -m pytest -p no:cacheprovider -p timeout --timeo
 # what failed (grep --line-buffered: a killed stage keeps its lines); pytest-timeout names a test that hangs.
 pytest_stage() { name=$1; limit=$2; workers=$3; marks=$4; shift 4; stage "$name" "$limit" sh -c "$PYTEST -n $workers -m '$marks' --durations=8 $* | grep --line-buffered -v 'PASSED\|PytestBenchmarkWarning\|warner('"; }
 
-wants cuda && pytest_stage tests-cuda "${CUDA_LIMIT:-200}" 4 "cuda and not multiproc"
+# The one-rank NCCL group of tests/test_symm_gpu.py runs in a process of its own, before the others.
+wants cuda && pytest_stage tests-symm-gpu 120 0 "cuda" tests/test_symm_gpu.py
+wants cuda && pytest_stage tests-cuda "${CUDA_LIMIT:-200}" 4 "cuda and not multiproc" --ignore=tests/test_symm_gpu.py
 if wants hf; then
     if [ -d .gpu-wheels ]; then
         python3 -m pip install -q --no-deps --target /tmp/hf-site .gpu-wheels/*.whl > "$out/hf-install.log" 2>&1
@@ -30,7 +33,7 @@ if wants hf; then
 fi
 wants profile && TAIL=40 stage profile 30 python3 tools/profile_kernels.py
 wants bench && TAIL=70 stage bench 120 python3 tools/bench.py --out "$out/bench" "$@"
-wants multi && TAIL=40 stage multi-gpu 150 python3 tools/bench_multi_gpu.py --out "$out/multi"
+wants multi && TAIL=40 stage multi-gpu "${MULTI_LIMIT:-150}" python3 tools/bench_multi_gpu.py --out "$out/multi"
 wants cpu && pytest_stage tests-cpu "${CPU_LIMIT:-150}" 8 "not cuda and not multiproc"
 wants multiproc && pytest_stage tests-multiproc "${MULTIPROC_LIMIT:-200}" 12 "multiproc and not cuda"
 true
