@@ -53,7 +53,11 @@ def group() -> Iterator[str]:
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("case", PROBLEMS)
-def test_conformance(group: str, case: str, compiled: bool) -> None:
+def test_conformance(group: str, case: str, compiled: bool, request: pytest.FixtureRequest) -> None:
+    if compiled and case == "no tokens" and torch.__version__ < (2, 12):
+        # Inductor (2.11) launches a 2-D kernel over 0 received rows with a grid of ceildiv(0, 0) in the
+        # stand-in experts after dispatch; fixed upstream (pytorch/pytorch#179222). docs/compile.md.
+        request.applymarker(pytest.mark.xfail(raises=ZeroDivisionError, strict=True, reason="torch 2.11 Inductor grid bug"))
     kw = dict(PROBLEMS[case])
     problem = make_problem(kw.pop("tokens"), kw.pop("hidden"), kw.pop("experts"), kw.pop("top_k"), dtype=torch.bfloat16, seed=5, **kw)
     step = conformance.pipeline(problem, 0, group=group, backend="symm")

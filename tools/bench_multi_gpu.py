@@ -165,21 +165,23 @@ def _ours(shape: tuple[int, int, int, int], rank: int, group: str, backend: str,
 
 def _vdev_2d(shape: tuple[int, int, int, int], rank: int, group: str) -> dict[str, float]:
     """torch.ops.symm_mem.all_to_all_vdev_2d (NVSHMEM) moving one row per route, pre-sorted by
-    (destination rank, expert); combine direction: all_to_all_vdev_2d_offset back."""
+    (destination rank, expert); combine direction: all_to_all_vdev_2d_offset back. The op takes at most
+    16 splits per rank, so neighbouring experts share a split (the bytes moved are the same)."""
     from torch.distributed import _symmetric_memory as symm_mem
 
     tokens, hidden, experts, top_k = shape
     symm_mem.set_backend("NVSHMEM")  # first symmetric allocation of this process (a run of its own)
     _, idx, _ = _inputs(shape, rank)
-    splits = torch.bincount(idx.reshape(-1), minlength=experts)
+    per_split = max(1, experts // dist.get_world_size() // 16)
+    splits = torch.bincount(idx.reshape(-1) // per_split, minlength=experts // per_split)
     rows = tokens * top_k
     cap = 2 * rows  # receive room: twice the mean
     inp = symm_mem.empty(rows, hidden, dtype=torch.bfloat16, device="cuda").normal_()
     out = symm_mem.empty(cap, hidden, dtype=torch.bfloat16, device="cuda")
-    in_splits = symm_mem.empty(experts, dtype=torch.int64, device="cuda").copy_(splits)
-    out_splits_offsets = symm_mem.empty(2, experts, dtype=torch.int64, device="cuda")
+    in_splits = symm_mem.empty(splits.numel(), dtype=torch.int64, device="cuda").copy_(splits)
+    out_splits_offsets = symm_mem.empty(2, splits.numel(), dtype=torch.int64, device="cuda")
     back = symm_mem.empty(rows, hidden, dtype=torch.bfloat16, device="cuda")
-    back_splits_offsets = symm_mem.empty(2, experts, dtype=torch.int64, device="cuda")
+    back_splits_offsets = symm_mem.empty(2, splits.numel(), dtype=torch.int64, device="cuda")
     for t in (inp, out, in_splits, out_splits_offsets, back, back_splits_offsets):
         symm_mem.rendezvous(t, group)
     dispatch = lambda: torch.ops.symm_mem.all_to_all_vdev_2d(inp, out, in_splits, out_splits_offsets, group)  # noqa: E731
