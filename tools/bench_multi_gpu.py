@@ -175,13 +175,14 @@ def _vdev_2d(shape: tuple[int, int, int, int], rank: int, group: str) -> dict[st
     per_split = max(1, experts // dist.get_world_size() // 16)
     splits = torch.bincount(idx.reshape(-1) // per_split, minlength=experts // per_split)
     rows = tokens * top_k
+    device = torch.device("cuda", torch.cuda.current_device())  # NVSHMEM's team manager wants the index
     cap = 2 * rows  # receive room: twice the mean
-    inp = symm_mem.empty(rows, hidden, dtype=torch.bfloat16, device="cuda").normal_()
-    out = symm_mem.empty(cap, hidden, dtype=torch.bfloat16, device="cuda")
-    in_splits = symm_mem.empty(splits.numel(), dtype=torch.int64, device="cuda").copy_(splits)
-    out_splits_offsets = symm_mem.empty(2, splits.numel(), dtype=torch.int64, device="cuda")
-    back = symm_mem.empty(rows, hidden, dtype=torch.bfloat16, device="cuda")
-    back_splits_offsets = symm_mem.empty(2, splits.numel(), dtype=torch.int64, device="cuda")
+    inp = symm_mem.empty(rows, hidden, dtype=torch.bfloat16, device=device).normal_()
+    out = symm_mem.empty(cap, hidden, dtype=torch.bfloat16, device=device)
+    in_splits = symm_mem.empty(splits.numel(), dtype=torch.int64, device=device).copy_(splits)
+    out_splits_offsets = symm_mem.empty(2, splits.numel(), dtype=torch.int64, device=device)
+    back = symm_mem.empty(rows, hidden, dtype=torch.bfloat16, device=device)
+    back_splits_offsets = symm_mem.empty(2, splits.numel(), dtype=torch.int64, device=device)
     for t in (inp, out, in_splits, out_splits_offsets, back, back_splits_offsets):
         symm_mem.rendezvous(t, group)
     dispatch = lambda: torch.ops.symm_mem.all_to_all_vdev_2d(inp, out, in_splits, out_splits_offsets, group)  # noqa: E731

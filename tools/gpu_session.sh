@@ -6,7 +6,7 @@
 #   tools/gpu_session.sh OUTDIR [bench args...]
 #
 # STAGES (default "cuda hf profile bench multi cpu multiproc") picks stages; each has its own time limit (env
-# CUDA_LIMIT, MULTI_LIMIT, CPU_LIMIT, MULTIPROC_LIMIT) so the
+# CUDA_LIMIT, MULTI_LIMIT, CPU_LIMIT, MULTIPROC_LIMIT; TEST_TIMEOUT per test) so the
 # whole stays inside one 10-minute call. Logs land in OUTDIR/<stage>.log. "multi" runs
 # tools/bench_multi_gpu.py on every GPU of the machine (one GPU: W = 1, a smoke test).
 out=${1:?outdir}; shift

@@ -16,9 +16,9 @@ the expert rank sums a token's rows first (weighted, float32 accumulation) and s
 (token, destination), rounded to the expert output's dtype; the source adds those up.
 
 Tested on CPU against a shared-memory simulator of the peer buffer (moe_ops.testing.peer_sim, gloo
-processes, the put kernel under ``TRITON_INTERPRET=1``) at W = 1...4 and on one GPU at W = 1 (real
-symmetric memory). Not tested here: more than one GPU (NVLink stores, barrier timing) — issue 7's
-script ``tools/bench_multi_gpu.py`` runs that where a multi-GPU machine is lent.
+processes, the put kernel under ``TRITON_INTERPRET=1``) at W = 1...4, on one GPU at W = 1 (real
+symmetric memory) and on two H200s over NVLink with ``tools/bench_multi_gpu.py`` (a loaner, not CI).
+Not run: W > 2 on GPUs (no such machine was lent).
 
 Dispatch's put kernel (``put_tokens``) reads the routes itself: it finds each slot's token and local ids
 and stores them with the router weights, so no send buffer or index is built first. The other three

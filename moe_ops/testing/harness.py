@@ -88,12 +88,14 @@ class World:
         self,
         world_size: int,
         *,
-        pg_timeout: float = 30.0,
+        pg_timeout: float = 120.0,
         start_timeout: float = 120.0,
-        hang_dump: float = 60.0,
+        hang_dump: float = 150.0,
         env: dict[str, str] | None = None,
     ) -> None:
         """``env``: environment variables the workers start with (on top of this process's);
+        ``pg_timeout``: the gloo group's timeout, which is how long a rank waits in a collective for a
+        slower peer (ranks compiling the same graph drifted over 30 s apart on a loaded 32-core host);
         ``hang_dump``: seconds after which a worker still busy with one task prints its stacks to stderr."""
         ctx = mp.get_context("spawn")
         self.world_size = world_size
