@@ -175,7 +175,8 @@ def _vdev_2d(shape: tuple[int, int, int, int], rank: int, group: str) -> dict[st
     per_split = max(1, experts // dist.get_world_size() // 16)
     splits = torch.bincount(idx.reshape(-1) // per_split, minlength=experts // per_split)
     rows = tokens * top_k
-    device = torch.device("cuda", torch.cuda.current_device())  # NVSHMEM's team manager wants the index
+    device = torch.device("cuda", torch.cuda.current_device())  # with its index: NVSHMEM's team manager
+    # took a bare "cuda" for a second device
     cap = 2 * rows  # receive room: twice the mean
     inp = symm_mem.empty(rows, hidden, dtype=torch.bfloat16, device=device).normal_()
     out = symm_mem.empty(cap, hidden, dtype=torch.bfloat16, device=device)
