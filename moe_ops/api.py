@@ -5,14 +5,12 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 import moe_ops.ops  # noqa: F401  (registers torch.ops.moe.*)
-from moe_ops.backends.base import Layout
-from moe_ops.groups import comm_for, group_name_of
-
-Group = dist.ProcessGroup | str | None
+from moe_ops.comm import Group, comm_for, group_name_of
+from moe_ops.errors import MoEInputError
+from moe_ops.plan import Layout
 
 
 class DispatchResult(NamedTuple):
@@ -22,7 +20,7 @@ class DispatchResult(NamedTuple):
     recv_weights: Tensor  #: [N] or [L, C], topk_weights.dtype; 0 on padding rows
     tokens_per_expert: Tensor  #: [L] int32, rows per local expert
     dropped: Tensor  #: [L] int32, routes dropped at each local expert (padded over capacity)
-    handle: list[Tensor]  #: what combine and the backward passes need; backend-private
+    handle: list[Tensor]  #: what combine and the backward passes need (docs/contract.md, "The handle")
 
 
 def dispatch(
@@ -62,8 +60,8 @@ def dispatch(
         group_name=group_name_of(group),
         backend=backend,
         layout=layout,
-        capacity=-1 if capacity is None else capacity,
-        max_tokens_per_rank=-1 if max_tokens_per_rank is None else max_tokens_per_rank,
+        capacity=capacity,
+        max_tokens_per_rank=max_tokens_per_rank,
         zero_padding=torch.is_grad_enabled() if zero_padding is None else zero_padding,
     )
     return DispatchResult(*out)
@@ -73,6 +71,8 @@ def combine(expert_out: Tensor, dispatched: DispatchResult, *, group: Group = No
     """Weighted sum of each token's expert outputs, back on its source rank (``torch.ops.moe.combine``).
 
     ``expert_out`` has the layout of ``dispatched.recv_x``; returns ``[T, H]`` in ``expert_out.dtype``.
+    ``backend="auto"`` runs the backend that made ``dispatched`` (its handle says which); naming another
+    is an error.
     """
     return torch.ops.moe.combine(
         expert_out, dispatched.recv_weights, dispatched.handle, group_name=group_name_of(group), backend=backend
@@ -98,9 +98,9 @@ class Dispatcher:
     ) -> None:
         comm = comm_for(group_name_of(group))
         if num_experts % comm.world_size:
-            raise ValueError(f"num_experts={num_experts} is not divisible by the group size {comm.world_size}")
+            raise MoEInputError(f"num_experts={num_experts} is not divisible by the group size {comm.world_size}")
         if layout == "padded" and capacity is None and max_tokens_per_rank is None:
-            raise ValueError("layout='padded' needs a static bound: max_tokens_per_rank and/or capacity")
+            raise MoEInputError("layout='padded' needs a static bound: max_tokens_per_rank and/or capacity")
         self.num_experts = num_experts
         self.group_name = comm.group_name
         self.world_size = comm.world_size

@@ -15,10 +15,10 @@ first call of each signature only (so decode steps neither sync nor break CUDA-g
 
 ``kernels``: who runs the local stage (layout, permute, reductions). ``"auto"`` (default): the Triton
 kernels on CUDA tensors when Triton imports, torch_npu's MoE kernels on NPU tensors where they fit
-(moe_ops/npu_stage.py), plain torch elsewhere. ``"torch"``: plain torch always. ``"triton"``: Triton
+(moe_ops/stage/npu.py), plain torch elsewhere. ``"torch"``: plain torch always. ``"triton"``: Triton
 always, CPU tensors too (only meaningful under ``TRITON_INTERPRET=1``, which is how CI tests the
 kernels). ``"npu"``: torch_npu's kernels wherever they fit, CPU tensors too (only meaningful with the
-simulator of moe_ops.testing.npu_sim installed, which is how CI tests that path).
+torch_npu simulator of moe_ops.testing.sim installed, which is how CI tests that path).
 ``MOE_OPS_KERNELS`` sets it at import.
 
 ``deepep_num_sms``: streaming multiprocessors DeepEP's normal-mode (high-throughput) kernels may use,

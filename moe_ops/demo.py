@@ -1,10 +1,8 @@
 """``python -m moe_ops.demo``: the MoE block eager and compiled, checked against the reference.
 
 Prints one row per layout (tokens, experts, top-k, eager ms, compiled ms, graph breaks, max error
-against :func:`moe_ops.reference.moe_forward`) and exits non-zero if any check fails.
-
-``--hf``: a tiny random Qwen3-MoE on 2 local processes (gloo) with transformers'
-``ep_implementation="moe_ops"``, against transformers' own ``"all_to_all"`` (needs the hf extra).
+against :func:`moe_ops.reference.moe_forward`) and exits non-zero if any check fails. (transformers'
+``ep_implementation="moe_ops"`` on 2 processes: ``tools/hf_compare.py``.)
 """
 
 from __future__ import annotations
@@ -18,9 +16,8 @@ from collections.abc import Callable
 import torch
 
 import moe_ops
-from moe_ops import reference
+from moe_ops import compile_stats, reference
 from moe_ops.layers import MoEBlock
-from moe_ops.testing import compile_stats
 
 TOLERANCE = {torch.bfloat16: 3e-2, torch.float16: 3e-3, torch.float32: 1e-5}
 
@@ -75,42 +72,6 @@ def print_table(rows: list[dict[str, object]]) -> None:
         print("  ".join(str(r[k]).rjust(widths[k]) for k in keys))
 
 
-def run_hf() -> int:
-    """The tiny model on 2 processes: each implementation's error against the single-process model,
-    whether its experts forward compiles with fullgraph=True, and its eager / compiled forward time."""
-    import tempfile
-
-    from moe_ops.testing import hf
-    from moe_ops.testing.harness import World
-
-    with tempfile.TemporaryDirectory() as path:
-        hf.save_tiny_model("qwen3_moe", path)
-        with World(2) as world:
-            results = world.run(hf.compare_task, path, True)
-    rows = []
-    for impl in hf.IMPLEMENTATIONS:
-        logits_err = max((r[f"{impl}_logits"] - r["single_logits"]).abs().max().item() for r in results)
-        grad_err = max(
-            ((g - r["single_grads"][n]).norm() / r["single_grads"][n].norm()).item()
-            for r in results
-            for n, g in r[f"{impl}_grads"].items()
-        )
-        ok, breaks, error = results[0][f"{impl}_compile"]
-        eager, compiled = results[0][f"{impl}_ms"]
-        failure = "data-dependent guard" if "data-dependent" in error else error[:40]
-        rows.append({
-            "ep_implementation": impl,
-            "max |logits err|": f"{logits_err:.1e}",
-            "max grad rel. err": f"{grad_err:.1e}",
-            "experts.forward fullgraph": f"yes, {breaks} graph breaks" if ok else f"fails: {failure}",
-            "eager ms": f"{eager:.1f}",
-            "compiled ms": f"{compiled:.1f}",
-            "ok": logits_err < 1e-4 and grad_err < 1e-4 and (ok or impl == "all_to_all"),
-        })
-    print_table(rows)
-    return 0 if all(r["ok"] for r in rows) else 1
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
@@ -120,10 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ffn", type=int, default=512)
     parser.add_argument("--experts", type=int, default=32)
     parser.add_argument("--top-k", type=int, default=4)
-    parser.add_argument("--hf", action="store_true", help="transformers' ep_implementation='moe_ops' on 2 processes")
     args = parser.parse_args(argv)
-    if args.hf:
-        return run_hf()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     print(f"moe_ops {moe_ops.__version__}, torch {torch.__version__}, device {device}, {args.dtype}")
     rows = [run_layout(layout, args, device, dtype) for layout in ("ragged", "padded")]

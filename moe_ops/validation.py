@@ -40,8 +40,8 @@ def check_dispatch(
     num_experts: int,
     world_size: int,
     layout: str,
-    capacity: int,
-    max_tokens_per_rank: int,
+    capacity: int | None,
+    max_tokens_per_rank: int | None,
 ) -> None:
     """Metadata checks of ``moe.dispatch`` (see docs/contract.md). Messages are built on failure only:
     this runs on every call."""
@@ -65,13 +65,13 @@ def check_dispatch(
         raise MoEInputError(f"num_experts={num_experts} is not divisible by the group size {world_size}")
     if layout not in ("ragged", "padded"):
         raise MoEInputError(f"layout must be 'ragged' or 'padded', got {layout!r}")
-    if layout == "ragged" and (capacity != -1 or max_tokens_per_rank != -1):
-        raise MoEInputError("capacity and max_tokens_per_rank apply to layout='padded' only (leave them at -1)")
-    if capacity < -1:
-        raise MoEInputError(f"capacity must be -1 (worst case, never drops) or >= 0, got {capacity}")
-    if max_tokens_per_rank < -1:
-        raise MoEInputError(f"max_tokens_per_rank must be -1 (use x's token count) or >= 0, got {max_tokens_per_rank}")
-    if max_tokens_per_rank >= 0 and x.shape[0] > max_tokens_per_rank:
+    if layout == "ragged" and (capacity is not None or max_tokens_per_rank is not None):
+        raise MoEInputError("capacity and max_tokens_per_rank apply to layout='padded' only (leave them None)")
+    if capacity is not None and capacity < 0:
+        raise MoEInputError(f"capacity must be >= 0 (None: the worst case, which never drops), got {capacity}")
+    if max_tokens_per_rank is not None and max_tokens_per_rank < 0:
+        raise MoEInputError(f"max_tokens_per_rank must be >= 0 (None: x's token count), got {max_tokens_per_rank}")
+    if max_tokens_per_rank is not None and x.shape[0] > max_tokens_per_rank:
         raise MoEInputError(f"x has {x.shape[0]} tokens, more than max_tokens_per_rank={max_tokens_per_rank}")
 
 
@@ -142,20 +142,3 @@ def check_rows(name: str, t: object, rows_shape: tuple, trailing: int, dtypes: t
             "(the layout of the dispatch that made the handle)"
         )
     _check_tensor(name, t, lead + trailing, dtypes)
-
-
-def check_layout_rank(name: str, t: object) -> None:
-    """``t`` must be layout rows: 2-D (ragged ``[N, H]``) or 3-D (padded ``[L, C, H]``)."""
-    if _require_tensor(name, t).dim() not in (2, 3):
-        raise MoEInputError(f"{name} must be [N, H] (ragged) or [L, C, H] (padded), got shape {tuple(t.shape)}")
-
-
-def check_handle(handle: object, expected_len: int, backend: str) -> None:
-    """``handle`` must be the list of int tensors that ``dispatch`` returned for ``backend``."""
-    if not (isinstance(handle, (list, tuple)) and len(handle) == expected_len and all(isinstance(t, Tensor) for t in handle)):
-        raise MoEInputError(f"handle must be the {expected_len} tensors moe.dispatch returned for backend {backend!r}")
-    route_map = handle[0]
-    if route_map.dim() != 2 or route_map.dtype != torch.int64:
-        raise MoEInputError(
-            f"handle[0] must be the int64 [T, K] route map, got {route_map.dtype} of shape {tuple(route_map.shape)}"
-        )

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import moe_ops
-from moe_ops import reference
+from moe_ops import compile_stats, reference
 from moe_ops.layers import MoEBlock
-from moe_ops.testing import compile_stats
+from moe_ops.testing.conformance import assert_relative_close
 
 TOKEN_COUNTS = (17, 40, 64, 100, 203)
 HIDDEN, FFN, EXPERTS, TOP_K = 32, 64, 8, 2
@@ -30,9 +30,7 @@ def grads(model: MoEBlock) -> list[torch.Tensor]:
 
 
 def assert_close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, what: str) -> None:
-    scale = b.double().abs().max().clamp(min=1e-6)
-    err = (a.double() - b.double()).abs().max() / scale
-    assert err <= TOLERANCE[dtype], f"{what}: relative error {err:.3e}"
+    assert_relative_close(a, b, TOLERANCE[dtype], what)
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -12,6 +12,7 @@ per rank, 16 in low-latency mode; E up to 32); the Triton local stage (interpret
 the slowest part (every rank compiles), one fixed problem per mode at W = 2.
 """
 
+import functools
 import subprocess
 import sys
 
@@ -19,12 +20,14 @@ import pytest
 import torch
 from hypothesis import given, settings
 
-from moe_ops.testing import conformance, deepep_mistakes, deepep_sim
+from moe_ops import MoEInputError
+from moe_ops.testing import conformance, deepep_tasks, sim
 from moe_ops.testing.harness import RankFailure, set_up
-from moe_ops.testing.problems import Problem, make_problem, problems
+from moe_ops.testing.problems import Problem, make_problem, padded, problems
 
 pytestmark = pytest.mark.multiproc
 
+INSTALL = functools.partial(sim.install_on_rank, name="deep_ep")
 NORMAL_SIZES = (2, 4)
 LOW_LATENCY_SIZES = (1, 2, 3, 4)
 EXAMPLES = {1: 4, 2: 6, 3: 4, 4: 4}
@@ -35,15 +38,11 @@ LL_HIDDEN = 2048
 @pytest.fixture
 def world(worlds):
     """``world(size)``: a live gloo world of ``size`` ranks with the simulator installed."""
-    return set_up(worlds, deepep_sim.install_on_rank)
+    return set_up(worlds, INSTALL)
 
 
 def bf16_problem(tokens: list[int], hidden: int, num_experts: int, top_k: int, **kw: object) -> Problem:
     return make_problem(tokens, hidden, num_experts, top_k, dtype=torch.bfloat16, **kw)  # type: ignore[arg-type]
-
-
-def padded(max_tokens: int, capacity: int | None) -> dict[str, object]:
-    return dict(layout="padded", max_tokens_per_rank=max_tokens, capacity=capacity)
 
 
 @pytest.mark.parametrize("size", NORMAL_SIZES)
@@ -88,7 +87,7 @@ def test_triton_local_stage(interpreted_worlds, backend: str, layout: str) -> No
     """The Triton kernels of the local stage (what CUDA runs) on DeepEP's outputs, garbage rows included."""
     kw = padded(12, 3) if layout == "padded" else {}
     problem = bf16_problem([12, 5], LL_HIDDEN if backend == "deepep_ll" else 16, 8, 3, mask_fraction=0.2, seed=2, **kw)
-    conformance.check_world(set_up(interpreted_worlds, deepep_sim.install_on_rank)(2), problem, backend)
+    conformance.check_world(set_up(interpreted_worlds, INSTALL)(2), problem, backend)
 
 
 COMPILED = [("deepep", 2, "ragged"), ("deepep", 2, "padded"), ("deepep_ll", 2, "padded")]
@@ -147,13 +146,13 @@ def test_deepep_limits_raise_clear_errors_on_every_rank(world, backend: str, kw:
     conformance.check_world(world(2), bf16_problem([6, 4], LL_HIDDEN, 4, 2, seed=2, **padded(6, None)), "deepep_ll")
 
 
-@pytest.mark.parametrize("mistake", sorted(deepep_mistakes.MISTAKES))
+@pytest.mark.parametrize("mistake", sorted(deepep_tasks.MISTAKES))
 def test_conformance_catches_mapping_mistakes(world, mistake: str) -> None:
     backend = mistake.split(":")[0]
     kw = padded(11, 4) if backend == "deepep_ll" or mistake == "deepep:count" else {}
     problem = bf16_problem([11, 7], LL_HIDDEN if backend == "deepep_ll" else 16, 8, 3, mask_fraction=0.2, seed=4, **kw)
     with pytest.raises((RankFailure, AssertionError)):
-        conformance.check_world(world(2), problem, backend, False, deepep_mistakes.rank_task, mistake)
+        conformance.check_world(world(2), problem, backend, False, deepep_tasks.rank_task, mistake)
     conformance.check_world(world(2), problem, backend)  # undone: the same problem passes
 
 
@@ -163,33 +162,27 @@ def test_one_buffer_per_group_created_on_first_use(world) -> None:
     normal = bf16_problem([8, 5], 64, 4, 2, seed=5)
     low_latency = bf16_problem([8, 5], LL_HIDDEN, 4, 2, seed=5, **padded(8, None))
     calls = [(normal, "deepep"), (low_latency, "deepep_ll"), (normal, "deepep"), (low_latency, "deepep_ll")]
-    for before, traced, made in world(2).run(deepep_sim.buffers_made_on_new_group, calls):
+    for before, traced, made in world(2).run(deepep_tasks.buffers_made_on_new_group, calls):
         assert before == 0 and traced == 0 and [low for _, _, low in made] == [False, True], made
 
 
 def test_import_never_imports_deep_ep() -> None:
-    probe = "import sys, moe_ops; assert 'deep_ep' not in sys.modules; print(moe_ops.ops.backends.available())"
+    probe = "import sys, moe_ops; assert 'deep_ep' not in sys.modules; print(moe_ops.backends.available())"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert "deepep" in out and "deepep_ll" in out
 
 
 def test_cpu_tensors_need_the_simulator() -> None:
     """Without the simulator installed, the DeepEP backends take CUDA tensors only."""
-    from moe_ops import backends
+    from moe_ops import backends, libraries
 
-    assert "deep_ep" not in sys.modules or sys.modules["deep_ep"] is not deepep_sim
-    with pytest.raises(ValueError, match="does not run on 'cpu'"):
+    assert libraries.simulated_device_types("deep_ep") == frozenset()
+    with pytest.raises(MoEInputError, match="does not run on 'cpu'"):
         backends.resolve("deepep", "cpu", 2, "ragged")
-    deepep_sim.install()
+    sim.install("deep_ep")
     try:
         assert backends.resolve("deepep", "cpu", 2, "ragged").name == "deepep"
     finally:
-        deepep_sim.uninstall()
-    with pytest.raises(ValueError, match="does not run on 'cpu'"):
+        sim.uninstall("deep_ep")
+    with pytest.raises(MoEInputError, match="does not run on 'cpu'"):
         backends.resolve("deepep_ll", "cpu", 2, "padded")
-
-
-def test_megatron_flex_dispatcher_names() -> None:
-    from moe_ops.backends.deepep import FLEX_DISPATCHER_BACKENDS
-
-    assert FLEX_DISPATCHER_BACKENDS == {"deepep": "deepep", "uccl_ep": "deepep"}

@@ -39,7 +39,7 @@ def call(**changes: object) -> None:
         (dict(num_experts=0), "num_experts must be >= 1"),
         (dict(layout="dense"), "layout must be 'ragged' or 'padded'"),
         (dict(capacity=4), "apply to layout='padded' only"),
-        (dict(layout="padded", capacity=-3), "capacity must be -1"),
+        (dict(layout="padded", capacity=-3), "capacity must be >= 0"),
         (dict(layout="padded", max_tokens_per_rank=T - 1), "x has 6 tokens, more than max_tokens_per_rank=5"),
         (dict(backend="nccl-magic"), "unknown backend 'nccl-magic'"),
     ],
@@ -52,7 +52,7 @@ def test_dispatch_metadata(changes: dict[str, object], message: str) -> None:
 def test_experts_not_divisible_by_group() -> None:
     g = good()
     with pytest.raises(MoEInputError, match="num_experts=4 is not divisible by the group size 3"):
-        validation.check_dispatch(g["x"], g["topk_idx"], g["topk_weights"], 4, 3, "ragged", -1, -1)
+        validation.check_dispatch(g["x"], g["topk_idx"], g["topk_weights"], 4, 3, "ragged", None, None)
 
 
 def test_combine_metadata() -> None:
@@ -62,9 +62,11 @@ def test_combine_metadata() -> None:
         torch.ops.moe.combine(torch.randn(n + 1, H), d.recv_weights, d.handle)
     with pytest.raises(MoEInputError, match="recv_weights has shape"):
         torch.ops.moe.combine(d.recv_x, d.recv_weights[:-1], d.handle)
-    with pytest.raises(MoEInputError, match="handle must be the 2 tensors"):
+    with pytest.raises(MoEInputError, match="handle must be the list of tensors moe.dispatch returned"):
         torch.ops.moe.combine(d.recv_x, d.recv_weights, d.handle[:1])
-    with pytest.raises(MoEInputError, match="expert_out must be"):
+    with pytest.raises(MoEInputError, match="handle must be the 3 tensors moe.dispatch returned for backend 'local'"):
+        torch.ops.moe.combine(d.recv_x, d.recv_weights, [*d.handle, d.handle[1]])
+    with pytest.raises(MoEInputError, match=re.escape(f"expert_out has shape ({n * H},), expected leading dims ({n},) then 1 more")):
         torch.ops.moe.combine(d.recv_x.reshape(-1), d.recv_weights, d.handle)
     with pytest.raises(MoEInputError, match="recv_weights must have dtype"):
         torch.ops.moe.combine(d.recv_x, d.recv_weights.half(), d.handle)

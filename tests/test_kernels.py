@@ -33,7 +33,7 @@ def _kernel_mode(rank: int) -> tuple[str, bool, bool]:
     import torch
 
     from moe_ops import config, stage
-    from moe_ops.kernels import layout
+    from moe_ops.stage.kernels import layout
 
     return config.kernels, stage.use_triton(torch.zeros(1)), type(layout._scatter_rows).__name__ == "InterpretedFunction"
 
@@ -79,7 +79,7 @@ def test_cases(world, case: str, small_routes: int | None) -> None:
 
 def _small_routes(rank: int, limit: int | None) -> int:
     """Set ``layout.SMALL_ROUTES`` to ``limit`` (if given); returns the previous value."""
-    from moe_ops.kernels import layout
+    from moe_ops.stage.kernels import layout
 
     previous = layout.SMALL_ROUTES
     if limit is not None:
@@ -103,17 +103,18 @@ def test_one_column_rows_of_any_stride(world) -> None:
 def _one_column_dispatch(rank: int) -> None:
     import torch
 
-    from moe_ops import permute, routing
-    from moe_ops.kernels import layout
+    from moe_ops.plan import RowLayout
+    from moe_ops.stage import plain
+    from moe_ops.stage.kernels import layout
 
     x = torch.randn(1, 30).t()
     assert x.is_contiguous() and x.stride(1) != 1
     ids, weights = torch.randint(-1, 4, (30, 2)), torch.rand(30, 2)
-    expected = permute.expand(x, weights, routing.expert_layout(routing.local_expert_ids(ids, 4, 1, 0), 4, None, None).row_src)[0]
+    expected = plain.expand(x, weights, plain.expert_layout(ids, 4, RowLayout("ragged")).row_src)[0]
     default = layout.SMALL_ROUTES
     try:
         for limit in (default, 0):  # one launch, three launches
             layout.SMALL_ROUTES = limit
-            assert torch.equal(layout.dispatch_rows(x, weights, ids, 4, None)[0], expected)
+            assert torch.equal(layout.dispatch_rows(x, weights, ids, 4, RowLayout("ragged"))[0], expected)
     finally:
         layout.SMALL_ROUTES = default

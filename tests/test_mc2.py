@@ -39,7 +39,8 @@ def world(worlds):
     return get
 
 
-def padded(tokens: list[int], hidden: int, experts: int, top_k: int, **kw: object) -> Problem:
+def mc2_problem(tokens: list[int], hidden: int, experts: int, top_k: int, **kw: object) -> Problem:
+    """A bf16 problem in the padded layout (the only one MC2 has), bound one above the largest T by default."""
     kw.setdefault("max_tokens_per_rank", max(tokens) + 1)
     return make_problem(tokens, hidden, experts, top_k, layout="padded", dtype=torch.bfloat16, **kw)
 
@@ -61,7 +62,7 @@ def test_v1_fallback(world, size: int) -> None:
     """Without the v2 ops: unpadded batches, no mask (masked routes travel and are discarded)."""
     w = world(size, version=1)
     for pattern, capacity in (("uniform", None), ("one_rank", 3), ("one_expert", 2)):
-        problem = padded([9, 0, 4][:size], 16, 4 * size, 3, pattern=pattern, capacity=capacity, mask_fraction=0.3, seed=8)
+        problem = mc2_problem([9, 0, 4][:size], 16, 4 * size, 3, pattern=pattern, capacity=capacity, mask_fraction=0.3, seed=8)
         conformance.check_world(w, problem, "mc2")
 
 
@@ -69,21 +70,21 @@ def test_v1_fallback(world, size: int) -> None:
 def test_edge_cases(world, size: int) -> None:
     """No token anywhere (no MC2 call at all), one rank without tokens, everything masked, drops."""
     w = world(size)
-    conformance.check_world(w, padded([0] * size, 8, 2 * size, 2, max_tokens_per_rank=0), "mc2")
+    conformance.check_world(w, mc2_problem([0] * size, 8, 2 * size, 2, max_tokens_per_rank=0), "mc2")
     for pattern in ("all_masked", "one_expert", "one_rank"):
-        conformance.check_world(w, padded([7, 0, 5, 1][:size], 8, 2 * size, 2, pattern=pattern, capacity=2, seed=4), "mc2")
+        conformance.check_world(w, mc2_problem([7, 0, 5, 1][:size], 8, 2 * size, 2, pattern=pattern, capacity=2, seed=4), "mc2")
 
 
 @pytest.mark.parametrize(("size", "version"), [(2, 2), (3, 1)])
 def test_compiled_equals_eager(world, size: int, version: int) -> None:
     """fullgraph=True, dynamic=True: our fake shapes (the v1 handle's depend on T) against the real ones."""
-    problem = padded([12, 0, 5][:size], 32, 4 * size, 3, capacity=5, mask_fraction=0.2, seed=9)
+    problem = mc2_problem([12, 0, 5][:size], 32, 4 * size, 3, capacity=5, mask_fraction=0.2, seed=9)
     conformance.check_world(world(size, version), problem, "mc2", compiled=True)
 
 
 def test_opcheck(world) -> None:
     """Fake kernels (ours, from torch_npu's meta shapes) against the real outputs, autograd registration."""
-    world(2).run(conformance.opcheck_task, padded([10, 6], 16, 8, 3, capacity=4, mask_fraction=0.2, seed=2), "mc2")
+    world(2).run(conformance.opcheck_task, mc2_problem([10, 6], 16, 8, 3, capacity=4, mask_fraction=0.2, seed=2), "mc2")
 
 
 # --- what each op receives, worked out by hand from the documentation ------------------------------
@@ -168,7 +169,7 @@ WRONG = [
 
 @pytest.mark.parametrize(("tamper", "version", "message"), WRONG, ids=lambda v: getattr(v, "__name__", str(v)))
 def test_wrong_marshalling_fails(world, tamper: object, version: int, message: str | None) -> None:
-    problem = padded([6, 2, 5], 16, 6, 2, seed=11)
+    problem = mc2_problem([6, 2, 5], 16, 6, 2, seed=11)
     w = world(3, version, tamper)
     if message is None:
         with pytest.raises(AssertionError):
@@ -181,9 +182,9 @@ def test_wrong_marshalling_fails(world, tamper: object, version: int, message: s
 def test_handle_of_another_dispatch_fails(world) -> None:
     """Combining with the handle of an earlier dispatch: its first use is right, the next one caught."""
     w = world(2, tamper=mc2_tasks.StaleHandle())
-    conformance.check_world(w, padded([6, 3], 16, 4, 2, seed=1), "mc2")
+    conformance.check_world(w, mc2_problem([6, 3], 16, 4, 2, seed=1), "mc2")
     with pytest.raises(RankFailure, match="not the handle of one npu_moe_distribute_dispatch_v2"):
-        conformance.check_world(w, padded([2, 5], 16, 4, 2, seed=2), "mc2")
+        conformance.check_world(w, mc2_problem([2, 5], 16, 4, 2, seed=2), "mc2")
 
 
 # --- int8 dispatch, limits ---------------------------------------------------------------------------
@@ -191,7 +192,7 @@ def test_handle_of_another_dispatch_fails(world) -> None:
 
 def test_int8_dispatch_is_close(world) -> None:
     """``mc2_int8``: the layout, counts and weights exact; rows within int8 rounding of each token's scale."""
-    problem = padded([10, 4], 64, 8, 3, capacity=5, mask_fraction=0.2, seed=3)
+    problem = mc2_problem([10, 4], 64, 8, 3, capacity=5, mask_fraction=0.2, seed=3)
     ref = conformance.expected(problem)[0]
     for rank, (recv_x, recv_w, counts, dropped) in enumerate(world(2).run(mc2_tasks.int8_rows, problem)):
         r = ref[rank]
@@ -203,6 +204,6 @@ def test_int8_dispatch_is_close(world) -> None:
 
 def test_documented_limits_fail_before_any_call(world) -> None:
     """Under Atlas A3's limits H = 16 is out of range: every rank raises the same error, no op runs."""
-    outcomes = world(2).run(mc2_tasks.under_soc_limits, padded([4, 4], 16, 4, 2), "A3")
+    outcomes = world(2).run(mc2_tasks.under_soc_limits, mc2_problem([4, 4], 16, 4, 2), "A3")
     assert all(calls == 0 for _, calls in outcomes) and len({m for m, _ in outcomes}) == 1
     assert "hidden size on the wire 32 outside [1024, 8192]" in outcomes[0][0]

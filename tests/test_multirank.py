@@ -13,7 +13,7 @@ from hypothesis import given, settings
 
 from moe_ops.testing import conformance
 from moe_ops.testing.harness import World
-from moe_ops.testing.problems import Problem, make_problem, problems
+from moe_ops.testing.problems import Problem, make_problem, padded, problems
 
 pytestmark = pytest.mark.multiproc
 
@@ -21,10 +21,6 @@ WORLD_SIZES = (1, 2, 3, 4)
 EXAMPLES = {1: 40, 2: 50, 3: 40, 4: 30}
 LAYOUTS = {"collective": ("ragged", "padded"), "allgather": ("padded",)}
 BACKEND_LAYOUTS = [(backend, layout) for backend, layouts in LAYOUTS.items() for layout in layouts]
-
-
-def padded(capacity: int, max_tokens_per_rank: int) -> dict[str, object]:
-    return dict(layout="padded", capacity=capacity, max_tokens_per_rank=max_tokens_per_rank)
 
 
 @pytest.mark.parametrize("backend", LAYOUTS)
@@ -41,7 +37,7 @@ def test_property(worlds, backend: str, size: int) -> None:
 @pytest.mark.parametrize("backend, layout", BACKEND_LAYOUTS)
 @pytest.mark.parametrize("size", WORLD_SIZES)
 def test_edge_cases(worlds, backend: str, layout: str, size: int) -> None:
-    kw = padded(4, 40) if layout == "padded" else {}
+    kw = padded(40, 4) if layout == "padded" else {}
     uneven = [40, 0, 13, 1][:size]  # a rank with no tokens (when size > 1)
     for pattern in ("one_rank", "one_expert", "all_masked", "uniform"):
         problem = make_problem(uneven, 16, 4 * size, 2, pattern=pattern, mask_fraction=0.3, seed=3, **kw)
@@ -51,7 +47,7 @@ def test_edge_cases(worlds, backend: str, layout: str, size: int) -> None:
 @pytest.mark.parametrize("backend, layout", BACKEND_LAYOUTS)
 @pytest.mark.parametrize("size", WORLD_SIZES)
 def test_compiled_equals_eager(worlds, backend: str, layout: str, size: int) -> None:
-    kw = padded(6, 24) if layout == "padded" else {}
+    kw = padded(24, 6) if layout == "padded" else {}
     problem = make_problem([24, 0, 9, 17][:size], 32, 4 * size, 3, mask_fraction=0.2, seed=9, **kw)
     conformance.check_world(worlds(size), problem, backend, compiled=True)
 
@@ -60,7 +56,7 @@ def test_compiled_equals_eager(worlds, backend: str, layout: str, size: int) -> 
 @pytest.mark.parametrize("mutation", conformance.BAD_INPUTS)
 def test_bad_input_on_one_rank(worlds, backend: str, layout: str, mutation: str) -> None:
     size = 3
-    problem = make_problem([20, 11, 5], 8, 6, 2, seed=5, **(padded(4, 20) if layout == "padded" else {}))
+    problem = make_problem([20, 11, 5], 8, 6, 2, seed=5, **(padded(20, 4) if layout == "padded" else {}))
     outcomes = worlds(size).outcomes(conformance.bad_input_task, problem, backend, 1, mutation, timeout=60)
     assert all(o.error_type == "MoEInputError" for o in outcomes), [(o.rank, o.error_type, o.message) for o in outcomes]
     assert len({o.message for o in outcomes}) == 1, "ranks raised different messages"
@@ -70,7 +66,7 @@ def test_bad_input_on_one_rank(worlds, backend: str, layout: str, mutation: str)
 
 @pytest.mark.parametrize("backend, layout", BACKEND_LAYOUTS)
 def test_dead_rank_fails_the_others_in_bounded_time(backend: str, layout: str) -> None:
-    problem = make_problem([12, 7], 8, 4, 2, seed=6, **(padded(4, 12) if layout == "padded" else {}))
+    problem = make_problem([12, 7], 8, 4, 2, seed=6, **(padded(12, 4) if layout == "padded" else {}))
     start = time.monotonic()
     with World(2, pg_timeout=5) as w:
         outcomes = w.outcomes(conformance.die_task, problem, backend, 1, timeout=60)
@@ -83,5 +79,5 @@ def test_dead_rank_fails_the_others_in_bounded_time(backend: str, layout: str) -
 
 @pytest.mark.parametrize("backend, layout", BACKEND_LAYOUTS)
 def test_opcheck(worlds, backend: str, layout: str) -> None:
-    kw = padded(5, 20) if layout == "padded" else {}
+    kw = padded(20, 5) if layout == "padded" else {}
     worlds(2).run(conformance.opcheck_task, make_problem([20, 9], 16, 8, 3, mask_fraction=0.2, seed=2, **kw), backend)

@@ -1,7 +1,7 @@
 """NPU pieces that need no second process: registration (the ops serve the ``npu`` device without
 importing torch_npu), backend selection, the mc2 backend's documented limits and row encoding, and
-the local stage through torch_npu's permute kernels (moe_ops/npu_stage.py), run on CPU tensors by the
-simulator of moe_ops.testing.npu_sim with ``config.kernels = "npu"``."""
+the local stage through torch_npu's permute kernels (moe_ops/stage/npu.py), run on CPU tensors by the
+simulator of moe_ops.testing.sim.torch_npu with ``config.kernels = "npu"``."""
 
 import subprocess
 import sys
@@ -11,11 +11,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 
-from moe_ops import backends, config
-from moe_ops.backends import mc2_limits
-from moe_ops.backends.mc2_wire import Wire, route_ids, sent_ids
-from moe_ops.testing import conformance, npu_sim
+from moe_ops import MoEInputError, backends, config
+from moe_ops.backends.mc2 import limits as mc2_limits
+from moe_ops.backends.mc2.wire import Wire, route_ids, sent_ids
+from moe_ops.testing import conformance, sim
 from moe_ops.testing.problems import Problem, make_problem, problems
+from moe_ops.testing.sim import torch_npu
 
 OPS = ("moe::dispatch", "moe::combine", "moe::dispatch_backward", "moe::combine_backward")
 
@@ -33,11 +34,11 @@ def test_ops_serve_the_npu_dispatch_key(op: str) -> None:
 
 
 def test_backend_selection() -> None:
-    assert backends._auto("npu", 8, "padded") == "mc2"
-    assert backends._auto("npu", 8, "ragged") == "collective" and backends._auto("npu", 1, "padded") == "local"
-    with pytest.raises(ValueError, match="backend 'mc2' has no ragged layout"):
+    assert backends.auto("npu", 8, "padded") == "mc2"
+    assert backends.auto("npu", 8, "ragged") == "collective" and backends.auto("npu", 1, "padded") == "local"
+    with pytest.raises(MoEInputError, match="backend 'mc2' has no ragged layout"):
         backends.resolve("mc2", "npu", 2, "ragged")
-    with pytest.raises(ValueError, match="does not run on 'cpu' tensors"):  # only the simulator widens it
+    with pytest.raises(MoEInputError, match="does not run on 'cpu' tensors"):  # only the simulator widens it
         backends.resolve("mc2", "cpu", 2, "padded")
 
 
@@ -86,20 +87,20 @@ def test_wire_round_trip(quantized: bool, dtype: torch.dtype) -> None:
 @pytest.fixture
 def _npu_kernels() -> Iterator[None]:
     previous = config.kernels
-    npu_sim.install()
+    sim.install("torch_npu")
     config.kernels = "npu"
     yield
     config.kernels = previous
-    npu_sim.uninstall()
+    sim.uninstall("torch_npu")
 
 
 def check(problem: Problem) -> list[str]:
     """The local backend's conformance on ``problem``; the names of the kernels it called."""
-    before = len(npu_sim.calls())
+    before = len(torch_npu.calls())
     ours = conformance.run_rank(problem, 0, backend="local")
     ref, mag = conformance.expected(problem)
     conformance.assert_rank_matches(problem, 0, ours, ref[0], mag[0])
-    return [call.op for call in npu_sim.calls()[before:]]
+    return [call.op for call in torch_npu.calls()[before:]]
 
 
 @pytest.mark.usefixtures("_npu_kernels")
@@ -115,7 +116,7 @@ def test_ragged_dispatch_sorts_unique_keys() -> None:
     every valid route comes out, in the contract's order (checked against the reference)."""
     ops = check(make_problem([40], 16, 8, 3, mask_fraction=0.3, out_of_range=True, dtype=torch.bfloat16, seed=4))
     assert "npu_moe_token_permute" in ops
-    keys = next(c.kwargs["indices"] for c in npu_sim.calls() if c.op == "npu_moe_token_permute")
+    keys = next(c.kwargs["indices"] for c in torch_npu.calls() if c.op == "npu_moe_token_permute")
     assert keys.shape == (40, 3) and keys.unique().numel() == keys.numel()
 
 

@@ -13,7 +13,8 @@ pytest.importorskip("triton.backends.nvidia", reason="needs Triton's NVIDIA back
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from moe_ops.kernels import layout, put, reduce  # noqa: E402
+from moe_ops.backends.symm import put  # noqa: E402
+from moe_ops.stage.kernels import layout, reduce  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
 INT64_POINTERS = {"idx_ptr", "ids_ptr", "peers_ptr", "route_row_ptr", "row_src_ptr", "src_index_ptr"}

@@ -1,5 +1,5 @@
 """The ``symm`` backend (stores into the peers' buffers) on real processes over gloo, its peer buffers
-simulated with shared memory (:mod:`moe_ops.testing.peer_sim`) and its Triton kernels interpreted
+simulated with shared memory (:mod:`moe_ops.testing.sim.symmetric_memory`) and its Triton kernels interpreted
 (``TRITON_INTERPRET=1``): the put kernel's exact placement, the conformance suite at W = 1…4 in both
 layouts, compiled equals eager, opcheck, and the buffer's life cycle. On a GPU: W = 1 over real
 symmetric memory, eager and captured in a CUDA graph. More than one GPU is not tested here (issue 7:
@@ -8,13 +8,16 @@ symmetric memory, eager and captured in a CUDA graph. More than one GPU is not t
 Example counts (2-core CI, interpreted kernels): EXAMPLES[W] Hypothesis problems per world size.
 """
 
+import functools
+
 import pytest
 import torch
 from hypothesis import given, settings
 
-from moe_ops.testing import conformance, peer_sim
+from moe_ops.testing import conformance, sim
 from moe_ops.testing.harness import set_up
 from moe_ops.testing.problems import Problem, make_problem, problems
+from moe_ops.testing.sim import symmetric_memory
 
 pytestmark = pytest.mark.multiproc
 
@@ -24,7 +27,7 @@ EXAMPLES = {1: 5, 2: 8, 3: 5, 4: 5}
 @pytest.fixture
 def world(interpreted_worlds):
     """``world(size)``: a gloo world running the Triton kernels interpreted, with the simulator installed."""
-    return set_up(interpreted_worlds, peer_sim.install_on_rank)
+    return set_up(interpreted_worlds, functools.partial(sim.install_on_rank, name="symmetric_memory"))
 
 
 def test_put_rows_places_every_slot(world) -> None:
@@ -34,7 +37,7 @@ def test_put_rows_places_every_slot(world) -> None:
 def _put_rows_task(rank: int) -> None:
     """Three simulated ranks in one process: each stores its slots; every row lands where the layout
     says, payloads only where sent, meta always, nothing else touched; then an empty, strided source."""
-    from moe_ops.kernels.put import put_rows
+    from moe_ops.backends.symm.put import put_rows
 
     world, bound, cols, meta_words = 3, 4, 5, 3
     row_bytes, meta_offset = 48, 32  # payload: 5 fp32 (20 bytes, padded to 32); meta: 3 words; row: 48
@@ -79,7 +82,7 @@ def _put_tokens_task(rank: int) -> None:
     """Dispatch's put for three simulated ranks (T = 5, 6, 0; bound 6; 2 experts per rank, K = 3, masked
     and out-of-range ids): row ``s * 6 + t`` of rank ``d`` holds token ``t`` of rank ``s`` exactly when one
     of its routes goes to ``d``, its ids local to ``d`` (-1 elsewhere) and their weights (0 elsewhere)."""
-    from moe_ops.kernels.put import put_tokens
+    from moe_ops.backends.symm.put import put_tokens
 
     world, bound, hidden, num_local, top_k = 3, 6, 5, 2, 3
     row_bytes, meta_offset, weights_offset = 48, 16, 16  # payload 10 bytes -> 16; ids 12 bytes -> 16; weights 12
@@ -148,18 +151,19 @@ def test_buffer_made_once_and_grown_by_every_rank_alike(world) -> None:
     """The first call makes the group's buffer; calls that fit reuse it; a larger one grows it on every
     rank at the same call (ranks with fewer tokens too: the size follows the group's largest count)."""
     w = world(2)
-    before = w.run(peer_sim.buffers_made)
+    before = w.run(symmetric_memory.buffers_made)
     small = make_problem([6, 2], 16, 4, 2, seed=1)
     conformance.check_world(w, small, "symm")
     conformance.check_world(w, small, "symm")
     conformance.check_world(w, make_problem([1, 40], 64, 4, 2, seed=1), "symm")
-    made = [sizes[len(old):] for sizes, old in zip(w.run(peer_sim.buffers_made), before, strict=True)]
+    made = [sizes[len(old):] for sizes, old in zip(w.run(symmetric_memory.buffers_made), before, strict=True)]
     assert made[0] == made[1], made
     assert len(made[0]) <= 2 and (not made[0] or made[0] == sorted(made[0])), made
 
 
 def test_cpu_tensors_need_the_simulator() -> None:
-    from moe_ops import backends, peer_memory
+    from moe_ops import backends
+    from moe_ops.backends.symm import peer_memory
 
     if "cpu" in peer_memory.device_types():
         pytest.skip("the simulator is installed in this process")

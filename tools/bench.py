@@ -28,9 +28,9 @@ import triton
 from triton.testing import do_bench
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import moe_ops  # noqa: E402
-from moe_ops.kernels import layout as layout_kernels  # noqa: E402
-from moe_ops.kernels import reduce as reduce_kernels  # noqa: E402
+from moe_ops.stage.kernels import layout as layout_kernels  # noqa: E402
+from moe_ops.stage.kernels import reduce as reduce_kernels  # noqa: E402
+from moe_ops.testing import cuda_graph  # noqa: E402
 
 TABLE = [(4096, 7168, 256, 8), (16384, 4096, 128, 8), (128, 7168, 256, 8)]
 DECODE_TOKENS = 512  # configs with T <= this are also run as a padded decode round trip in a CUDA graph
@@ -155,16 +155,7 @@ def bench_config(tokens: int, hidden: int, experts: int, top_k: int, dtype: torc
 
 def graphed(step: Callable[[], object]) -> Callable[[], None]:
     """``step`` captured in a CUDA graph (after two warm-up calls on a side stream); returns its replay."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        step()
-    return g.replay
+    return cuda_graph.capture(step)[0].replay
 
 
 def decode_graph_ms(sets: list[Inputs], experts: int, tokens: int, moe: bool) -> float:

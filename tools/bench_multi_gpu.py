@@ -35,8 +35,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import moe_ops  # noqa: E402
 from bench import graphed  # noqa: E402  (tools/ is this script's folder)
+
+import moe_ops  # noqa: E402
 from moe_ops.testing import conformance  # noqa: E402
 from moe_ops.testing.harness import free_port  # noqa: E402
 from moe_ops.testing.problems import make_problem  # noqa: E402

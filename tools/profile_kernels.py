@@ -17,8 +17,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import moe_ops  # noqa: E402,F401
 from bench import graphed  # noqa: E402  (tools/ is this script's folder)
+
+import moe_ops  # noqa: E402,F401
 
 STEPS = 20
 

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
-from moe_ops import handshake
-from moe_ops.backends.base import Backend, DispatchOutputs, DispatchPlan, Layout
+from moe_ops import handle, handshake
+from moe_ops.backends.base import Backend, DispatchOutputs, Peers
+from moe_ops.errors import MoEInputError
+from moe_ops.plan import Layout
 
 _REGISTRY: dict[str, Backend] = {}
+_BY_CODE: dict[int, Backend] = {}
 
 
 def register(backend: Backend) -> Backend:
-    """Make ``backend`` selectable by its name."""
-    _REGISTRY[backend.name] = backend
-    handshake.code(backend.name)  # lets handshake errors name a peer's backend
+    """Make ``backend`` selectable by its name (and recognisable in the handles it makes)."""
+    code = handle.backend_code(backend.name)
+    clash = _BY_CODE.get(code)
+    if clash is not None and clash.name != backend.name:
+        raise ValueError(f"backend names {backend.name!r} and {clash.name!r} share the handle code {code}; rename one")
+    _REGISTRY[backend.name] = _BY_CODE[code] = backend
+    handshake.code(backend.name)  # lets agreement errors name a peer's backend
     return backend
 
 
@@ -19,7 +26,9 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def _auto(device_type: str, world_size: int, layout: Layout) -> str:
+def auto(device_type: str, world_size: int, layout: Layout) -> str:
+    """The backend ``"auto"`` picks for a dispatch: ``local`` for one rank, ``mc2`` for the padded layout
+    on NPU, ``collective`` otherwise."""
     if world_size == 1:
         return "local"
     if device_type == "npu" and layout == "padded":
@@ -29,37 +38,48 @@ def _auto(device_type: str, world_size: int, layout: Layout) -> str:
 
 def resolve(name: str, device_type: str, world_size: int, layout: Layout) -> Backend:
     """The backend ``name`` (``"auto"``: chosen from device and group size), checked against the call."""
-    chosen = _auto(device_type, world_size, layout) if name == "auto" else name
+    chosen = auto(device_type, world_size, layout) if name == "auto" else name
     backend = _REGISTRY.get(chosen)
     if backend is None:
-        raise ValueError(f"moe_ops: unknown backend {chosen!r}; available: {', '.join(available())}")
+        raise MoEInputError(f"unknown backend {chosen!r}; available: {', '.join(available())}")
     if device_type not in backend.device_types:
-        raise ValueError(f"moe_ops: backend {chosen!r} does not run on {device_type!r} tensors")
+        raise MoEInputError(f"backend {chosen!r} does not run on {device_type!r} tensors")
     if layout not in backend.layouts:
-        raise ValueError(f"moe_ops: backend {chosen!r} has no {layout} layout")
+        raise MoEInputError(f"backend {chosen!r} has no {layout} layout")
     if world_size > 1 and not backend.multi_rank:
-        raise ValueError(f"moe_ops: backend {chosen!r} runs without a group only, but the group has {world_size} ranks")
+        raise MoEInputError(f"backend {chosen!r} runs without a group only, but the group has {world_size} ranks")
+    return backend
+
+
+def producer(code: int, requested: str) -> Backend:
+    """The backend whose handles carry ``code``; ``requested`` (a backend name, or ``"auto"``) must be it."""
+    backend = _BY_CODE.get(code)
+    if backend is None:
+        raise MoEInputError(f"the handle names a backend (code {code}) that is not registered in this process")
+    if requested not in ("auto", backend.name):
+        raise MoEInputError(
+            f"backend={requested!r}, but the handle was made by backend {backend.name!r}: pass backend='auto' "
+            f"or {backend.name!r} (combine and the backward passes must run the backend that dispatched)"
+        )
     return backend
 
 
 def _register_builtin() -> None:
     from moe_ops.backends.allgather import AllGatherBackend
     from moe_ops.backends.collective import CollectiveBackend
-    from moe_ops.backends.deepep import DeepEPBackend, DeepEPLowLatencyBackend  # deep_ep: imported by their first call
+    from moe_ops.backends.deepep import (  # deep_ep: imported by their first call
+        DeepEPBackend,
+        DeepEPLowLatencyBackend,
+    )
     from moe_ops.backends.local import LocalBackend
-    from moe_ops.backends.mc2 import Mc2Backend, Mc2Int8Backend
+    from moe_ops.backends.mc2 import Mc2Backend, Mc2Int8Backend  # torch_npu: likewise
     from moe_ops.backends.symm import SymmBackend
 
-    register(LocalBackend())
-    register(CollectiveBackend())
-    register(AllGatherBackend())
-    register(Mc2Backend())
-    register(Mc2Int8Backend())
-    register(DeepEPBackend())
-    register(DeepEPLowLatencyBackend())
-    register(SymmBackend())
+    for backend in (LocalBackend, CollectiveBackend, AllGatherBackend, Mc2Backend, Mc2Int8Backend, DeepEPBackend,
+                    DeepEPLowLatencyBackend, SymmBackend):
+        register(backend())
 
 
 _register_builtin()
 
-__all__ = ["Backend", "DispatchOutputs", "DispatchPlan", "Layout", "available", "register", "resolve"]
+__all__ = ["Backend", "DispatchOutputs", "Peers", "auto", "available", "producer", "register", "resolve"]

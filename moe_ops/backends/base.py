@@ -1,45 +1,29 @@
-"""What a backend implements, and the plan of one dispatch call that it receives."""
+"""What a backend (one transport) implements.
+
+The ops (:mod:`moe_ops.ops`) do everything that is the same for every backend: metadata checks, the
+backend's own limits (:meth:`Backend.check_dispatch`, :meth:`Backend.check_rows`), value checks, the
+agreement with the peers (with the backend's :meth:`Backend.payload` riding on it), and the handle's
+tag. A backend moves tokens and lays them out through the local stage (:mod:`moe_ops.stage`).
+
+A backend's handle (what :meth:`Backend.dispatch` returns in :class:`DispatchOutputs`) starts with
+``sources [T, K]`` int64 on the source rank and ``rows`` (the layout's int64 row map, ``[N]`` or
+``[L, C]``); the rest is its own. The ops put the tag in front (:mod:`moe_ops.handle`) and take it off
+again before calling the backend's combine and backward kernels.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import ClassVar, Literal, NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
 
-from moe_ops.groups import Comm
-from moe_ops.handshake import Handshake
+from moe_ops.comm import Comm
+from moe_ops.plan import DispatchPlan, Layout
 
-Layout = Literal["ragged", "padded"]
-
-
-@dataclass(frozen=True)
-class DispatchPlan:
-    """Arguments of one ``moe.dispatch`` call, resolved against its group."""
-
-    comm: Comm
-    num_experts: int
-    capacity: int | None  #: None: ragged layout; C: padded layout with C rows per local expert
-    max_tokens_per_rank: int  #: static bound on every rank's token count (padded layout; ragged: this rank's T)
-    zero_padding: bool  #: padded layout: write zeros to recv_x's padding rows
-    handshake: Handshake | None  #: multi-rank: the backend calls handshake.exchange(...) before moving any token
-
-    @property
-    def num_local_experts(self) -> int:
-        return self.num_experts // self.comm.world_size
-
-    @property
-    def layout(self) -> Layout:
-        return "ragged" if self.capacity is None else "padded"
-
-    def agree(self, payload: Tensor | None) -> list[list[int]]:
-        """Every rank's ``payload`` (row ``s`` = rank ``s``) through the handshake; a group of one has
-        none (its own payload comes back). ``[]`` where the handshake skipped the exchange."""
-        if self.handshake is None:
-            return [] if payload is None else [payload.tolist()]
-        return self.handshake.exchange(payload) or []
+#: Every rank's agreed payload (row ``s`` = rank ``s``), or ``None`` where the backend has none.
+Peers = list[list[int]] | None
 
 
 class DispatchOutputs(NamedTuple):
@@ -47,25 +31,39 @@ class DispatchOutputs(NamedTuple):
     recv_weights: Tensor  #: [N] or [L, C], topk_weights.dtype
     tokens_per_expert: Tensor  #: [L] int32
     dropped: Tensor  #: [L] int32
-    handle: list[Tensor]  #: backend-private; handle[0] is always the [T, K] source-route map
+    handle: list[Tensor]  #: [sources [T, K], rows [N] or [L, C], *the backend's own]
 
 
 class Backend(ABC):
-    """One transport. Each method is the real kernel of one op; shapes follow docs/contract.md.
-
-    ``handle[0]`` must be an int64 ``[T, K]`` tensor on the source rank (the ops read ``T`` and ``K``
-    from it); the rest of the handle is the backend's own. A multi-rank ``dispatch`` must call
-    ``plan.handshake.exchange(payload)`` once before any token moves (the ops have already agreed for
-    combine and the backward passes).
-    """
+    """One transport. The four kernels are the real kernels of the four ops; shapes follow
+    docs/contract.md. ``handle`` arguments are the backend's part of the handle (no tag)."""
 
     name: ClassVar[str]
     device_types: ClassVar[frozenset[str]]
     layouts: ClassVar[frozenset[Layout]]
     multi_rank: ClassVar[bool]
 
+    def check_dispatch(self, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, plan: DispatchPlan) -> None:
+        """Raise :class:`moe_ops.MoEInputError` for a dispatch outside this transport's limits. Metadata only:
+        the fake kernel runs it at trace time too."""
+
+    def check_rows(self, name: str, rows: Tensor, handle: list[Tensor], comm: Comm) -> None:
+        """Raise :class:`moe_ops.MoEInputError` for rows ``name`` (``expert_out``, ``grad_recv_x``,
+        ``grad_out``) that combine or a backward pass of this transport cannot move. Metadata only."""
+
+    def prepare(self, plan: DispatchPlan) -> None:
+        """Raise :class:`moe_ops.MoEInputError` where what the transport needs at run time is missing (a
+        library that does not import). Runs in the real kernel only, before any communication."""
+
+    def payload(self, topk_idx: Tensor, plan: DispatchPlan) -> Tensor | None:
+        """What this rank must tell its peers before any token moves (int64, at most ``2W + 1`` values),
+        computed from the routes; the ops agree on it and pass every rank's to :meth:`dispatch`."""
+        return None
+
     @abstractmethod
-    def dispatch(self, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, plan: DispatchPlan) -> DispatchOutputs: ...
+    def dispatch(self, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, plan: DispatchPlan, peers: Peers) -> DispatchOutputs:
+        """``topk_idx`` is in the contiguous placement (ids outside ``[0, E)`` masked); ``peers`` holds
+        every rank's :meth:`payload`."""
 
     @abstractmethod
     def combine(self, expert_out: Tensor, recv_weights: Tensor, handle: list[Tensor], comm: Comm) -> Tensor:
@@ -85,16 +83,13 @@ class Backend(ABC):
 
     @abstractmethod
     def handle_len(self, layout: Layout) -> int:
-        """How many tensors ``dispatch`` returns in the handle for ``layout``."""
-
-    @abstractmethod
-    def rows_shape(self, handle: list[Tensor]) -> tuple[int, ...]:
-        """The layout's row shape (``[N]`` or ``[L, C]``) recorded in ``handle``."""
+        """How many tensors :meth:`dispatch` returns in the handle for ``layout``."""
 
     @abstractmethod
     def fake_handle(self, x: Tensor, topk_idx: Tensor, rows_shape: tuple[int, ...], plan: DispatchPlan) -> list[Tensor]:
-        """Handle tensors with the shapes, dtypes and devices ``dispatch`` returns (used by the fake kernel)."""
+        """Empty tensors with the shapes, dtypes and devices of the handle :meth:`dispatch` returns (for
+        the fake kernel); ``rows_shape`` is the layout's (``[N]`` with ``N`` unbacked, or ``[L, C]``)."""
 
 
-def int64_like(t: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
+def int64_like(t: Tensor, shape: tuple[int | torch.SymInt, ...] | torch.Size) -> Tensor:
     return t.new_empty(shape, dtype=torch.int64)

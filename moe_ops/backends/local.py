@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from moe_ops import permute, stage
-from moe_ops.backends.base import Backend, DispatchOutputs, DispatchPlan, Layout, int64_like
-from moe_ops.groups import Comm
+from moe_ops import stage
+from moe_ops.backends.base import Backend, DispatchOutputs, Peers, int64_like
+from moe_ops.comm import Comm
+from moe_ops.plan import DispatchPlan, Layout
 
 
 class LocalBackend(Backend):
@@ -18,10 +19,8 @@ class LocalBackend(Backend):
     layouts = frozenset({"ragged", "padded"})
     multi_rank = False
 
-    def dispatch(self, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, plan: DispatchPlan) -> DispatchOutputs:
-        out = stage.dispatch_rows(
-            x, topk_weights, topk_idx, plan.num_experts, plan.capacity, zero_padding=plan.zero_padding
-        )
+    def dispatch(self, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, plan: DispatchPlan, peers: Peers) -> DispatchOutputs:
+        out = stage.dispatch_rows(x, topk_weights, topk_idx, plan.num_local_experts, plan.rows)
         return DispatchOutputs(out.recv_x, out.recv_weights, out.tokens_per_expert, out.dropped, [out.route_row, out.row_src])
 
     def combine(self, expert_out: Tensor, recv_weights: Tensor, handle: list[Tensor], comm: Comm) -> Tensor:
@@ -33,7 +32,7 @@ class LocalBackend(Backend):
     ) -> tuple[Tensor, Tensor]:
         route_row, _ = handle
         grad_x = stage.reduce(grad_recv_x.flatten(0, -2), route_row, None, ragged=grad_recv_x.dim() == 2)
-        return grad_x, permute.gather_routes(grad_recv_weights.reshape(-1), route_row)
+        return grad_x, stage.gather_routes(grad_recv_weights.reshape(-1), route_row)
 
     def combine_backward(
         self, grad_out: Tensor, expert_out: Tensor, recv_weights: Tensor, handle: list[Tensor], comm: Comm
@@ -43,9 +42,6 @@ class LocalBackend(Backend):
 
     def handle_len(self, layout: Layout) -> int:
         return 2
-
-    def rows_shape(self, handle: list[Tensor]) -> tuple[int, ...]:
-        return tuple(handle[1].shape)
 
     def fake_handle(self, x: Tensor, topk_idx: Tensor, rows_shape: tuple[int, ...], plan: DispatchPlan) -> list[Tensor]:
         return [int64_like(topk_idx, topk_idx.shape), int64_like(topk_idx, rows_shape)]

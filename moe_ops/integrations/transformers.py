@@ -27,11 +27,15 @@ from typing import ClassVar
 
 import torch
 from torch import Tensor
-from transformers.distributed.expert_parallel import EPImplementation, EPImplementationInterface
+from transformers.distributed.expert_parallel import (
+    EPImplementation,
+    EPImplementationInterface,
+)
 
 import moe_ops
 from moe_ops.api import DispatchResult
-from moe_ops.backends.base import Layout
+from moe_ops.errors import MoEInputError
+from moe_ops.plan import Layout
 
 
 class MoeOpsEP(EPImplementation):
@@ -43,7 +47,7 @@ class MoeOpsEP(EPImplementation):
     def __init__(self, experts: torch.nn.Module, ep_mesh, tp_mesh) -> None:  # type: ignore[no-untyped-def]
         super().__init__(experts, ep_mesh, tp_mesh)
         if tp_mesh.size() > 1:
-            raise ValueError(
+            raise MoEInputError(
                 f"ep_implementation={type(self).registered_name!r} does not support ranks of a TP group sharing one "
                 f"batch (tp_size={tp_mesh.size()}); use ep_implementation='all_to_all' there"
             )
@@ -80,7 +84,7 @@ class MoeOpsPaddedEP(MoeOpsEP):
     def bound(cls) -> int:
         """The static bound on any rank's token count (raises while none is registered)."""
         if cls.max_tokens_per_rank is None:
-            raise ValueError(
+            raise MoEInputError(
                 "ep_implementation='moe_ops_padded' needs a static bound: call "
                 "moe_ops.integrations.transformers.register(max_tokens_per_rank=N) before loading the model"
             )

@@ -1,3 +1,3 @@
-"""Conformance kit: Hypothesis strategies for routing problems, checks against :mod:`moe_ops.reference`,
-and a multi-process harness. Any backend runs the same suite. :mod:`moe_ops.testing.npu_sim` simulates
-torch_npu's MoE ops on CPU, so that the NPU paths run here too."""
+"""Conformance kit: Hypothesis strategies for routing problems (:mod:`.problems`), checks against
+:mod:`moe_ops.reference` (:mod:`.conformance`), a multi-process harness (:mod:`.harness`), and CPU
+simulators of the libraries the transports run on (:mod:`.sim`). Any backend runs the same suite."""

@@ -9,8 +9,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from moe_ops.compat import megatron, vllm_ascend
-from moe_ops.testing import compile_stats, conformance
+from moe_ops import compile_stats
+from moe_ops.integrations import megatron, vllm_ascend
+from moe_ops.testing import conformance
 from moe_ops.testing.problems import Problem
 
 ADAPTERS = ("megatron_flex", "megatron_inference", "vllm_ascend")

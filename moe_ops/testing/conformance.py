@@ -120,6 +120,15 @@ def expected(problem: Problem) -> tuple[list[RankResult], list[RankResult]]:
     return _reference_run(problem, absolute=False), _reference_run(problem, absolute=True)
 
 
+def assert_relative_close(ours: Tensor, ref: Tensor, tolerance: float, what: str, norm: float | str = "inf") -> None:
+    """``norm(ours - ref) <= tolerance * norm(ref)`` (``"inf"``: the largest element; ``"fro"``: the
+    2-norm of all elements), computed in float64."""
+    order = float("inf") if norm == "inf" else norm
+    error = torch.linalg.vector_norm((ours.double() - ref.double()).flatten(), ord=2 if order == "fro" else order)
+    scale = torch.linalg.vector_norm(ref.double().flatten(), ord=2 if order == "fro" else order).clamp(min=1e-30)
+    assert error <= tolerance * scale, f"{what}: relative error {(error / scale).item():.3e} above {tolerance:.1e}"
+
+
 def valid_rows(tokens_per_expert: Tensor, capacity: int) -> Tensor:
     """``[L, C]`` bool: which rows of a padded layout hold a route."""
     return torch.arange(capacity).unsqueeze(0) < tokens_per_expert.long().unsqueeze(1)
@@ -183,7 +192,7 @@ def rank_task(rank: int, problem: Problem, backend: str = "auto", compiled: bool
     with ``fullgraph=True, dynamic=True``. Returns the result and, if compiled, the compile stats."""
     import torch.distributed as dist
 
-    from moe_ops.testing import compile_stats
+    from moe_ops import compile_stats
 
     group = dist.group.WORLD.group_name
     if not compiled:
@@ -260,8 +269,8 @@ def opcheck_task(rank: int, problem: Problem, backend: str, dispatch_checks: tup
     kwargs = dict(
         num_experts=problem.num_experts, group_name=dist.group.WORLD.group_name, backend=backend,
         layout=problem.layout,
-        capacity=-1 if problem.capacity is None else problem.capacity,
-        max_tokens_per_rank=-1 if problem.max_tokens_per_rank is None else problem.max_tokens_per_rank,
+        capacity=problem.capacity,
+        max_tokens_per_rank=problem.max_tokens_per_rank,
         zero_padding=problem.layout == "padded",  # opcheck compares outputs across runs
     )
     x = problem.xs[rank].clone().requires_grad_()

@@ -51,7 +51,7 @@ def _full_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def _compile_experts(model: torch.nn.Module) -> tuple[bool, int, str]:
     """``torch.compile(experts.forward, fullgraph=True)`` on a routed batch: (ok, graph breaks, error)."""
-    from moe_ops.testing import compile_stats
+    from moe_ops import compile_stats
 
     experts = model.model.layers[0].mlp.experts
     hidden = model.config.hidden_size
@@ -75,9 +75,10 @@ def compare_task(rank: int, path: str, timed: bool = False) -> dict[str, Any]:
     model (loss averaged over the ranks' batches, as FSDP averages) and of the model loaded with each
     ``ep_implementation`` of :data:`IMPLEMENTATIONS`, plus whether each one's experts forward compiles with
     ``fullgraph=True``. With ``timed``, the eager and compiled forward times (ms)."""
-    from moe_ops.integrations import transformers as integration
     from transformers import AutoModelForCausalLM
     from transformers.distributed import DistributedConfig
+
+    from moe_ops.integrations import transformers as integration
 
     world = dist.get_world_size()
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))

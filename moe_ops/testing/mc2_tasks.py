@@ -1,5 +1,5 @@
 """Worker-side pieces of the ``mc2`` tests (picklable, for :class:`moe_ops.testing.harness.World`): installing
-the simulator of :mod:`moe_ops.testing.npu_sim` in each rank, runs that return what the ops received,
+the simulator of :mod:`moe_ops.testing.sim.torch_npu` in each rank, runs that return what the ops received,
 and *tampers*: deliberately wrong marshalling, applied to an op's arguments before the simulator runs
 it, which the conformance suite must catch."""
 
@@ -12,15 +12,14 @@ import torch.distributed as dist
 from torch import Tensor
 
 import moe_ops
-from moe_ops.backends import mc2
-from moe_ops.backends.mc2_limits import TABLE
-from moe_ops.testing import conformance, npu_sim
+from moe_ops.testing import conformance, sim
 from moe_ops.testing.problems import Problem
+from moe_ops.testing.sim import torch_npu
 
 
-def install(rank: int, version: int = 2, tamper: npu_sim.Tamper | None = None) -> None:
+def install(rank: int, version: int = 2, tamper: torch_npu.Tamper | None = None) -> None:
     """Install the simulator on this rank (replacing any earlier install)."""
-    npu_sim.install(version, tamper)
+    sim.install("torch_npu", version=version, tamper=tamper)
 
 
 def group_name(rank: int) -> str:
@@ -28,12 +27,12 @@ def group_name(rank: int) -> str:
     return dist.group.WORLD.group_name
 
 
-def recorded_calls(rank: int, problem: Problem, version: int) -> list[npu_sim.Call]:
+def recorded_calls(rank: int, problem: Problem, version: int) -> list[torch_npu.Call]:
     """Run the conformance pipeline (forward and backward) on ``mc2`` with a fresh simulator of
     ``version``; every MC2 op call it made, with its arguments."""
-    npu_sim.install(version)
+    sim.install("torch_npu", version=version)
     conformance.run_rank(problem, rank, group=dist.group.WORLD.group_name, backend="mc2")
-    return npu_sim.calls()
+    return torch_npu.calls()
 
 
 def dispatched(rank: int, problem: Problem, backend: str) -> moe_ops.DispatchResult:
@@ -47,15 +46,13 @@ def dispatched(rank: int, problem: Problem, backend: str) -> moe_ops.DispatchRes
 def under_soc_limits(rank: int, problem: Problem, soc: str) -> tuple[str, int]:
     """Dispatch ``problem`` on ``mc2`` under ``soc``'s documented limits (not the simulator's relaxed
     ones): ``(the MoEInputError message, MC2 calls made)``."""
-    npu_sim.install()
-    strict = dataclasses.replace(mc2.use_platform(mc2.NPU), limits=lambda version: TABLE[(soc, version)])
-    mc2.use_platform(strict)
+    sim.install("torch_npu", soc=soc)
     try:
         dispatched(rank, problem, "mc2")
     except moe_ops.MoEInputError as error:
-        return str(error), len(npu_sim.calls())
+        return str(error), len(torch_npu.calls())
     finally:
-        npu_sim.install()
+        sim.install("torch_npu")
     raise AssertionError("dispatch did not raise")
 
 
@@ -105,7 +102,7 @@ class StaleHandle:
 
 def int8_rows(rank: int, problem: Problem) -> tuple[Tensor, ...]:
     """``mc2_int8``'s dispatch of ``problem`` on this rank: recv_x, recv_weights, counts, dropped."""
-    npu_sim.install()
+    sim.install("torch_npu")
     d = dispatched(rank, problem, "mc2_int8")
     return d.recv_x, d.recv_weights, d.tokens_per_expert, d.dropped
 

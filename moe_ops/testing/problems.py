@@ -67,6 +67,11 @@ class Problem:
         return ids
 
 
+def padded(max_tokens_per_rank: int, capacity: int | None = None) -> dict[str, object]:
+    """The keyword arguments of a padded layout (for :func:`make_problem` and ``moe_ops.dispatch``)."""
+    return dict(layout="padded", max_tokens_per_rank=max_tokens_per_rank, capacity=capacity)
+
+
 def _routes(gen: torch.Generator, tokens: int, top_k: int, experts: list[int]) -> Tensor:
     """``[tokens, top_k]`` distinct ids drawn from ``experts`` per row (``-1`` where fewer than ``top_k``)."""
     pool = torch.tensor(experts, dtype=torch.int64)

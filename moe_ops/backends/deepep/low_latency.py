@@ -20,7 +20,7 @@ repeated id's rows are already in that sum). Dispatch backward: the same with th
 all-to-all of the route-weight gradients back to their sources. Combine backward: a new
 low-latency dispatch of ``grad_out``, mapped to slots the same way.
 
-Handle: ``[ids [T, K] int64, route_row [W*Tmax, K] int64, row_src [L, C] int64, src_info [L, W*Tmax]
+Handle: ``[ids [T, K] int64, row_src [L, C] int64, route_row [W*Tmax, K] int64, src_info [L, W*Tmax]
 int32, layout_range [L, W] int64, hidden [0, H] int64]``; the last holds no data, its shape records
 the ``hidden`` that DeepEP's own handle keeps as a Python int (``Tmax`` and ``E`` follow from the shapes).
 No size depends on data and nothing is read back to the host.
@@ -34,13 +34,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from moe_ops import permute, routing, stage
-from moe_ops.backends.base import DispatchOutputs, DispatchPlan, Layout, int64_like
+from moe_ops import routing, stage
+from moe_ops.backends.base import DispatchOutputs, Peers, int64_like
 from moe_ops.backends.deepep import runtime
+from moe_ops.comm import Comm, all_gather_padded, collective
 from moe_ops.errors import MoEInputError
-from moe_ops.groups import Comm
-from moe_ops.handshake import collective
-from moe_ops.packing import gather_padded
+from moe_ops.plan import DispatchPlan, Layout
 
 _BLOCK_BITS = 32  # layout_range[e, j] = start << 32 | length
 
@@ -77,7 +76,7 @@ def _all_routes(comm: Comm, ids: Tensor, weights: Tensor, max_tokens: int) -> tu
     """Every rank's expert ids and weights, ``[W*Tmax, K]`` each (row ``j * Tmax + t``; -1 and 0 past a
     rank's ``T``), through one all-gather of 8 bytes per route."""
     fields = [(ids.int(), -1), (weights.float(), 0)]
-    all_ids, all_weights = gather_padded(comm, "moe.dispatch routes all_gather", fields, max_tokens)
+    all_ids, all_weights = all_gather_padded(comm, "moe.dispatch routes all_gather", fields, max_tokens)
     return all_ids.long(), all_weights
 
 
@@ -106,7 +105,7 @@ class _Handle:
     """Our handle, unpacked, with DeepEP's handle tuple rebuilt from it."""
 
     def __init__(self, handle: list[Tensor], world_size: int) -> None:
-        self.ids, self.route_row, self.row_src, self.src_info, self.layout_range, hidden = handle
+        self.ids, self.row_src, self.route_row, self.src_info, self.layout_range, hidden = handle
         self.hidden = hidden.shape[1]
         num_local, self.capacity = self.row_src.shape
         self.max_tokens = self.route_row.shape[0] // world_size
@@ -124,27 +123,29 @@ class DeepEPLowLatencyBackend(runtime.DeepEPBase):
     mode = "low_latency"
     layouts = frozenset({"padded"})
 
-    def dispatch(self, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, plan: DispatchPlan) -> DispatchOutputs:
-        self.prepare(x, topk_idx, topk_weights, plan)
-        comm, max_tokens, num_experts = plan.comm, plan.max_tokens_per_rank, plan.num_experts
+    def dispatch(self, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, plan: DispatchPlan, peers: Peers) -> DispatchOutputs:
+        comm, max_tokens, num_experts = plan.comm, plan.token_bound, plan.num_experts
         buffer = runtime.low_latency_buffer(comm, max_tokens, x.shape[1], num_experts)
-        ids = runtime.deepep_ids(topk_idx, num_experts)
+        ids = routing.masked_ids(topk_idx, num_experts)
         tokens, src_info, layout_range = _low_latency_dispatch(buffer, x, ids, max_tokens, num_experts)
         all_ids, all_weights = _all_routes(comm, ids, topk_weights, max_tokens)
         local_ids = routing.local_expert_ids(all_ids, num_experts, comm.world_size, comm.rank)
-        out = stage.dispatch_rows(tokens, all_weights, local_ids, plan.num_local_experts, plan.capacity, None, plan.zero_padding)
+        out = stage.dispatch_rows(tokens, all_weights, local_ids, plan.num_local_experts, plan.rows)
         hidden = x.new_empty((0, x.shape[1]), dtype=torch.int64)
-        handle = [ids, out.route_row, out.row_src, src_info, layout_range, hidden]
+        handle = [ids, out.row_src, out.route_row, src_info, layout_range, hidden]
         return DispatchOutputs(out.recv_x, out.recv_weights, out.tokens_per_expert, out.dropped, handle)
 
-    def _combine_rows(self, rows: Tensor, weights: Tensor | None, name: str, h: _Handle, comm: Comm) -> Tensor:
-        """``Buffer.low_latency_combine`` of the layout ``rows`` (``[L, C, H]``, scaled by ``weights``)."""
-        runtime.check_rows(name, rows, "low_latency")
-        if rows.shape[-1] != h.hidden:
+    def check_rows(self, name: str, rows: Tensor, handle: list[Tensor], comm: Comm) -> None:
+        super().check_rows(name, rows, handle, comm)
+        hidden = handle[5].shape[1]
+        if name != "grad_out" and rows.shape[-1] != hidden:
             raise MoEInputError(
                 f"{name} has hidden size {rows.shape[-1]}, but DeepEP's low-latency combine returns the "
-                f"dispatched hidden size {h.hidden}"
+                f"dispatched hidden size {hidden}"
             )
+
+    def _combine_rows(self, rows: Tensor, weights: Tensor | None, h: _Handle, comm: Comm) -> Tensor:
+        """``Buffer.low_latency_combine`` of the layout ``rows`` (``[L, C, H]``, scaled by ``weights``)."""
         buffer = runtime.low_latency_buffer(comm, h.max_tokens, h.hidden, h.num_experts)
         flat_weights = None if weights is None else weights.reshape(-1)
         sent = stage.reduce(rows.flatten(0, -2), h.row_routes(), flat_weights)
@@ -153,21 +154,20 @@ class DeepEPLowLatencyBackend(runtime.DeepEPBase):
         return out
 
     def combine(self, expert_out: Tensor, recv_weights: Tensor, handle: list[Tensor], comm: Comm) -> Tensor:
-        return self._combine_rows(expert_out, recv_weights, "expert_out", _Handle(handle, comm.world_size), comm)
+        return self._combine_rows(expert_out, recv_weights, _Handle(handle, comm.world_size), comm)
 
     def dispatch_backward(
         self, grad_recv_x: Tensor, grad_recv_weights: Tensor, handle: list[Tensor], comm: Comm
     ) -> tuple[Tensor, Tensor]:
         h = _Handle(handle, comm.world_size)
-        grad_x = self._combine_rows(grad_recv_x, None, "grad_recv_x", h, comm)
-        grad_routes = permute.gather_routes(grad_recv_weights.reshape(-1), h.route_row)
+        grad_x = self._combine_rows(grad_recv_x, None, h, comm)
+        grad_routes = stage.gather_routes(grad_recv_weights.reshape(-1), h.route_row)
         return grad_x, _return_routes(comm, grad_routes, h.ids.shape[0])
 
     def combine_backward(
         self, grad_out: Tensor, expert_out: Tensor, recv_weights: Tensor, handle: list[Tensor], comm: Comm
     ) -> tuple[Tensor, Tensor]:
         h = _Handle(handle, comm.world_size)
-        runtime.check_rows("grad_out", grad_out, "low_latency")
         buffer = runtime.low_latency_buffer(comm, h.max_tokens, h.hidden, h.num_experts)
         grad_tokens, _, _ = _low_latency_dispatch(buffer, grad_out, h.ids, h.max_tokens, h.num_experts)
         return stage.expand_grad(grad_tokens, expert_out, recv_weights, h.route_row, h.row_src)
@@ -176,13 +176,12 @@ class DeepEPLowLatencyBackend(runtime.DeepEPBase):
         return 6
 
     def fake_handle(self, x: Tensor, topk_idx: Tensor, rows_shape: tuple[int, ...], plan: DispatchPlan) -> list[Tensor]:
-        runtime.check_dispatch(x, topk_idx, plan, self.mode)
         world, top_k = plan.comm.world_size, topk_idx.shape[1]
-        slots = world * plan.max_tokens_per_rank
+        slots = world * plan.token_bound
         return [
             int64_like(topk_idx, topk_idx.shape),
-            int64_like(topk_idx, (slots, top_k)),
             int64_like(topk_idx, rows_shape),
+            int64_like(topk_idx, (slots, top_k)),
             topk_idx.new_empty((plan.num_local_experts, slots), dtype=torch.int32),
             int64_like(topk_idx, (plan.num_local_experts, world)),
             int64_like(topk_idx, (0, x.shape[1])),

@@ -16,7 +16,7 @@ rounded once to ``expert_out.dtype``) and ``Buffer.combine`` sums those partial 
 Dispatch backward is ``Buffer.combine`` of the unweighted row sums with the rows' weight gradients as
 DeepEP's ``topk_weights``; combine backward is a cached-handle ``Buffer.dispatch`` of ``grad_out``.
 
-Handle: ``[ids [T, K] int64, route_row [M, K] int64, row_src [N] or [L, C] int64]`` followed by DeepEP's
+Handle: ``[ids [T, K] int64, row_src [N] or [L, C] int64, route_row [M, K] int64]`` followed by DeepEP's
 six handle tensors ``rank_prefix_matrix [W, W]``, ``channel_prefix_matrix [W, S/2]``,
 ``recv_channel_prefix_matrix [W, S/2]``, ``recv_src_idx [M]`` (int32), ``is_token_in_rank [T, W]`` (bool),
 ``send_head [T, W]`` (int32), with ``M`` the received tokens (ragged, data-dependent) or
@@ -30,10 +30,11 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from moe_ops import config, permute, stage
-from moe_ops.backends.base import DispatchOutputs, DispatchPlan, Layout, int64_like
+from moe_ops import config, routing, stage
+from moe_ops.backends.base import DispatchOutputs, Peers, int64_like
 from moe_ops.backends.deepep import runtime
-from moe_ops.groups import Comm
+from moe_ops.comm import Comm
+from moe_ops.plan import DispatchPlan, Layout
 
 _OWN = 3  # handle tensors of ours before DeepEP's
 
@@ -51,7 +52,7 @@ class _Received(NamedTuple):
 def _exchange(buffer: Any, dispatch_config: Any, x: Tensor, ids: Tensor, weights: Tensor, plan: DispatchPlan) -> _Received:
     """DeepEP's normal dispatch of ``x`` by ``ids`` (global, -1 masked)."""
     per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(ids, plan.num_experts)
-    padded = plan.capacity is not None
+    padded = plan.layout == "padded"
     tokens, recv_ids, recv_weights, counts, handle, _ = buffer.dispatch(
         x,
         num_tokens_per_rank=per_rank,
@@ -59,7 +60,7 @@ def _exchange(buffer: Any, dispatch_config: Any, x: Tensor, ids: Tensor, weights
         num_tokens_per_expert=per_expert,
         topk_idx=ids,
         topk_weights=weights,
-        num_worst_tokens=plan.comm.world_size * plan.max_tokens_per_rank if padded else 0,
+        num_worst_tokens=plan.comm.world_size * plan.token_bound if padded else 0,
         config=dispatch_config,
     )
     return _Received(tokens, recv_ids, recv_weights, None if padded else sum(counts), list(handle))
@@ -75,32 +76,27 @@ class DeepEPBackend(runtime.DeepEPBase):
     mode = "normal"
     layouts = frozenset({"ragged", "padded"})
 
-    def dispatch(self, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, plan: DispatchPlan) -> DispatchOutputs:
-        self.prepare(x, topk_idx, topk_weights, plan)
+    def dispatch(self, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, plan: DispatchPlan, peers: Peers) -> DispatchOutputs:
         buffer, dispatch_config, _ = runtime.normal_buffer(plan.comm, x.shape[1])
-        ids = runtime.deepep_ids(topk_idx, plan.num_experts)
+        ids = routing.masked_ids(topk_idx, plan.num_experts)
         got = _exchange(buffer, dispatch_config, x, ids, topk_weights, plan)
-        out = stage.dispatch_rows(
-            got.tokens, got.weights, got.ids, plan.num_local_experts, plan.capacity, got.num_rows, plan.zero_padding
-        )
-        handle = [ids, out.route_row, out.row_src, *got.handle]
+        out = stage.dispatch_rows(got.tokens, got.weights, got.ids, plan.num_local_experts, plan.rows, got.num_rows)
+        handle = [ids, out.row_src, out.route_row, *got.handle]
         return DispatchOutputs(out.recv_x, out.recv_weights, out.tokens_per_expert, out.dropped, handle)
 
     def combine(self, expert_out: Tensor, recv_weights: Tensor, handle: list[Tensor], comm: Comm) -> Tensor:
-        runtime.check_rows("expert_out", expert_out, "normal")
         buffer, _, combine_config = runtime.normal_buffer(comm, expert_out.shape[-1])
-        partial = stage.reduce(expert_out.flatten(0, -2), handle[1], recv_weights.reshape(-1))
+        partial = stage.reduce(expert_out.flatten(0, -2), handle[2], recv_weights.reshape(-1))
         out, _, _ = buffer.combine(partial, handle=_deepep_handle(handle), config=combine_config)
         return out
 
     def dispatch_backward(
         self, grad_recv_x: Tensor, grad_recv_weights: Tensor, handle: list[Tensor], comm: Comm
     ) -> tuple[Tensor, Tensor]:
-        runtime.check_rows("grad_recv_x", grad_recv_x, "normal")
         buffer, _, combine_config = runtime.normal_buffer(comm, grad_recv_x.shape[-1])
-        route_row = handle[1]
+        route_row = handle[2]
         grad_tokens = stage.reduce(grad_recv_x.flatten(0, -2), route_row, None)
-        grad_weights = permute.gather_routes(grad_recv_weights.reshape(-1), route_row)
+        grad_weights = stage.gather_routes(grad_recv_weights.reshape(-1), route_row)
         grad_x, grad_topk_weights, _ = buffer.combine(
             grad_tokens, handle=_deepep_handle(handle), topk_weights=grad_weights, config=combine_config
         )
@@ -109,21 +105,19 @@ class DeepEPBackend(runtime.DeepEPBase):
     def combine_backward(
         self, grad_out: Tensor, expert_out: Tensor, recv_weights: Tensor, handle: list[Tensor], comm: Comm
     ) -> tuple[Tensor, Tensor]:
-        runtime.check_rows("grad_out", grad_out, "normal")
         buffer, dispatch_config, _ = runtime.normal_buffer(comm, grad_out.shape[-1])
         grad_tokens, *_ = buffer.dispatch(grad_out, handle=_deepep_handle(handle), config=dispatch_config)
-        return stage.expand_grad(grad_tokens, expert_out, recv_weights, handle[1], handle[2])
+        return stage.expand_grad(grad_tokens, expert_out, recv_weights, handle[2], handle[1])
 
     def handle_len(self, layout: Layout) -> int:
         return _OWN + 6
 
     def fake_handle(self, x: Tensor, topk_idx: Tensor, rows_shape: tuple[int, ...], plan: DispatchPlan) -> list[Tensor]:
-        runtime.check_dispatch(x, topk_idx, plan, self.mode)
         world, (num_tokens, top_k) = plan.comm.world_size, topk_idx.shape
-        if plan.capacity is None:
+        if plan.layout == "ragged":
             received: int | torch.SymInt = torch.library.get_ctx().new_dynamic_size()
         else:
-            received = world * plan.max_tokens_per_rank
+            received = world * plan.token_bound
         channels = config.deepep_num_sms // 2
 
         def int32(*shape: int | torch.SymInt) -> Tensor:
@@ -131,8 +125,8 @@ class DeepEPBackend(runtime.DeepEPBase):
 
         return [
             int64_like(topk_idx, topk_idx.shape),
-            int64_like(topk_idx, (received, top_k)),
             int64_like(topk_idx, rows_shape),
+            int64_like(topk_idx, (received, top_k)),
             int32(world, world),
             int32(world, channels),
             int32(world, channels),

@@ -1,8 +1,9 @@
 """What the two DeepEP backends share: finding ``deep_ep``, DeepEP's documented limits (checked before
 DeepEP is called), their common base class, and the one ``deep_ep.Buffer`` per group.
 
-``deep_ep`` is imported inside the op's real kernel on first use, never when ``moe_ops`` is imported
-and never by a fake kernel. UCCL-EP's drop-in wrapper installs under the same name and API.
+``deep_ep`` is loaded (:mod:`moe_ops.libraries`) inside the op's real kernel on first use, never when
+``moe_ops`` is imported and never by a fake kernel. UCCL-EP's drop-in wrapper installs under the same
+name and API; tests put a simulator in its place (:mod:`moe_ops.testing.sim.deep_ep`).
 
 The buffer of a group is created on the first call that needs it, sized from DeepEP's own hints
 (``Config.get_nvl_buffer_size_hint`` for normal mode, ``Buffer.get_low_latency_rdma_size_hint`` for
@@ -13,8 +14,6 @@ collective call of the group, so it happens at the same point of the same call o
 
 from __future__ import annotations
 
-import importlib
-import sys
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, ClassVar, Literal
@@ -22,10 +21,11 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
-from moe_ops import config
-from moe_ops.backends.base import Backend, DispatchPlan
+from moe_ops import config, libraries
+from moe_ops.backends.base import Backend
+from moe_ops.comm import Comm
 from moe_ops.errors import MoEInputError
-from moe_ops.groups import Comm
+from moe_ops.plan import DispatchPlan
 
 Mode = Literal["normal", "low_latency"]
 
@@ -35,31 +35,17 @@ LOW_LATENCY_HIDDEN = (2048, 2560, 4096, 5120, 6144, 7168, 8192)
 MAX_TOP_K = 11
 #: Group sizes of DeepEP's intranode normal-mode kernels (``SWITCH_RANKS``); one node, NVLink.
 NORMAL_WORLD_SIZES = (2, 4, 8)
-#: Attribute by which a module installed as ``deep_ep`` declares the non-CUDA devices it simulates.
-SIMULATED_DEVICES_ATTRIBUTE = "SIMULATED_DEVICE_TYPES"
-_GPU = frozenset({"cuda"})
-
-
-def device_types() -> frozenset[str]:
-    """CUDA, plus the devices the module installed as ``deep_ep`` says it simulates (the test simulator,
-    :mod:`moe_ops.testing.deepep_sim`, says CPU). Looks in ``sys.modules`` only: never imports."""
-    return _GPU | frozenset(getattr(sys.modules.get("deep_ep"), SIMULATED_DEVICES_ATTRIBUTE, ()))
 
 
 def _deep_ep() -> ModuleType:
     """The ``deep_ep`` module (imported on the first call of a DeepEP backend)."""
     try:
-        return importlib.import_module("deep_ep")
+        return libraries.load("deep_ep")
     except ImportError as e:
         raise MoEInputError(
             f"the DeepEP backends need DeepEP (the deep_ep package, or UCCL-EP's deep_ep wrapper), "
             f"which does not import here: {e}"
         ) from e
-
-
-def deepep_ids(topk_idx: Tensor, num_experts: int) -> Tensor:
-    """``[T, K]`` int64 expert ids as DeepEP takes them: ids outside ``[0, E)`` become -1 (masked)."""
-    return torch.where((topk_idx >= 0) & (topk_idx < num_experts), topk_idx, -1).long()
 
 
 # --- limits ---------------------------------------------------------------------------------------
@@ -95,37 +81,30 @@ def check_dispatch(x: Tensor, topk_idx: Tensor, plan: DispatchPlan, mode: Mode) 
 
 
 class DeepEPBase(Backend):
-    """What the DeepEP backends share: devices, the checks before a dispatch, the handle's row shape.
-    Subclasses set ``mode``; their handles hold ``ids [T, K]``, ``route_row``, ``row_src`` first."""
+    """What the DeepEP backends share: devices, DeepEP's limits, finding ``deep_ep``. Subclasses set
+    ``mode``; their handles hold ``ids [T, K]`` (the ids DeepEP got), ``row_src``, ``route_row`` first."""
 
     mode: ClassVar[Mode]
     multi_rank = True
 
     @property
     def device_types(self) -> frozenset[str]:  # type: ignore[override]
-        return device_types()
+        return frozenset({"cuda"}) | libraries.simulated_device_types("deep_ep")
 
-    def prepare(self, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, plan: DispatchPlan) -> None:
-        """Check DeepEP's limits and that ``deep_ep`` imports; share a failure with every peer through
-        the handshake (so every rank raises it and none waits in a collective), else agree with them."""
-        try:
-            check_dispatch(x, topk_idx, plan, self.mode)
-            if topk_weights.dtype != torch.float32:
-                raise MoEInputError(f"topk_weights must be float32 for DeepEP, got {topk_weights.dtype}")
-            if plan.comm.group is None:
-                raise MoEInputError(f"backend {self.name!r} needs a torch.distributed group (group_name)")
-            index_dtype = getattr(_deep_ep(), "topk_idx_t", torch.int64)
-            if index_dtype != torch.int64:
-                raise MoEInputError(f"this DeepEP build takes {index_dtype} expert ids; the DeepEP backends need int64 (its default)")
-        except MoEInputError as error:
-            if plan.handshake is not None:
-                plan.handshake.exchange(error=error)
-            raise
-        if plan.handshake is not None:
-            plan.handshake.exchange()
+    def check_dispatch(self, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, plan: DispatchPlan) -> None:
+        check_dispatch(x, topk_idx, plan, self.mode)
+        if topk_weights.dtype != torch.float32:
+            raise MoEInputError(f"topk_weights must be float32 for DeepEP, got {topk_weights.dtype}")
+        if plan.comm.group is None:
+            raise MoEInputError(f"backend {self.name!r} needs a torch.distributed group (group_name)")
 
-    def rows_shape(self, handle: list[Tensor]) -> tuple[int, ...]:
-        return tuple(handle[2].shape)
+    def check_rows(self, name: str, rows: Tensor, handle: list[Tensor], comm: Comm) -> None:
+        check_rows(name, rows, self.mode)
+
+    def prepare(self, plan: DispatchPlan) -> None:
+        index_dtype = getattr(_deep_ep(), "topk_idx_t", torch.int64)
+        if index_dtype != torch.int64:
+            raise MoEInputError(f"this DeepEP build takes {index_dtype} expert ids; the DeepEP backends need int64 (its default)")
 
 
 # --- one buffer per group -------------------------------------------------------------------------

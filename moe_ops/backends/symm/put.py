@@ -1,0 +1,180 @@
+"""Rows stored straight into peers' buffers (the ``symm`` backend's transport), as Triton kernels.
+
+The sender has ``W * B`` slots: slot ``i = d * B + t`` goes to rank ``d``, where it lands in row
+``rank * B + t`` of that rank's buffer. Each row of a buffer is ``row_bytes`` long: a payload at byte 0
+and, optionally, metadata at ``meta_offset``. A slot without a payload sends only its metadata, so a
+token crosses a link once per destination rank that needs it.
+
+* ``_put_tokens`` (dispatch): reads the routes itself; slot ``d * B + t`` carries token ``t`` if one of
+  its routes goes to rank ``d``, and always its ids local to ``d`` and their router weights.
+* ``_put_rows`` (combine, the backward passes): ``src_index[i]`` names slot ``i``'s source row
+  (``-1``: none); ``meta[i]`` (int32 words), if given, is always sent.
+
+Both are persistent: ``programs`` programs (``moe_ops.config.symm_num_sms``, one per SM in practice)
+walk the items, each a tile of several slots' rows (so many rows' loads are in flight in a program at
+once), which bounds the SMs a transfer occupies.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from moe_ops.stage.kernels import block_size, k_block, unit_columns
+
+PUT_BLOCK = 2048  # payload elements per row of a tile
+PUT_TILE = 16384  # elements a program moves per step: PUT_TILE // block rows at once (bytes in flight)
+PUT_WARPS = 16
+
+
+@triton.jit
+def _slot_tile(item, blocks, num_slots, rank, bound, peers_ptr, row_bytes, ROWS: tl.constexpr):
+    """Item ``item``'s ROWS slots, their payload block, and each slot's row address in its destination's buffer."""
+    slot = (item // blocks) * ROWS + tl.arange(0, ROWS)
+    in_range = slot < num_slots
+    row = rank * bound + slot % bound  # where the slot lands in its destination's buffer
+    base = tl.load(peers_ptr + slot // bound, mask=in_range, other=0) + row.to(tl.int64) * row_bytes
+    return slot, item % blocks, in_range, base
+
+
+@triton.jit
+def _row_pointer(base, offset, DTYPE: tl.constexpr, ALIGN: tl.constexpr):
+    """``base + offset`` (byte addresses) as pointers to ``DTYPE``, declared ``ALIGN``-byte aligned. The
+    hint goes on the pointers: Triton does not carry one on the integers through the cast, and without it
+    every store is scalar."""
+    return tl.multiple_of((base + offset).to(tl.pointer_type(DTYPE)), [ALIGN])
+
+
+@triton.jit
+def _store_payload(src_ptr, src_stride, src_row, base, b, payload_cols, BLOCK: tl.constexpr):
+    """Columns of block ``b`` of source rows ``src_row`` (-1: none) to the rows at addresses ``base``."""
+    cols = b * BLOCK + tl.arange(0, BLOCK)
+    mask = (src_row >= 0)[:, None] & (cols < payload_cols)[None, :]
+    v = tl.load(src_ptr + src_row[:, None] * src_stride + cols[None, :], mask=mask)
+    out = _row_pointer(base, 0, src_ptr.dtype.element_ty, 16)  # buffers and rows are 16-byte aligned
+    tl.store(out[:, None] + cols[None, :], v, mask=mask)
+
+
+@triton.jit
+def _put_rows(
+    src_ptr, src_stride, src_index_ptr, meta_ptr, meta_words, peers_ptr,
+    rank, bound, num_slots, payload_cols, row_bytes, meta_offset,
+    HAS_META: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, META_BLOCK: tl.constexpr,
+):
+    """Each step: ROWS slots x BLOCK payload columns, so many rows' loads are in flight at once."""
+    blocks = tl.maximum(tl.cdiv(payload_cols, BLOCK), 1)
+    for item in range(tl.program_id(0), tl.cdiv(num_slots, ROWS) * blocks, tl.num_programs(0)):
+        slot, b, in_range, base = _slot_tile(item, blocks, num_slots, rank, bound, peers_ptr, row_bytes, ROWS)
+        src_row = tl.load(src_index_ptr + slot, mask=in_range, other=-1)
+        _store_payload(src_ptr, src_stride, src_row, base, b, payload_cols, BLOCK)
+        if HAS_META:
+            if b == 0:
+                w = tl.arange(0, META_BLOCK)
+                words = in_range[:, None] & (w < meta_words)[None, :]
+                m = tl.load(meta_ptr + slot[:, None].to(tl.int64) * meta_words + w[None, :], mask=words)
+                meta_out = _row_pointer(base, meta_offset, tl.int32, 16)  # the payload is padded to 16 bytes
+                tl.store(meta_out[:, None] + w[None, :], m, mask=words)
+
+
+@triton.jit
+def _put_tokens(
+    x_ptr, x_stride, idx_ptr, weights_ptr, peers_ptr,
+    rank, bound, num_slots, num_tokens, top_k, num_local, num_experts, hidden, row_bytes, meta_offset, weights_offset,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr, K_BLOCK: tl.constexpr,
+):
+    """Dispatch's transfer: slot ``d * bound + t`` carries token ``t`` to rank ``d`` if one of its routes
+    goes there, and always its ``K`` ids local to ``d`` (-1 where not there) and their router weights."""
+    blocks = tl.maximum(tl.cdiv(hidden, BLOCK), 1)
+    for item in range(tl.program_id(0), tl.cdiv(num_slots, ROWS) * blocks, tl.num_programs(0)):
+        slot, b, in_range, base = _slot_tile(item, blocks, num_slots, rank, bound, peers_ptr, row_bytes, ROWS)
+        t = slot % bound
+        dest = slot // bound
+        k = tl.arange(0, K_BLOCK)
+        route = t.to(tl.int64)[:, None] * top_k + k[None, :]
+        ids = tl.load(idx_ptr + route, mask=(in_range & (t < num_tokens))[:, None] & (k < top_k)[None, :], other=-1)
+        mine = (ids >= 0) & (ids < num_experts) & (ids // num_local == dest[:, None])  # checked before narrowing
+        goes = tl.max(mine.to(tl.int32), axis=1) > 0
+        _store_payload(x_ptr, x_stride, tl.where(goes, t, -1).to(tl.int64), base, b, hidden, BLOCK)
+        if b == 0:
+            fields = in_range[:, None] & (k < top_k)[None, :]
+            local = tl.where(mine, ids - dest[:, None] * num_local, -1).to(tl.int32)
+            ids_out = _row_pointer(base, meta_offset, tl.int32, 16)  # the payload is padded to 16 bytes
+            tl.store(ids_out[:, None] + k[None, :], local, mask=fields)
+            w = tl.load(weights_ptr + route, mask=mine, other=0)
+            w_out = _row_pointer(base, meta_offset + weights_offset, weights_ptr.dtype.element_ty, 8)  # packing.RowFormat: 8
+            tl.store(w_out[:, None] + k[None, :], w, mask=fields)
+
+
+def _launch_shape(payload_cols: int, num_slots: int, programs: int) -> tuple[int, int, int]:
+    """``(block, rows, programs)``: payload columns and slots per step, programs to launch."""
+    block = block_size(payload_cols, PUT_BLOCK)
+    rows = max(1, PUT_TILE // block)
+    items = triton.cdiv(num_slots, rows) * max(1, triton.cdiv(payload_cols, block))
+    return block, rows, max(1, min(programs, items))
+
+
+def put_rows(
+    src: Tensor,
+    src_index: Tensor,
+    meta: Tensor | None,
+    peers: Tensor,
+    rank: int,
+    bound: int,
+    row_bytes: int,
+    meta_offset: int,
+    programs: int,
+) -> None:
+    """Store slot ``i``'s payload ``src[src_index[i]]`` (``src [R, P]``, rows may be strided; ``-1``: none)
+    and its ``meta [S, M]`` int32 words (``S = W * bound``) into row ``rank * bound + i % bound`` of rank
+    ``i // bound``'s buffer, whose address is ``peers[i // bound]``. Buffers must be 16-byte aligned and
+    ``row_bytes`` a multiple of 16."""
+    num_slots = src_index.numel()
+    payload_cols = src.shape[1]
+    if not unit_columns(src):
+        src = src.contiguous()
+    assert src_index.is_contiguous() and row_bytes % 16 == 0
+    assert meta is None or (meta.dtype == torch.int32 and meta.is_contiguous() and meta.shape[0] == num_slots)
+    if not num_slots:
+        return
+    meta_words = 0 if meta is None else meta.shape[1]
+    block, rows, grid = _launch_shape(payload_cols, num_slots, programs)
+    _put_rows[(grid,)](
+        src, src.stride(0), src_index, src_index if meta is None else meta, meta_words, peers,
+        rank, bound, num_slots, payload_cols, row_bytes, meta_offset,
+        HAS_META=meta is not None, ROWS=rows, BLOCK=block,
+        META_BLOCK=triton.next_power_of_2(max(meta_words, 1)), num_warps=PUT_WARPS,
+    )
+
+
+def put_tokens(
+    x: Tensor,
+    topk_idx: Tensor,
+    topk_weights: Tensor,
+    num_local: int,
+    peers: Tensor,
+    rank: int,
+    bound: int,
+    row_bytes: int,
+    meta_offset: int,
+    weights_offset: int,
+    programs: int,
+) -> None:
+    """Dispatch's transfer, reading the routes directly: slot ``d * bound + t`` (``d`` over the ``W =
+    len(peers)`` ranks) carries token ``t`` of ``x [T, H]`` to rank ``d`` if one of its routes ``topk_idx
+    [T, K]`` (expert ``e`` lives on rank ``e // num_local``; ids outside ``[0, W * num_local)`` are masked)
+    goes there; every slot's ``K`` int32 ids local to ``d`` (-1 elsewhere) go to ``meta_offset`` and their
+    ``topk_weights`` (0 elsewhere) to ``meta_offset + weights_offset`` of its row."""
+    num_tokens, top_k = topk_idx.shape
+    world, hidden = peers.numel(), x.shape[1]
+    assert unit_columns(x) and topk_idx.is_contiguous() and topk_weights.is_contiguous()
+    assert row_bytes % 16 == 0 and num_tokens <= bound
+    if not bound:
+        return
+    block, rows, grid = _launch_shape(hidden, world * bound, programs)
+    _put_tokens[(grid,)](
+        x, x.stride(0), topk_idx, topk_weights, peers,
+        rank, bound, world * bound, num_tokens, top_k, num_local, world * num_local, hidden, row_bytes, meta_offset,
+        weights_offset, ROWS=rows, BLOCK=block, K_BLOCK=k_block(top_k), num_warps=PUT_WARPS,
+    )

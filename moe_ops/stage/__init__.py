@@ -1,0 +1,95 @@
+"""The local stage: on one rank, lay the routes that reached it out expert-major and move rows by that
+layout, forward and backward. Every backend reaches it through this interface only.
+
+Three implementations compute the same values (layouts bit-exactly, sums within float32 rounding), and
+the conformance suite runs each: :mod:`moe_ops.stage.kernels` (Triton), :mod:`moe_ops.stage.npu`
+(torch_npu's MoE permute kernels, where they fit) and :mod:`moe_ops.stage.plain` (plain torch).
+``moe_ops.config.kernels`` picks: ``"auto"`` runs Triton on CUDA tensors and torch_npu's kernels on NPU
+tensors, plain torch elsewhere.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+from torch import Tensor
+
+from moe_ops import config
+from moe_ops.plan import RowLayout
+from moe_ops.stage import npu, plain
+from moe_ops.stage.plain import ExpertLayout, expert_layout
+
+
+class LocalDispatch(NamedTuple):
+    recv_x: Tensor  #: [N, H] or [L, C, H]
+    recv_weights: Tensor  #: [N] or [L, C]
+    tokens_per_expert: Tensor  #: [L] int32
+    dropped: Tensor  #: [L] int32
+    route_row: Tensor  #: [M, K] int64: layout row of each route, -1 if masked or dropped
+    row_src: Tensor  #: [N] or [L, C] int64: flat route index of each row, -1 on padding
+
+
+@functools.cache
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def use_triton(t: Tensor) -> bool:
+    """Whether the local stage runs Triton kernels for tensors like ``t``."""
+    if config.kernels == "triton":
+        return True
+    return config.kernels == "auto" and t.is_cuda and _triton_available()
+
+
+def use_npu(t: Tensor) -> bool:
+    """Whether the local stage tries torch_npu's MoE kernels for tensors like ``t``."""
+    return config.kernels == "npu" or (config.kernels == "auto" and t.device.type == "npu")
+
+
+def dispatch_rows(
+    tokens: Tensor, weights: Tensor, ids: Tensor, num_local: int, rows: RowLayout, num_rows: int | None = None
+) -> LocalDispatch:
+    """Lay out the routes ``ids [M, K]`` (ids outside ``[0, num_local)`` masked) of ``tokens [M, H]`` with
+    router ``weights [M, K]`` as ``rows`` says; ragged: ``num_rows`` if the caller knows the row count."""
+    if use_triton(tokens):
+        from moe_ops.stage.kernels import layout
+
+        return LocalDispatch(*layout.dispatch_rows(tokens, weights.contiguous(), ids.contiguous(), num_local, rows, num_rows))
+    if rows.layout == "ragged" and use_npu(tokens) and npu.permute_fits(tokens, ids, num_local):
+        return LocalDispatch(*npu.dispatch_rows(tokens, weights, ids, num_local, num_rows))
+    out = plain.expert_layout(ids, num_local, rows, num_rows)
+    recv_x, recv_weights = plain.expand(tokens, weights, out.row_src)
+    return LocalDispatch(recv_x, recv_weights, out.tokens_per_expert, out.dropped, out.route_row, out.row_src)
+
+
+def reduce(rows: Tensor, route_row: Tensor, row_weights: Tensor | None, unique: bool = False, ragged: bool = False) -> Tensor:
+    """``out[j] = sum_k w[r] * rows[r]`` over ``r = route_row[j, k] >= 0`` (``unique``: a row repeated in
+    ``route_row[j]`` counts once; ``ragged``: ``rows`` is a ragged layout, one row per valid route).
+    ``rows [R, H]`` (rows may be strided); returns ``[M, H]`` in ``rows.dtype``."""
+    if ragged and use_npu(rows) and npu.unpermute_fits(rows, route_row):
+        return npu.reduce(rows, route_row, row_weights)
+    if use_triton(rows):
+        from moe_ops.stage.kernels import reduce as kernels
+
+        return kernels.reduce(rows, route_row, row_weights, unique)
+    return plain.reduce(rows, route_row, row_weights, unique)
+
+
+def expand_grad(grad_tokens: Tensor, expert_out: Tensor, recv_weights: Tensor, route_row: Tensor, row_src: Tensor) -> tuple[Tensor, Tensor]:
+    """Combine's backward on the layout rows: ``(grad_expert_out, grad_recv_weights)``, 0 on padding rows."""
+    if use_triton(expert_out):
+        from moe_ops.stage.kernels import reduce as kernels
+
+        return kernels.expand_grad(grad_tokens.contiguous(), expert_out.contiguous(), recv_weights.contiguous(), route_row.contiguous())
+    return plain.expand_grad(grad_tokens, expert_out, recv_weights, row_src, route_row.shape[1])
+
+
+gather_routes = plain.gather_routes  # one gather: the same everywhere
+
+__all__ = ["ExpertLayout", "LocalDispatch", "dispatch_rows", "expand_grad", "expert_layout", "gather_routes", "reduce",
+           "use_npu", "use_triton"]

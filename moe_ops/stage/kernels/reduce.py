@@ -1,0 +1,114 @@
+"""Per-token reductions over the layout rows, as Triton kernels: each output row is written once by
+one program, sums accumulate in float32 (float64 for float64), deterministic, no atomics, and no
+``[T*K, H]`` temporary.
+
+* ``_reduce_rows``: ``out[j] = sum_k w[r] * rows[r]`` over ``r = route_row[j, k] >= 0`` — combine,
+  dispatch's backward, and a multi-rank backend's pre-reduce and source-side sum (``UNIQUE`` skips a
+  row repeated within ``route_row[j]``).
+* ``_expand_grad``: combine's backward, token-major: a program reads ``grad_tokens[j]`` once and, for
+  each of its rows, writes ``w[r] * grad_tokens[j]`` and accumulates ``<grad_tokens[j], expert_out[r]>``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from moe_ops.stage.kernels import block_size, k_block, unit_columns
+
+REDUCE_H_BLOCK = 1024  # hidden elements per reduce program (tools/bench.py --sweep picks these)
+REDUCE_WARPS = 4
+
+
+@triton.jit
+def _route_rows(route_row_ptr, j, top_k, UNIQUE: tl.constexpr, K_BLOCK: tl.constexpr):
+    k = tl.arange(0, K_BLOCK)
+    row = tl.load(route_row_ptr + j * top_k + k, mask=k < top_k, other=-1)
+    valid = row >= 0
+    if UNIQUE:
+        repeated = (row[:, None] == row[None, :]) & (k[None, :] < k[:, None])
+        valid = valid & (tl.sum(repeated.to(tl.int32), axis=1) == 0)
+    return row, valid
+
+
+@triton.jit
+def _reduce_rows(
+    rows_ptr, row_stride, route_row_ptr, weights_ptr, out_ptr,
+    top_k, hidden,
+    HAS_WEIGHTS: tl.constexpr, UNIQUE: tl.constexpr, ACC: tl.constexpr, K_BLOCK: tl.constexpr, H_BLOCK: tl.constexpr,
+):
+    j = tl.program_id(0).to(tl.int64)
+    row, valid = _route_rows(route_row_ptr, j, top_k, UNIQUE, K_BLOCK)
+    if HAS_WEIGHTS:
+        scale = tl.load(weights_ptr + row, mask=valid, other=0).to(ACC)
+    else:
+        scale = valid.to(ACC)
+    cols = tl.program_id(1) * H_BLOCK + tl.arange(0, H_BLOCK)
+    picked = tl.load(rows_ptr + row[:, None] * row_stride + cols[None, :], mask=valid[:, None] & (cols[None, :] < hidden), other=0)
+    total = tl.sum(picked.to(ACC) * scale[:, None], axis=0)
+    tl.store(out_ptr + j * hidden + cols, total.to(out_ptr.dtype.element_ty), mask=cols < hidden)
+
+
+@triton.jit
+def _expand_grad(
+    grad_ptr, route_row_ptr, weights_ptr, expert_out_ptr, grad_expert_out_ptr, grad_weights_ptr,
+    top_k, hidden,
+    ACC: tl.constexpr, K_BLOCK: tl.constexpr, H_BLOCK: tl.constexpr,
+):
+    j = tl.program_id(0).to(tl.int64)
+    row, valid = _route_rows(route_row_ptr, j, top_k, False, K_BLOCK)
+    w = tl.load(weights_ptr + row, mask=valid, other=0).to(ACC)
+    dot = tl.zeros([K_BLOCK], ACC)
+    for h0 in range(0, hidden, H_BLOCK):
+        cols = h0 + tl.arange(0, H_BLOCK)
+        in_row = cols < hidden
+        mask = valid[:, None] & in_row[None, :]
+        g = tl.load(grad_ptr + j * hidden + cols, mask=in_row, other=0).to(ACC)
+        offsets = row[:, None] * hidden + cols[None, :]
+        out = tl.load(expert_out_ptr + offsets, mask=mask, other=0).to(ACC)
+        tl.store(grad_expert_out_ptr + offsets, (w[:, None] * g[None, :]).to(grad_expert_out_ptr.dtype.element_ty), mask=mask)
+        dot += tl.sum(out * g[None, :], axis=1)
+    tl.store(grad_weights_ptr + row, dot.to(grad_weights_ptr.dtype.element_ty), mask=valid)
+
+
+def _acc(dtype: torch.dtype) -> tl.dtype:
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def reduce(rows: Tensor, route_row: Tensor, row_weights: Tensor | None, unique: bool = False) -> Tensor:
+    """Triton twin of ``plain.reduce`` (``unique``: count a row repeated in ``route_row[j]`` once).
+    ``rows [R, H]`` (rows may be strided), ``route_row [M, K]``, ``row_weights [R]`` or ``None``."""
+    m, top_k = route_row.shape
+    hidden = rows.shape[1]
+    if not unit_columns(rows):
+        rows = rows.contiguous()
+    route_row = route_row.contiguous()
+    out = torch.empty(m, hidden, dtype=rows.dtype, device=rows.device)
+    h_block = block_size(hidden, REDUCE_H_BLOCK)
+    if m and hidden:
+        _reduce_rows[(m, triton.cdiv(hidden, h_block))](
+            rows, rows.stride(0), route_row, rows if row_weights is None else row_weights, out, top_k, hidden,
+            HAS_WEIGHTS=row_weights is not None, UNIQUE=unique, ACC=_acc(rows.dtype),
+            K_BLOCK=k_block(top_k), H_BLOCK=h_block, num_warps=REDUCE_WARPS,
+        )
+    return out
+
+
+def expand_grad(grad_tokens: Tensor, expert_out: Tensor, recv_weights: Tensor, route_row: Tensor) -> tuple[Tensor, Tensor]:
+    """Triton twin of ``plain.expand_grad``, driven by ``route_row [M, K]`` instead of ``row_src``.
+    Returns ``(grad_expert_out, grad_recv_weights)`` shaped like ``expert_out`` / ``recv_weights``, with
+    zeros on rows no route points at (padding)."""
+    m, top_k = route_row.shape
+    hidden = expert_out.shape[-1]
+    assert grad_tokens.is_contiguous() and expert_out.is_contiguous() and recv_weights.is_contiguous()
+    padded = expert_out.dim() == 3
+    alloc = torch.zeros_like if padded else torch.empty_like
+    grad_expert_out, grad_weights = alloc(expert_out), alloc(recv_weights)
+    if m:
+        _expand_grad[(m,)](
+            grad_tokens, route_row, recv_weights, expert_out, grad_expert_out, grad_weights, top_k, hidden,
+            ACC=_acc(expert_out.dtype), K_BLOCK=k_block(top_k), H_BLOCK=block_size(hidden, 512),
+        )
+    return grad_expert_out, grad_weights

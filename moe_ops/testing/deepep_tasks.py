@@ -1,0 +1,112 @@
+"""Worker-side pieces of the DeepEP tests (picklable, for :class:`moe_ops.testing.harness.World`): the
+buffer's life cycle on a new group, and deliberate mistakes in how the DeepEP backends map DeepEP's
+outputs (a layout, a count, the handle), for tests proving that the conformance suite, run through the
+simulator (:mod:`moe_ops.testing.sim.deep_ep`), catches each one. A mistake replaces one private helper
+of a backend for the duration of one task."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from moe_ops.backends.deepep import low_latency, normal, runtime
+from moe_ops.plan import DispatchPlan
+from moe_ops.testing import conformance
+from moe_ops.testing.conformance import RankResult
+from moe_ops.testing.problems import Problem
+from moe_ops.testing.sim.deep_ep import common
+
+
+def buffers_made_on_new_group(rank: int, calls: list[tuple[Problem, str]]) -> tuple[int, int, list[tuple[int, int, bool]]]:
+    """On a new group of every rank, trace the conformance pipeline of each ``(problem, backend)`` with
+    fake tensors, then run it. Returns the buffers the group had before (0: none is made at import), the
+    buffers made while tracing (0: fake kernels make none), and ``(nvl bytes, rdma bytes, low-latency)``
+    of each ``Buffer`` the runs made."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    group = dist.new_group(list(range(dist.get_world_size())))
+    before, existing = len(common.created), int((group.group_name, group) in runtime._buffers)
+    for problem, backend in calls:
+        step = conformance.pipeline(problem, rank, group=group.group_name, backend=backend)
+        make_fx(step, tracing_mode="symbolic", _allow_non_fake_inputs=True)(problem.xs[rank], problem.topk_idx[rank], problem.topk_weights[rank])
+    traced = len(common.created) - before
+    for problem, backend in calls:
+        conformance.run_rank(problem, rank, group=group.group_name, backend=backend)
+    return existing, traced, common.created[before:]
+
+
+def _experts_shifted(exchange: Callable[..., Any]) -> Callable[..., Any]:
+    """Layout: every received route filed under the next local expert (counts stay consistent)."""
+
+    def wrong(buffer: Any, config: Any, x: Tensor, ids: Tensor, weights: Tensor, plan: DispatchPlan) -> Any:
+        got = exchange(buffer, config, x, ids, weights, plan)
+        return got._replace(ids=torch.where(got.ids >= 0, (got.ids + 1) % plan.num_local_experts, -1))
+
+    return wrong
+
+
+def _worst_case_without_world(exchange: Callable[..., Any]) -> Callable[..., Any]:
+    """Count (padded): DeepEP's ``num_worst_tokens`` taken as ``Tmax`` rather than ``W * Tmax``."""
+
+    def wrong(buffer: Any, config: Any, x: Tensor, ids: Tensor, weights: Tensor, plan: DispatchPlan) -> Any:
+        per_rank = -(-plan.token_bound // plan.comm.world_size)
+        return exchange(buffer, config, x, ids, weights, dataclasses.replace(plan, token_bound=per_rank))
+
+    return wrong
+
+
+def _channel_matrices_swapped(deepep_handle: Callable[[list[Tensor]], tuple[Tensor, ...]]) -> Callable[..., Any]:
+    """Handle: the send- and receive-side channel prefix matrices rebuilt in each other's place."""
+
+    def wrong(handle: list[Tensor]) -> tuple[Tensor, ...]:
+        rank_prefix, send_side, receive_side, *rest = deepep_handle(handle)
+        return (rank_prefix, receive_side, send_side, *rest)
+
+    return wrong
+
+
+def _blocks_in_rank_order(slots: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """Layout (low-latency): source blocks assumed to follow rank order, ignoring their starts."""
+
+    def wrong(src_info: Tensor, layout_range: Tensor, max_tokens: int) -> Tensor:
+        length = layout_range & 0xFFFFFFFF
+        start = length.cumsum(dim=1) - length
+        return slots(src_info, (start << 32) | length, max_tokens)
+
+    return wrong
+
+
+def _max_tokens_not_divided(deepep: Callable[[Any], tuple[Any, ...]]) -> Callable[..., Any]:
+    """Handle (low-latency): DeepEP's ``num_max_dispatch_tokens_per_rank`` rebuilt as ``W * Tmax``."""
+
+    def wrong(self: Any) -> tuple[Any, ...]:
+        src_info, layout_range, _, hidden, num_experts = deepep(self)
+        return src_info, layout_range, self.route_row.shape[0], hidden, num_experts
+
+    return wrong
+
+
+#: name -> (owner of the helper, its attribute, the wrapper making it wrong)
+MISTAKES: dict[str, tuple[Any, str, Callable[[Any], Any]]] = {
+    "deepep:layout": (normal, "_exchange", _experts_shifted),
+    "deepep:count": (normal, "_exchange", _worst_case_without_world),
+    "deepep:handle": (normal, "_deepep_handle", _channel_matrices_swapped),
+    "deepep_ll:layout": (low_latency, "_slots", _blocks_in_rank_order),
+    "deepep_ll:handle": (low_latency._Handle, "deepep", _max_tokens_not_divided),
+}
+
+
+def rank_task(rank: int, problem: Problem, backend: str, compiled: bool, mistake: str) -> tuple[RankResult, object]:
+    """:func:`moe_ops.testing.conformance.rank_task` with ``mistake`` (a key of :data:`MISTAKES`) made."""
+    owner, attribute, make_wrong = MISTAKES[mistake]
+    original = getattr(owner, attribute)
+    setattr(owner, attribute, make_wrong(original))
+    try:
+        return conformance.rank_task(rank, problem, backend, compiled)
+    finally:
+        setattr(owner, attribute, original)

@@ -1,0 +1,175 @@
+"""DeepEP's low-latency mode, simulated: ``low_latency_dispatch`` (BF16) into per-expert blocks in a
+shuffled arrival order, ``low_latency_combine``, the two reused receive buffers, and the RDMA size hint."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from moe_ops.packing import RowFormat
+from moe_ops.testing.sim.deep_ep.common import (
+    EventOverlap,
+    align,
+    check_tensor,
+    checks,
+    exchange,
+    gather,
+    pack,
+    require,
+)
+
+LOW_LATENCY_HIDDEN = (2048, 2560, 4096, 5120, 6144, 7168, 8192)
+LOW_LATENCY_MAX_TOP_K = 11
+BLOCK_BITS = 32
+
+
+class LowLatencyMode:
+    """The low-latency methods of the simulated ``Buffer``."""
+
+    group: Any
+    group_size: int
+    rank: int
+    num_rdma_bytes: int
+    num_qps_per_rank: int
+    low_latency_mode: bool
+    _dirty: bool
+    _low_latency_outputs: list[Tensor | None]
+    _low_latency_calls: int
+
+    @staticmethod
+    def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int) -> int:
+        """Two send and two receive buffers of one BF16 message per (expert, token), plus signals."""
+        message = hidden * 2 + 16
+        send = num_max_dispatch_tokens_per_rank * message
+        receive = num_experts * num_max_dispatch_tokens_per_rank * message
+        return align(2 * (send + receive) + 2 * align(num_experts * 8))
+
+
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
+        require(self.low_latency_mode, "clean_low_latency_buffer on a buffer not in low-latency mode")
+        self._dirty = False
+
+    def _low_latency_checks(self, max_tokens: int, hidden: int, num_experts: int) -> None:
+        """Host-side checks of every low-latency kernel."""
+        world = self.group_size
+        require(self.low_latency_mode, "low-latency kernels need low_latency_mode=True")
+        require(not self._dirty, "low-latency kernel after normal-mode kernels without clean_low_latency_buffer")
+        require(num_experts % world == 0, "num_experts must be a multiple of the group size")
+        require(self.num_qps_per_rank == num_experts // world, "num_qps_per_rank must equal the local expert count")
+        require(hidden in LOW_LATENCY_HIDDEN, f"hidden size {hidden} is not one the kernels are built for")
+        needed = self.get_low_latency_rdma_size_hint(max_tokens, hidden, world, num_experts)
+        require(self.num_rdma_bytes >= needed, f"RDMA buffer of {self.num_rdma_bytes} bytes, this call needs {needed}")
+
+    def _next_low_latency_buffer(self, max_tokens: int, hidden: int, num_experts: int) -> int:
+        """Which of the two buffers this kernel uses (every rank must pass the same sizes); the tensor
+        the kernel before the last one returned from it is overwritten (with NaN)."""
+        agreed = gather(self.group, torch.tensor([max_tokens, hidden, num_experts]))
+        require(bool((agreed == agreed[0]).all()), f"ranks disagree on (Tmax, hidden, experts): {agreed.tolist()}")
+        which = self._low_latency_calls % 2
+        self._low_latency_calls += 1
+        reused = self._low_latency_outputs[which]
+        if reused is not None:
+            reused.fill_(float("nan"))
+        return which
+
+    def low_latency_dispatch(
+        self, x: Tensor, topk_idx: Tensor, num_max_dispatch_tokens_per_rank: int, num_experts: int,
+        cumulative_local_expert_recv_stats: Tensor | None = None, dispatch_wait_recv_cost_stats: Tensor | None = None,
+        use_fp8: bool = True, round_scale: bool = False, use_ue8m0: bool = False, async_finish: bool = False,
+        return_recv_hook: bool = False,
+    ) -> tuple[Tensor, Tensor, tuple[Any, ...], EventOverlap, None]:
+        """``(recv_x [L, W*Tmax, H], recv_count [L] int32, handle, event, hook)``; handle is
+        ``(src_info [L, W*Tmax] int32, layout_range [L, W] int64, Tmax, H, E)``."""
+        max_tokens, world, me = num_max_dispatch_tokens_per_rank, self.group_size, self.rank
+        num_local, hidden = num_experts // world, x.shape[1]
+        with checks(self.group):
+            require(not (use_fp8 or return_recv_hook), "only BF16 without receive hooks is simulated")
+            require(x.dim() == 2 and x.is_contiguous() and x.dtype == torch.bfloat16, "x must be a contiguous [T, H] bf16 tensor")
+            check_tensor("topk_idx", topk_idx, (x.shape[0], topk_idx.shape[1]), torch.int64)
+            require(topk_idx.shape[1] <= LOW_LATENCY_MAX_TOP_K, f"top-k {topk_idx.shape[1]} > {LOW_LATENCY_MAX_TOP_K}")
+            require(x.shape[0] <= max_tokens, f"{x.shape[0]} tokens > num_max_dispatch_tokens_per_rank={max_tokens}")
+            self._low_latency_checks(max_tokens, hidden, num_experts)
+        which = self._next_low_latency_buffer(max_tokens, hidden, num_experts)
+
+        # One row per route, grouped by destination rank: the token, its expert there, its index.
+        token, k = (topk_idx >= 0).nonzero(as_tuple=True)
+        expert = topk_idx[token, k]
+        order = torch.argsort(expert // num_local, stable=True)
+        token, expert = token[order], expert[order]
+        row_format = RowFormat(((hidden, x.dtype), (1, torch.int32), (1, torch.int32)))
+        rows = pack(row_format, [x[token], (expert % num_local).int().unsqueeze(1), token.int().unsqueeze(1)])
+        got, from_each = exchange(self.group, rows, torch.bincount(expert // num_local, minlength=world).tolist())
+        got_x, got_expert, got_token = row_format.views(got)
+        source = torch.repeat_interleave(torch.arange(world), torch.tensor(from_each, dtype=torch.int64))
+
+        shape = (num_local, world * max_tokens, hidden)
+        recv_x = self._low_latency_outputs[which]
+        if recv_x is None or recv_x.shape != shape:
+            recv_x = self._low_latency_outputs[which] = x.new_full(shape, float("nan"))
+        src_info = torch.full(shape[:2], -1, dtype=torch.int32)
+        layout_range = torch.zeros(num_local, world, dtype=torch.int64)
+        recv_count = torch.zeros(num_local, dtype=torch.int32)
+        shuffle = torch.Generator().manual_seed(7919 * self._low_latency_calls + me)
+        for e in range(num_local):  # blocks, and rows inside them, in a shuffled arrival order
+            begin = 0
+            for j in torch.randperm(world, generator=shuffle).tolist():
+                rows_here = ((got_expert[:, 0] == e) & (source == j)).nonzero().squeeze(1)
+                rows_here = rows_here[torch.randperm(rows_here.numel(), generator=shuffle)]
+                count = rows_here.numel()
+                recv_x[e, begin : begin + count] = got_x[rows_here]
+                src_info[e, begin : begin + count] = got_token[rows_here, 0]
+                layout_range[e, j] = (begin << BLOCK_BITS) | count
+                begin += count
+            recv_count[e] = begin
+        if cumulative_local_expert_recv_stats is not None:
+            cumulative_local_expert_recv_stats += recv_count
+        return recv_x, recv_count, (src_info, layout_range, max_tokens, hidden, num_experts), EventOverlap(), None
+
+    def low_latency_combine(
+        self, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, handle: tuple[Any, ...], use_logfmt: bool = False,
+        zero_copy: bool = False, async_finish: bool = False, return_recv_hook: bool = False, out: Tensor | None = None,
+        combine_wait_recv_cost_stats: Tensor | None = None,
+    ) -> tuple[Tensor, EventOverlap, None]:
+        """``out[t] = sum_k topk_weights[t, k] * x[expert k's row of t]`` on the source rank (float32),
+        ``[T, H]`` bf16."""
+        src_info, layout_range, max_tokens, hidden, num_experts = handle
+        world, me = self.group_size, self.rank
+        num_local = num_experts // world
+        num_tokens, top_k = topk_idx.shape
+        with checks(self.group):
+            require(not (use_logfmt or zero_copy or return_recv_hook or out is not None), "only the plain combine is simulated")
+            check_tensor("x", x, (num_local, world * max_tokens, hidden), torch.bfloat16)
+            check_tensor("src_info", src_info, (num_local, world * max_tokens), torch.int32)
+            check_tensor("layout_range", layout_range, (num_local, world), torch.int64)
+            check_tensor("topk_idx", topk_idx, (num_tokens, top_k), torch.int64)
+            check_tensor("topk_weights", topk_weights, (num_tokens, top_k), torch.float32)
+            self._low_latency_checks(max_tokens, hidden, num_experts)
+            # Expert side: each block's rows go back to their source rank, tagged (global expert, token).
+            keys: list[list[Tensor]] = [[] for _ in range(world)]
+            rows: list[list[Tensor]] = [[] for _ in range(world)]
+            for e in range(num_local):
+                for j in range(world):
+                    begin, count = int(layout_range[e, j]) >> BLOCK_BITS, int(layout_range[e, j]) & ((1 << BLOCK_BITS) - 1)
+                    require(begin + count <= world * max_tokens, f"layout_range[{e}, {j}] points past the buffer")
+                    tokens = src_info[e, begin : begin + count].long()
+                    keys[j].append(torch.stack([torch.full_like(tokens, me * num_local + e), tokens], dim=1))
+                    rows[j].append(x[e, begin : begin + count])
+        self._next_low_latency_buffer(max_tokens, hidden, num_experts)
+        row_format = RowFormat(((hidden, x.dtype), (2, torch.int64)))
+        send = pack(row_format, [torch.cat([torch.cat(r) for r in rows]), torch.cat([torch.cat(k) for k in keys])])
+        got, _ = exchange(self.group, send, [sum(r.shape[0] for r in per_rank) for per_rank in rows])
+        got_x, got_key = row_format.views(got)
+
+        # Source side: slot (expert, token) holds the last row written there; sum with the weights.
+        valid = topk_idx >= 0
+        with checks(self.group):  # on a GPU: a receiver waiting forever, or reading the wrong slot
+            require(bool((got_key[:, 1] < max_tokens).all()), "a row names a token past num_max_dispatch_tokens_per_rank")
+            slot = torch.full((num_experts * max_tokens,), -1, dtype=torch.int64)
+            slot.scatter_reduce_(0, got_key[:, 0] * max_tokens + got_key[:, 1], torch.arange(got.shape[0]), "amax")
+            row = slot[torch.where(valid, topk_idx * max_tokens + torch.arange(num_tokens).unsqueeze(1), 0)]
+            require(bool((row[valid] >= 0).all()), "a token's expert sent no row for it")
+        picked = torch.zeros(num_tokens, top_k, hidden)
+        picked[valid] = got_x[row[valid]].float()
+        return (picked * topk_weights.unsqueeze(-1)).sum(dim=1).to(x.dtype), EventOverlap(), None

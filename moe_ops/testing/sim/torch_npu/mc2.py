@@ -1,0 +1,307 @@
+"""torch_npu's MC2 ops simulated on CPU over a gloo group: ``npu_moe_distribute_dispatch_v2`` /
+``npu_moe_distribute_combine_v2`` and their v1 forms, with the documented routing, shapes and checks
+(what is modelled and what is not: :mod:`moe_ops.testing.sim.torch_npu`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.distributed.distributed_c10d import _resolve_process_group
+
+from moe_ops.testing.sim.torch_npu.common import enter, require
+
+PREFIX = "sim-hccl:"  # the simulated HCCL communicator name of a group is PREFIX + its name
+_MAGIC = 0x4D4332  # "MC2": first value of a simulated assist_info_for_combine
+_HEADER = 4  # magic, checksum of the group's routes, filled rows, A
+
+
+def comm_name(group: dist.ProcessGroup, rank: int) -> str:
+    """The simulated HCCL communicator name of ``group`` (what ``get_hccl_comm_name(rank)`` gives on NPU)."""
+    return PREFIX + group.group_name
+
+
+def _first(*checks: tuple[bool, str]) -> str | None:
+    """The message of the first failed ``(ok, message)`` check, if any."""
+    return next((message for ok, message in checks if not ok), None)
+
+
+def _weights_like(scales: Tensor, ids: Tensor) -> bool:
+    return scales.dtype == torch.float32 and scales.shape == ids.shape
+
+
+def _agree(group: dist.ProcessGroup, problem: str | None) -> None:
+    """Raise on every rank if any rank found a ``problem`` (a device error stops the whole group)."""
+    found = [(rank, p) for rank, p in enumerate(_gather(group, problem)) if p is not None]
+    require(not found, "; ".join(f"rank {rank}: {p}" for rank, p in found))
+
+
+def _reject_unmodelled(args: dict[str, Any], defaults: dict[str, Any]) -> None:
+    for name, default in defaults.items():
+        if name in args and not (args[name] is None if default is None else args[name] in default):
+            raise NotImplementedError(f"the torch_npu simulator does not model {name}={args[name]!r}")
+
+
+_UNMODELLED = dict(
+    scales=None, elastic_info=None, performance_info=None, group_tp=("",), tp_world_size=(0, 1), tp_rank_id=(0,),
+    expert_shard_type=(0,), shared_expert_num=(0, 1), shared_expert_rank_num=(0,), comm_alg=("",),
+    zero_expert_num=(0,), copy_expert_num=(0,), const_expert_num=(0,), y_dtype=None, x_dtype=None, scales_dtype=None,
+    shared_expert_x=None, ori_x=None, const_expert_alpha_1=None, const_expert_alpha_2=None, const_expert_v=None,
+    activation_scale=None, weight_scale=None, group_list=None, out_dtype=(0,), comm_quant_mode=(0,), group_list_type=(0,),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Group:
+    """The EP group of one call and the routing every call of it shares, checked against the docs."""
+
+    group: dist.ProcessGroup
+    world: int
+    rank: int
+    num_local: int
+    active: Tensor  #: [BS, K] bool: the routes this rank takes part with
+    rows: int  #: A
+
+    @classmethod
+    def check(cls, args: dict[str, Any], version: int, x: Tensor) -> _Group:
+        """Validate the arguments dispatch and combine share, agreeing with every peer, and size ``A``."""
+        name = args["group_ep"]
+        require(isinstance(name, str) and name.startswith(PREFIX), f"group_ep {name!r} is no HCCL communicator name")
+        group = _resolve_process_group(name[len(PREFIX) :])
+        world, rank = group.size(), dist.get_rank(group)
+        ids, global_bs = args["expert_ids"], args["global_bs"]
+        _agree(group, _input_problem(args, version, x, world, rank))
+        active = _active(args["x_active_mask"], ids.shape)
+        peers = _gather(group, (ids.shape[0], global_bs, args["moe_expert_num"], ids.shape[1], x.shape[1], bool(active.all())))
+        batches = [p[0] for p in peers]
+        require(len({p[1:5] for p in peers}) == 1, f"ranks disagree on global_bs, moe_expert_num, K or H: {peers}")
+        require(all(0 < b <= 512 for b in batches), f"a BS outside (0, 512]: {batches}")
+        if global_bs == 0:
+            require(len(set(batches)) == 1, f"global_bs=0 but the ranks' BS differ: {batches}")
+        else:
+            require(global_bs % world == 0 and global_bs // world >= max(batches), f"global_bs={global_bs} is not max BS * W for BS {batches}")
+        require(len(set(batches)) == 1 or all(p[5] for p in peers), "x_active_mask masks tokens while the ranks' BS differ")
+        num_local = args["moe_expert_num"] // world
+        return cls(group, world, rank, num_local, active, (global_bs or ids.shape[0] * world) * min(num_local, ids.shape[1]))
+
+
+def _input_problem(args: dict[str, Any], version: int, x: Tensor, world: int, rank: int) -> str | None:
+    """What this rank's arguments break of the documented rules, if anything."""
+    experts, ids, mask = args["moe_expert_num"], args["expert_ids"], args["x_active_mask"]
+    if args["ep_world_size"] != world or args["ep_rank_id"] != rank:
+        return "ep_world_size / ep_rank_id are not the group's"
+    if not (0 < experts <= 1024 and experts % world == 0):
+        return f"moe_expert_num={experts} not in (0, 1024] or not divisible by {world}"
+    if x.dim() != 2 or x.dtype not in (torch.bfloat16, torch.float16):
+        return f"token rows must be 2-D bf16/fp16, got {x.dtype} of shape {tuple(x.shape)}"
+    if ids.dim() != 2 or ids.dtype != torch.int32 or not 0 < ids.shape[1] <= min(16, experts):
+        return "expert_ids must be [BS, K] int32, 0 < K <= min(16, E)"
+    if not bool(((ids >= 0) & (ids < experts)).all()):
+        return "expert_ids outside [0, moe_expert_num)"
+    ordered = ids.sort(dim=1).values
+    if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
+        return "an expert id repeats within a row of expert_ids"
+    if mask is None:
+        return None
+    if version == 1:
+        return "x_active_mask is a reserved argument of the v1 ops"
+    if mask.dtype != torch.bool or tuple(mask.shape) not in ((ids.shape[0],), tuple(ids.shape)):
+        return "x_active_mask must be bool [BS] or [BS, K]"
+    if mask.dim() == 1 and bool((mask[1:] & ~mask[:-1]).any()):
+        return "a 1-D x_active_mask must hold every true before every false"
+    return None
+
+
+def _active(mask: Tensor | None, shape: torch.Size) -> Tensor:
+    """``[BS, K]`` bool: the routes a (valid) ``x_active_mask`` lets through."""
+    if mask is None:
+        return torch.ones(shape, dtype=torch.bool)
+    return (mask.unsqueeze(1) if mask.dim() == 1 else mask).expand(shape).clone()
+
+
+def _gather(group: dist.ProcessGroup, value: Any) -> list[Any]:
+    out: list[Any] = [None] * group.size()
+    dist.all_gather_object(out, value, group=group)
+    return out
+
+
+def _stack(parts: list[Tensor]) -> Tensor:
+    """``[W, max rows, ...]``: the ranks' tensors, padded with zeros to the longest."""
+    longest = max(p.shape[0] for p in parts)
+    return torch.stack([torch.cat([p, p.new_zeros(longest - p.shape[0], *p.shape[1:])]) for p in parts])
+
+
+def _dispatch(version: int, args: dict[str, Any]) -> tuple[Tensor, ...]:
+    """Dispatch (v2 or v1) on the arguments as received: the seven outputs torch_npu returns."""
+    _reject_unmodelled(args, _UNMODELLED)
+    x, ids = args["x"], args["expert_ids"]
+    g = _Group.check(args, version, x)
+    quant_mode, count_type, expert_scales = args["quant_mode"], args["expert_token_nums_type"], args["expert_scales"]
+    _agree(g.group, _first(
+        (quant_mode in (0, 2) and count_type in (0, 1), f"quant_mode={quant_mode} / expert_token_nums_type={count_type} not modelled"),
+        (expert_scales is None or _weights_like(expert_scales, ids), "expert_scales must be float32 [BS, K]"),
+    ))
+    payload, dequant = x, torch.zeros(x.shape[0])
+    if quant_mode == 2:  # per-row dynamic int8: x * 127 / max|x|, scale max|x| / 127 travels along
+        amax = x.float().abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny)
+        payload = torch.round(x.float() * (127 / amax).unsqueeze(1)).clamp(-127, 127).to(torch.int8)
+        dequant = amax / 127
+    weights = torch.zeros(ids.shape) if expert_scales is None else expert_scales
+    sources = _gather(g.group, (payload, ids.long(), g.active, dequant, weights))
+    table = _route_table([(s[1], s[2]) for s in sources], g.num_local)
+    mine = table[table[:, 0] == g.rank]
+    filled, src, tok, k = mine.shape[0], mine[:, 2], mine[:, 3], mine[:, 4]
+    _agree(g.group, None if filled <= g.rows else f"{filled} rows arrive but expand_x has A={g.rows} (global_bs too small?)")
+    expand_x = payload.new_full((g.rows, x.shape[1]), -128 if payload.dtype == torch.int8 else float("nan"))
+    expand_x[:filled] = _stack([s[0] for s in sources])[src, tok]
+    dynamic_scales = torch.zeros(g.rows)
+    dynamic_scales[:filled] = _stack([s[3] for s in sources])[src, tok]
+    expand_scales = torch.zeros(g.rows if expert_scales is not None else 0)
+    if expert_scales is not None:
+        expand_scales[:filled] = _stack([s[4] for s in sources])[src, tok, k]
+    per_expert_source = torch.bincount(mine[:, 1] * g.world + src, minlength=g.num_local * g.world)
+    counts = per_expert_source.view(g.num_local, g.world).sum(1)
+    ep_recv_counts = torch.cumsum(per_expert_source, 0).to(torch.int32)
+    if expert_scales is not None:  # documented size on A2/A3 with expert_scales: extra, unused here
+        extra = (args["global_bs"] or ids.shape[0] * g.world) * 2 * ids.shape[1] * (g.world // 8)
+        ep_recv_counts = torch.cat([ep_recv_counts, ep_recv_counts.new_zeros(extra)])
+    handle = _assist(mine, _checksum(table), g.rows, ids.shape) if version == 2 else _expand_idx(table, g.rank, ids.shape)
+    return (
+        expand_x,
+        dynamic_scales,
+        handle,
+        torch.cumsum(counts, 0) if count_type == 0 else counts,
+        ep_recv_counts,
+        torch.zeros(args.get("tp_world_size", 0), dtype=torch.int32),
+        expand_scales,
+    )
+
+
+def _route_table(routes: list[tuple[Tensor, Tensor]], num_local: int) -> Tensor:
+    """``[R, 5]`` int64 (dest rank, local expert, source rank, token, k) of every active route of the
+    group (``routes[s]`` = source ``s``'s ids and active mask), ordered by destination, expert, source
+    rank, token: the rows each rank receives, in the order they arrive."""
+    parts = []
+    for s, (ids, active) in enumerate(routes):
+        t, k = active.nonzero(as_tuple=True)
+        expert = ids[t, k]
+        parts.append(torch.stack([expert // num_local, expert % num_local, torch.full_like(t, s), t, k], 1))
+    table = torch.cat(parts)
+    tokens = 1 + max((ids.shape[0] for ids, _ in routes), default=0)
+    key = ((table[:, 0] * num_local + table[:, 1]) * len(routes) + table[:, 2]) * tokens + table[:, 3]
+    return table[torch.sort(key, stable=True).indices]
+
+
+def _checksum(table: Tensor) -> int:
+    """The same number on every rank for one dispatch's routes (tells the handles of two dispatches apart)."""
+    return int((table.flatten() * torch.arange(1, table.numel() + 1)).sum() % (2**31 - 1))
+
+
+def _assist(mine: Tensor, checksum: int, rows: int, ids_shape: torch.Size) -> Tensor:
+    """This module's ``assist_info_for_combine``: a header, then (source rank, token, k) of each row."""
+    out = torch.zeros(max(ids_shape[0] * ids_shape[1], rows * 128), dtype=torch.int32)
+    out[:_HEADER] = torch.tensor([_MAGIC, checksum, mine.shape[0], rows])
+    out[_HEADER : _HEADER + 3 * mine.shape[0]] = mine[:, 2:].flatten().to(torch.int32)
+    return out
+
+
+def _expand_idx(table: Tensor, rank: int, ids_shape: torch.Size) -> Tensor:
+    """``expand_idx [BS * K]``: for each of this rank's routes, its row at the destination (-1: inactive)."""
+    dest = table[:, 0].contiguous()
+    starts = torch.searchsorted(dest, dest)  # the table is sorted by destination
+    row = torch.arange(table.shape[0]) - starts
+    mine = table[:, 2] == rank
+    out = torch.full((ids_shape[0] * ids_shape[1],), -1, dtype=torch.int32)
+    out[table[mine, 3] * ids_shape[1] + table[mine, 4]] = row[mine].to(torch.int32)
+    return out
+
+
+def _combine(version: int, args: dict[str, Any], handle_name: str) -> Tensor:
+    """Combine (v2 or v1; ``handle_name`` is the argument holding the dispatch's handle): ``[BS, H]``."""
+    _reject_unmodelled(args, _UNMODELLED)
+    expand_x, ids, scales = args["expand_x"], args["expert_ids"], args["expert_scales"]
+    g = _Group.check(args, version, expand_x)
+    _agree(g.group, _first(
+        (isinstance(scales, Tensor) and _weights_like(scales, ids), "expert_scales must be float32 [BS, K]"),
+        (expand_x.shape[0] == g.rows, f"expand_x has {expand_x.shape[0]} rows, its dispatch returned A={g.rows}"),
+    ))
+    peers = _gather(g.group, (expand_x, args[handle_name], args["ep_send_counts"]))
+    sent = [int(c[g.world * g.num_local - 1]) if c.numel() >= g.world * g.num_local else -1 for _, _, c in peers]
+    rows = torch.stack([p[0] for p in peers])  # [W, A, H]
+    if version == 2:
+        headers = [h[:_HEADER].tolist() for _, h, _ in peers]
+        require(
+            all(h[0] == _MAGIC and h[1] == headers[0][1] and h[2] == n for h, n in zip(headers, sent, strict=True)),
+            "assist_info_for_combine / ep_send_counts are not the handle of one npu_moe_distribute_dispatch_v2",
+        )
+        records = torch.cat([
+            torch.cat([torch.stack([torch.full((n,), dest), torch.arange(n)], 1), h[_HEADER : _HEADER + 3 * n].long().view(-1, 3)], 1)
+            for dest, ((_, h, _), n) in enumerate(zip(peers, sent, strict=True))
+        ])  # (dest, row, source rank, token, k)
+        records = records[records[:, 2] == g.rank]
+        dest, row, tok, k = records[:, 0], records[:, 1], records[:, 3], records[:, 4]
+        arrived = torch.zeros(ids.shape, dtype=torch.int64)
+        if bool((tok < ids.shape[0]).all()):
+            arrived.index_put_((tok, k), torch.ones_like(tok), accumulate=True)
+        matches = torch.equal(arrived, g.active.long()) and bool((ids[tok, k] // g.num_local == dest).all())
+        _agree(g.group, None if matches else "x_active_mask / expert_ids differ from the dispatch that made the handle")
+    else:
+        index = args[handle_name]
+        shaped = index.dtype == torch.int32 and index.shape == (ids.numel(),)
+        _agree(g.group, None if shaped else "expand_idx must be the [BS * K] int32 dispatch returned")
+        tok, k = g.active.nonzero(as_tuple=True)
+        dest, row = ids[tok, k].long() // g.num_local, index[tok * ids.shape[1] + k].long()
+        inside = bool(((row >= 0) & (row < torch.tensor(sent)[dest])).all())
+        _agree(g.group, None if inside else "expand_idx points outside the rows its dispatch sent")
+    out = torch.zeros(ids.shape[0], expand_x.shape[1]).index_add_(0, tok, scales[tok, k].unsqueeze(1) * rows[dest, row].float())
+    return out.to(expand_x.dtype)
+
+
+# --- the torch_npu ops (signatures as torch_npu declares them) -------------------------------------
+
+
+def npu_moe_distribute_dispatch_v2(
+    x, expert_ids, group_ep, ep_world_size, ep_rank_id, moe_expert_num, *, scales=None, x_active_mask=None,
+    expert_scales=None, elastic_info=None, performance_info=None, group_tp="", tp_world_size=0, tp_rank_id=0,
+    expert_shard_type=0, shared_expert_num=1, shared_expert_rank_num=0, quant_mode=0, global_bs=0,
+    expert_token_nums_type=1, comm_alg="", zero_expert_num=0, copy_expert_num=0, const_expert_num=0,
+    y_dtype=None, x_dtype=None, scales_dtype=None,
+):  # type: ignore[no-untyped-def]
+    """Simulated ``torch_npu.npu_moe_distribute_dispatch_v2``: ``(expand_x, dynamic_scales,
+    assist_info_for_combine, expert_token_nums, ep_recv_counts, tp_recv_counts, expand_scales)``."""
+    return _dispatch(2, enter("npu_moe_distribute_dispatch_v2", locals()))
+
+
+def npu_moe_distribute_dispatch(
+    x, expert_ids, group_ep, ep_world_size, ep_rank_id, moe_expert_num, *, scales=None, x_active_mask=None,
+    expert_scales=None, group_tp="", tp_world_size=0, tp_rank_id=0, expert_shard_type=0, shared_expert_num=1,
+    shared_expert_rank_num=0, quant_mode=0, global_bs=0, expert_token_nums_type=1,
+):  # type: ignore[no-untyped-def]
+    """Simulated ``torch_npu.npu_moe_distribute_dispatch`` (v1): as v2 with ``expand_idx [BS * K]``."""
+    return _dispatch(1, enter("npu_moe_distribute_dispatch", locals()))
+
+
+def npu_moe_distribute_combine_v2(
+    expand_x, expert_ids, assist_info_for_combine, ep_send_counts, expert_scales, group_ep, ep_world_size,
+    ep_rank_id, moe_expert_num, *, tp_send_counts=None, x_active_mask=None, expand_scales=None,
+    shared_expert_x=None, elastic_info=None, ori_x=None, const_expert_alpha_1=None, const_expert_alpha_2=None,
+    const_expert_v=None, performance_info=None, group_tp="", tp_world_size=0, tp_rank_id=0, expert_shard_type=0,
+    shared_expert_num=1, shared_expert_rank_num=0, global_bs=0, comm_quant_mode=0, comm_alg="",
+    zero_expert_num=0, copy_expert_num=0, const_expert_num=0,
+):  # type: ignore[no-untyped-def]
+    """Simulated ``torch_npu.npu_moe_distribute_combine_v2``: ``[BS, H]``, ``sum_k expert_scales * row``."""
+    return _combine(2, enter("npu_moe_distribute_combine_v2", locals()), "assist_info_for_combine")
+
+
+def npu_moe_distribute_combine(
+    expand_x, expert_ids, expand_idx, ep_send_counts, expert_scales, group_ep, ep_world_size, ep_rank_id,
+    moe_expert_num, *, tp_send_counts=None, x_active_mask=None, activation_scale=None, weight_scale=None,
+    group_list=None, expand_scales=None, shared_expert_x=None, group_tp="", tp_world_size=0, tp_rank_id=0,
+    expert_shard_type=0, shared_expert_num=1, shared_expert_rank_num=0, global_bs=0, out_dtype=0,
+    comm_quant_mode=0, group_list_type=0,
+):  # type: ignore[no-untyped-def]
+    """Simulated ``torch_npu.npu_moe_distribute_combine`` (v1)."""
+    return _combine(1, enter("npu_moe_distribute_combine", locals()), "expand_idx")

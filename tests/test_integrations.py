@@ -1,0 +1,115 @@
+"""The compat adapters on gloo, W = 1…3: the same results as the ops called directly and as the reference,
+and fullgraph compilation; plus the configuration mapping and the rejected options.
+
+Examples: EXAMPLES Hypothesis problems per adapter and world size; one compiled problem per adapter.
+"""
+
+import re
+
+import pytest
+import torch
+from hypothesis import given, settings
+
+from moe_ops.integrations import megatron, vllm_ascend
+from moe_ops.testing.adapters import ADAPTERS, check_adapter
+from moe_ops.testing.problems import Problem, make_problem, problems
+
+EXAMPLES = 12
+# (layouts, placements, backend) each adapter is driven with
+SETUPS = {
+    "megatron_flex": (("ragged",), ("contiguous",), "auto"),
+    "megatron_inference": (("padded",), ("contiguous",), "allgather"),
+    "vllm_ascend": (("ragged", "padded"), ("contiguous", "shuffled", "redundant"), "auto"),
+}
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("adapter", ADAPTERS)
+@pytest.mark.parametrize("size", [1, 2, 3])
+def test_adapter_matches_ops_and_reference(worlds, adapter: str, size: int) -> None:
+    layouts, placements, backend = SETUPS[adapter]
+
+    @settings(max_examples=EXAMPLES)
+    @given(problem=problems(world_size=size, max_tokens=48, max_experts=24, hidden_sizes=(8, 40), layouts=layouts, placements=placements))
+    def check(problem: Problem) -> None:
+        check_adapter(worlds(size), problem, adapter, backend)
+
+    check()
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("adapter", ADAPTERS)
+def test_adapter_compiles_fullgraph(worlds, adapter: str) -> None:
+    layouts, placements, backend = SETUPS[adapter]
+    kw: dict[str, object] = dict(layout="padded", capacity=8, max_tokens_per_rank=24) if layouts == ("padded",) else {}
+    if "shuffled" in placements:  # the per-rank expert_map is gathered by a traced collective
+        kw.update(shuffled=True, logical_experts=6)
+    check_adapter(worlds(2), make_problem([24, 9], 32, 8, 2, mask_fraction=0.2, seed=4, **kw), adapter, backend, compiled=True)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(moe_flex_dispatcher_backend="hybridep"), "moe_flex_dispatcher_backend='hybridep' is not available"),
+        (dict(moe_router_expert_pad_multiple=16), "moe_router_expert_pad_multiple is not supported"),
+        (dict(moe_deepep_async_dispatch=True), "moe_deepep_async_dispatch=True is not supported"),
+        (dict(moe_router_dtype="bf16"), "moe_router_dtype='bf16' is not supported"),
+    ],
+)
+def test_megatron_config_rejects_what_it_cannot_honour(fields: dict, message: str) -> None:
+    config = megatron.TokenDispatcherConfig(moe_flex_dispatcher_backend="moe_ops")
+    for key, value in fields.items():
+        setattr(config, key, value)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        megatron.resolve_config(config)
+
+
+def test_megatron_config_mapping() -> None:
+    resolved = megatron.resolve_config(
+        megatron.TokenDispatcherConfig(moe_flex_dispatcher_backend="moe_ops", moe_router_dtype="fp64", moe_expert_capacity_factor=1.5)
+    )
+    assert resolved == megatron.ResolvedConfig("auto", torch.float64, True)
+    assert megatron.FLEX_BACKENDS["deepep"] == megatron.FLEX_BACKENDS["uccl_ep"] == "deepep"
+    assert megatron.resolve_config(megatron.TokenDispatcherConfig(moe_flex_dispatcher_backend="collective")).backend == "collective"
+
+
+def test_megatron_flex_masks_dropped_routes_and_keeps_router_dtype() -> None:
+    """With a capacity factor, routes whose probability the router zeroed are not dispatched."""
+    config = megatron.TokenDispatcherConfig(
+        moe_flex_dispatcher_backend="moe_ops", moe_router_topk=2, num_moe_experts=4, moe_expert_capacity_factor=1.0, moe_router_dtype="fp64"
+    )
+    dispatcher = megatron.MoEFlexTokenDispatcher(4, [0, 1, 2, 3], config, None)
+    x = torch.randn(3, 8)
+    probs = torch.tensor([[0.6, 0.0], [0.5, 0.5], [1.0, 0.0]])
+    rows, counts, permuted = dispatcher.token_permutation2(x, 3, probs, torch.tensor([[0, 1], [1, 2], [3, 2]]))
+    assert counts.tolist() == [1, 1, 1, 1] and permuted.dtype == torch.float64
+    # unit-weight combine: each token gets one copy of itself per route kept (token 1 has two)
+    assert torch.equal(dispatcher.token_unpermutation(rows), x * torch.tensor([[1.0], [2.0], [1.0]]))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(with_quant=True), "with_quant=True is not supported"),
+        (dict(shared_experts=object()), "shared_experts is not supported"),
+        (dict(pertoken_scale=torch.ones(2)), "pertoken_scale is not supported"),
+        (dict(apply_router_weight_on_input=True), "apply_router_weight_on_input needs top-1 routing"),
+    ],
+)
+def test_vllm_rejects_what_it_cannot_honour(kwargs: dict, message: str) -> None:
+    dispatcher = vllm_ascend.MoETokenDispatcher(top_k=2, num_experts=4)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        dispatcher.token_dispatch(torch.randn(2, 8), torch.rand(2, 2), torch.tensor([[0, 1], [2, 3]]), **kwargs)
+
+
+def test_vllm_router_weight_on_input_and_mask() -> None:
+    """Top-1 with the weight applied on the input, and an mc2_mask that drops padding rows: by hand."""
+    dispatcher = vllm_ascend.MoETokenDispatcher(top_k=1, num_experts=2)
+    x, w = torch.randn(3, 4), torch.tensor([[0.5], [2.0], [3.0]])
+    result = dispatcher.token_dispatch(
+        x, w, torch.tensor([[1], [0], [1]]), mc2_mask=torch.tensor([True, True, False]), apply_router_weight_on_input=True
+    )
+    assert result["group_list_type"] == 1 and result["group_list"].tolist() == [1, 1]
+    assert torch.equal(result["hidden_states"], torch.stack([x[1] * 2.0, x[0] * 0.5]))
+    out = dispatcher.token_combine(result["hidden_states"] * 10, result["context_metadata"])
+    assert torch.allclose(out, torch.stack([x[0] * 5.0, x[1] * 20.0, torch.zeros(4)]))
