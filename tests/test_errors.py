@@ -45,7 +45,7 @@ def call(**changes: object) -> None:
     ],
 )
 def test_dispatch_metadata(changes: dict[str, object], message: str) -> None:
-    with pytest.raises((MoEInputError, ValueError), match=re.escape(message)):
+    with pytest.raises(MoEInputError, match=re.escape(message)):
         call(**changes)
 
 
@@ -93,25 +93,36 @@ def test_out_of_range_ids_are_masked_when_unchecked(device: str, layout: str) ->
 
 
 @pytest.mark.parametrize(
-    "idx, weights, message",
+    "idx, weights, message, unchecked_counts",
     [
-        ([[0, 4]], [[0.5, 0.5]], "topk_idx holds id 4, outside [0, 4) and not -1"),
-        ([[-2, 1]], [[0.5, 0.5]], "topk_idx holds id -2"),
-        ([[1, 1]], [[0.5, 0.5]], "duplicate expert id within one row"),
-        ([[1, 2]], [[float("nan"), 0.5]], "topk_weights holds NaN"),
+        ([[0, 4]], [[0.5, 0.5]], "topk_idx holds id 4, outside [0, 4) and not -1", [1, 0, 0, 0]),
+        ([[-2, 1]], [[0.5, 0.5]], "topk_idx holds id -2", [0, 1, 0, 0]),
+        ([[1, 1]], [[0.5, 0.5]], "duplicate expert id within one row", [0, 2, 0, 0]),
+        ([[1, 2]], [[float("nan"), 0.5]], "topk_weights holds NaN", [0, 1, 1, 0]),
     ],
 )
-def test_value_checks(idx: list[list[int]], weights: list[list[float]], message: str) -> None:
+def test_value_checks(idx: list[list[int]], weights: list[list[float]], message: str, unchecked_counts: list[int]) -> None:
+    """Checks on: a clear error. Checks off: the call runs, out-of-range ids act as masked routes, a
+    repeated id is two routes and a NaN weight is carried as it is."""
     x, idx_t, w = torch.randn(1, H), torch.tensor(idx), torch.tensor(weights)
     with moe_ops.config.value_checks(True):
         with pytest.raises(MoEInputError, match=re.escape(message)):
             moe_ops.dispatch(x, idx_t, w, E)
-    moe_ops.dispatch(x, idx_t, w, E)  # checks off: runs, bad ids masked
+    d = moe_ops.dispatch(x, idx_t, w, E)
+    assert d.tokens_per_expert.tolist() == unchecked_counts
+    kept = [(e, weight) for e, weight in zip(idx[0], weights[0], strict=True) if 0 <= e < E]
+    expected_weights = torch.tensor([weight for _, weight in sorted(kept, key=lambda route: route[0])])
+    torch.testing.assert_close(d.recv_weights, expected_weights, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(d.recv_x, x.expand(len(kept), H))
 
 
 def test_value_checks_accept_masked_routes() -> None:
+    """-1 is the one out-of-range id the checks accept: a masked route, no row."""
+    x = torch.randn(2, H)
     with moe_ops.config.value_checks(True):
-        moe_ops.dispatch(torch.randn(2, H), torch.tensor([[-1, -1], [3, -1]]), torch.rand(2, 2), E)
+        d = moe_ops.dispatch(x, torch.tensor([[-1, -1], [3, -1]]), torch.tensor([[0.1, 0.2], [0.3, 0.4]]), E)
+    assert d.tokens_per_expert.tolist() == [0, 0, 0, 1] and torch.equal(d.recv_x, x[1:])
+    assert d.recv_weights.tolist() == pytest.approx([0.3])
 
 
 def test_placement_metadata() -> None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 
+import moe_ops
 from moe_ops.integrations import megatron, vllm_ascend
 from moe_ops.testing.adapters import ADAPTERS, check_adapter
 from moe_ops.testing.problems import Problem, make_problem, problems
@@ -69,8 +70,18 @@ def test_megatron_config_mapping() -> None:
         megatron.TokenDispatcherConfig(moe_flex_dispatcher_backend="moe_ops", moe_router_dtype="fp64", moe_expert_capacity_factor=1.5)
     )
     assert resolved == megatron.ResolvedConfig("auto", torch.float64, True)
-    assert megatron.FLEX_BACKENDS["deepep"] == megatron.FLEX_BACKENDS["uccl_ep"] == "deepep"
-    assert megatron.resolve_config(megatron.TokenDispatcherConfig(moe_flex_dispatcher_backend="collective")).backend == "collective"
+
+
+@pytest.mark.parametrize(("name", "backend"), [("uccl_ep", "deepep"), ("deepep", "deepep"), ("moe_ops", "auto"), ("collective", "collective")])
+def test_megatron_flex_backend_names_pick_moe_ops_backends(name: str, backend: str) -> None:
+    """Megatron's moe_flex_dispatcher_backend values build a dispatcher on the moe_ops backend they stand
+    for (UCCL-EP is a drop-in deep_ep, so it runs on the deepep backend); moe_ops names pass through."""
+    previous = moe_ops.config.deepep_num_sms
+    try:
+        config = megatron.TokenDispatcherConfig(moe_flex_dispatcher_backend=name, num_moe_experts=4)
+        assert megatron.MoEFlexTokenDispatcher(4, [0, 1, 2, 3], config, None).moe.backend == backend
+    finally:
+        moe_ops.config.deepep_num_sms = previous
 
 
 def test_megatron_flex_masks_dropped_routes_and_keeps_router_dtype() -> None:

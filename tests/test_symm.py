@@ -147,18 +147,36 @@ def test_opcheck(world, layout: str) -> None:
     world(2).run(conformance.opcheck_task, problem, "symm")
 
 
-def test_buffer_made_once_and_grown_by_every_rank_alike(world) -> None:
-    """The first call makes the group's buffer; calls that fit reuse it; a larger one grows it on every
-    rank at the same call (ranks with fewer tokens too: the size follows the group's largest count)."""
-    w = world(2)
-    before = w.run(symmetric_memory.buffers_made)
+def test_buffer_made_on_first_use_and_grown_by_every_rank_alike(world) -> None:
+    """On a new group: the first call makes the group's buffer, a call that fits reuses it, a call needing
+    more grows it, on every rank at the same call (the rank with one token too: the size follows the
+    group's largest count); the results match the reference throughout."""
     small = make_problem([6, 2], 16, 4, 2, seed=1)
-    conformance.check_world(w, small, "symm")
-    conformance.check_world(w, small, "symm")
-    conformance.check_world(w, make_problem([1, 40], 64, 4, 2, seed=1), "symm")
-    made = [sizes[len(old):] for sizes, old in zip(w.run(symmetric_memory.buffers_made), before, strict=True)]
-    assert made[0] == made[1], made
-    assert len(made[0]) <= 2 and (not made[0] or made[0] == sorted(made[0])), made
+    large = make_problem([1, 64], 4096, 4, 2, seed=1)  # 2 x 64 slots of 16 KiB rows: more than the first 1 MiB
+    problems = [small, small, large]
+    outcomes = world(2).run(_buffers_per_call, problems)
+    for problem, call in zip(problems, range(3), strict=True):
+        ref, mag = conformance.expected(problem)
+        for rank, (_, results) in enumerate(outcomes):
+            conformance.assert_rank_matches(problem, rank, results[call], ref[rank], mag[rank])
+    (made, _), (made_1, _) = outcomes
+    assert made == made_1, (made, made_1)
+    first, second, third = made
+    assert len(first) == 1 and second == [] and len(third) == 1 and third[0] >= 2 * first[0], made
+
+
+def _buffers_per_call(rank: int, problems: list[Problem]) -> tuple[list[list[int]], list[conformance.RankResult]]:
+    """On a new group of both ranks, each problem's pipeline on ``symm``: the sizes of the buffers each
+    call made, and its results."""
+    import torch.distributed as dist
+
+    group = dist.new_group([0, 1])
+    made, results = [], []
+    for problem in problems:
+        before = len(symmetric_memory.made)
+        results.append(conformance.run_rank(problem, rank, group=group.group_name, backend="symm"))
+        made.append(symmetric_memory.made[before:])
+    return made, results
 
 
 def test_cpu_tensors_need_the_simulator() -> None:
