@@ -5,21 +5,26 @@ Groups are named by string, as ``torch.distributed._functional_collectives`` nam
 a string constant rather than a ProcessGroup object.
 
 Every collective goes through :func:`collective`, which turns a failure (a peer that exited, a
-timeout, a broken connection) into :class:`moe_ops.MoECommunicationError` naming the op and the group.
+timeout, a broken connection) into :class:`moe_ops.MoECommunicationError` naming the op and the group;
+on CPU groups it waits at most ``moe_ops.config.peer_timeout_s`` for the peers. :func:`library_call`
+does the same for a call into a transport's library (DeepEP, torch_npu's MC2 ops).
 The helpers below it are the exchanges the transports share; they also hide the names torch 2.13
 gave the single-tensor all-gather and reduce-scatter (2.11 and 2.12 have only the old ones).
 """
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.distributed_c10d import _resolve_process_group
 
+from moe_ops import config
 from moe_ops.errors import MoECommunicationError, MoEInputError
 from moe_ops.packing import RowFormat
 
@@ -61,16 +66,43 @@ def comm_for(group_name: str) -> Comm:
     return Comm(group_name, group, group.size(), dist.get_rank(group))
 
 
-def collective(what: str, comm: Comm, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Run ``fn`` (a torch.distributed call) on ``comm``'s group; its failure becomes a
-    :class:`MoECommunicationError` naming ``what``."""
+def _failed(what: str, comm: Comm, error: BaseException) -> MoECommunicationError:
+    return MoECommunicationError(
+        f"moe_ops: {what} on group {comm.group_name!r} (rank {comm.rank} of {comm.world_size}) failed; "
+        f"a peer may have exited or stopped answering: {error}"
+    )
+
+
+def collective(what: str, comm: Comm, fn: Callable[..., Any], tensor: Tensor, *args: Any) -> None:
+    """Run the torch.distributed collective ``fn(tensor, *args)`` on ``comm``'s group; its failure
+    becomes a :class:`MoECommunicationError` naming ``what``. On CPU tensors the wait is bounded by
+    ``moe_ops.config.peer_timeout_s``."""
     try:
-        return fn(*args, group=comm.group, **kwargs)
+        if tensor.device.type == "cpu":
+            work = fn(tensor, *args, group=comm.group, async_op=True)
+            work.wait(timeout=datetime.timedelta(seconds=config.peer_timeout_s))
+        else:
+            fn(tensor, *args, group=comm.group)
     except (RuntimeError, dist.DistError) as e:  # DistBackendError, timeouts, closed connections
-        raise MoECommunicationError(
-            f"moe_ops: {what} on group {comm.group_name!r} (rank {comm.rank} of {comm.world_size}) failed; "
-            f"a peer may have exited or stopped answering: {e}"
-        ) from e
+        raise _failed(what, comm, e) from e
+
+
+def library_call(what: str, comm: Comm, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``, a call into a transport's library that exchanges data with the peers
+    (its input has been checked): a ``RuntimeError`` it raises becomes a :class:`MoECommunicationError`."""
+    try:
+        return fn(*args, **kwargs)
+    except RuntimeError as e:
+        raise _failed(what, comm, e) from e
+
+
+def all_gather_strings(comm: Comm, what: str, text: str | None, device: torch.device, limit: int = 4096) -> list[str | None]:
+    """Every rank's ``text`` (``None`` allowed), each cut to ``limit`` UTF-8 bytes, through one all-gather
+    of ``device`` tensors (the group's device)."""
+    data = list(b"" if text is None else text.encode()[:limit])
+    mine = torch.tensor([int(text is not None), len(data), *data, *[0] * (limit - len(data))], dtype=torch.int32)
+    rows = all_gather(comm, what, mine.to(device).unsqueeze(0)).tolist()
+    return [bytes(row[2 : 2 + row[1]]).decode(errors="replace") if row[0] else None for row in rows]
 
 
 # torch 2.13 renamed the single-tensor collectives; 2.11 and 2.12 have only the old names.

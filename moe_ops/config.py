@@ -28,6 +28,14 @@ Megatron-Core's ``moe_deepep_num_sms``. Low-latency kernels size themselves. ``M
 sets it at import. Read at trace time too (it fixes the shape of DeepEP's channel matrices in the
 handle), so change it before compiling.
 
+``peer_timeout_s``: how long a rank waits for its peers in any one exchange before the call fails with
+``MoECommunicationError`` (a peer died or hangs). Applies to every collective moe_ops runs on a CPU (gloo)
+group, to the ``symm`` backend's barriers, and to the transports' libraries where they take a timeout; on
+NCCL and HCCL groups the process group's own ``timeout`` (``init_process_group(timeout=...)``) bounds the
+wait, since a host-side timed wait there would be a device-to-host sync (and break CUDA-graph capture).
+Either way a rank never waits longer than its process group's timeout. Default 300 s (ranks compiling
+the same graph have drifted 130 s apart on a loaded host). ``MOE_OPS_PEER_TIMEOUT_S`` sets it at import.
+
 ``symm_num_sms``: programs (one per streaming multiprocessor in practice) of the ``symm`` backend's
 kernel that stores rows into the peers' buffers; the rest of the GPU stays free for compute that
 overlaps the transfer. Default 32 (of 132 on an H100 or H200). ``MOE_OPS_SYMM_NUM_SMS`` sets it at import.
@@ -44,6 +52,7 @@ handshake: str = os.environ.get("MOE_OPS_HANDSHAKE", "auto")
 kernels: str = os.environ.get("MOE_OPS_KERNELS", "auto")
 deepep_num_sms: int = int(os.environ.get("MOE_OPS_DEEPEP_NUM_SMS", "20"))
 symm_num_sms: int = int(os.environ.get("MOE_OPS_SYMM_NUM_SMS", "32"))
+peer_timeout_s: float = float(os.environ.get("MOE_OPS_PEER_TIMEOUT_S", "300"))
 
 
 def handshake_every_call(layout: str, device_type: str) -> bool:

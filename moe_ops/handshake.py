@@ -22,11 +22,10 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from moe_ops import config
-from moe_ops.comm import Comm, collective
+from moe_ops.comm import Comm, all_gather, all_gather_strings
 from moe_ops.errors import MoEInputError
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.int32, torch.int64)
@@ -106,10 +105,7 @@ class Handshake:
         if payload is not None:
             body[: payload.numel()] = payload.to(self.device, torch.int64)
         head = torch.tensor([int(error is not None), *signature], dtype=torch.int64, device=self.device)
-        mine = torch.cat([head, body])
-        everyone = [torch.empty_like(mine) for _ in range(world)]
-        collective(f"moe.{self.op} handshake", self.comm, dist.all_gather, everyone, mine)
-        rows = torch.stack(everyone).tolist()
+        rows = all_gather(self.comm, f"moe.{self.op} handshake", torch.cat([head, body]).unsqueeze(0)).tolist()
         self._raise_if_failed(rows, error)
         self._raise_if_disagreeing(rows, values)
         _agreed.add(key)
@@ -119,10 +115,7 @@ class Handshake:
         failed = [rank for rank, row in enumerate(rows) if row[0]]
         if not failed:
             return
-        messages: list[object] = [None] * self.comm.world_size
-        collective(
-            f"moe.{self.op} error exchange", self.comm, dist.all_gather_object, messages, None if error is None else str(error)
-        )
+        messages = all_gather_strings(self.comm, f"moe.{self.op} error exchange", None if error is None else str(error), self.device)
         detail = "; ".join(f"rank {rank}: {messages[rank]}" for rank in failed)
         raise MoEInputError(f"moe.{self.op}: bad input on rank(s) {failed}: {detail}")
 

@@ -5,13 +5,14 @@
 #
 #   tools/gpu_session.sh OUTDIR [bench args...]
 #
-# STAGES (default "cuda hf profile bench multi cpu multiproc") picks stages; each has its own time limit (env
+# STAGES (default "cuda hf profile bench multi cpu multiproc") picks stages ("sanitize": the hostile-values
+# run under compute-sanitizer's memcheck, tools/faults.py --cuda-hostile); each has its own time limit (env
 # CUDA_LIMIT, MULTI_LIMIT, CPU_LIMIT, MULTIPROC_LIMIT; TEST_TIMEOUT per test) so the
 # whole stays inside one 10-minute call. Logs land in OUTDIR/<stage>.log. "multi" runs
 # tools/bench_multi_gpu.py on every GPU of the machine (one GPU: W = 1, a smoke test).
 out=${1:?outdir}; shift
 mkdir -p "$out"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 nvidia-smi -L
 python3 -c "import torch, triton, sys; print('torch', torch.__version__, 'triton', triton.__version__, 'python', sys.version.split()[0])"
 stage() { name=$1; limit=$2; shift 2; start=$(date +%s); timeout -k 5 "$limit" "$@" > "$out/$name.log" 2>&1; rc=$?; echo "== $name: rc=$rc in $(( $(date +%s) - start )) s"; tail -n "${TAIL:-25}" "$out/$name.log"; }
@@ -31,6 +32,8 @@ if wants hf; then
     fi
     TAIL=15 stage tests-hf-cuda 150 env PYTHONPATH="${hf_path:-}" $PYTEST -v -k cuda_graph tests/test_transformers.py
 fi
+wants sanitize && TAIL=30 stage sanitize "${SANITIZE_LIMIT:-300}" compute-sanitizer --tool memcheck --error-exitcode 1 \
+    --target-processes all python3 tools/faults.py --cuda-hostile
 wants profile && TAIL=40 stage profile 30 python3 tools/profile_kernels.py
 wants bench && TAIL=70 stage bench 120 python3 tools/bench.py --out "$out/bench" "$@"
 wants multi && TAIL=40 stage multi-gpu "${MULTI_LIMIT:-150}" python3 tools/bench_multi_gpu.py --out "$out/multi"

@@ -220,46 +220,6 @@ def check_world(
             assert stats.graph_breaks == 0, f"rank {rank}: {stats} ({problem.description})"
 
 
-BAD_INPUTS = ("hidden", "num_experts", "topk_idx_dtype", "expert_out_rows")
-
-
-def bad_input_task(rank: int, problem: Problem, backend: str, bad_rank: int, mutation: str) -> None:
-    """The pipeline with one malformed argument on ``bad_rank`` only (one of :data:`BAD_INPUTS`).
-    Every rank must raise the same :class:`moe_ops.MoEInputError` (the test checks) and none may hang."""
-    import torch.distributed as dist
-
-    group = dist.group.WORLD.group_name
-    bad = rank == bad_rank
-    x, idx, w = problem.xs[rank], problem.topk_idx[rank], problem.topk_weights[rank]
-    num_experts = problem.num_experts
-    if bad and mutation == "hidden":
-        x = torch.cat([x, x[:, :1]], dim=1)
-    if bad and mutation == "num_experts":
-        num_experts *= 2
-    if bad and mutation == "topk_idx_dtype":
-        idx = idx.float()
-    d = moe_ops.dispatch(x, idx, w, num_experts, group=group, backend=backend, **problem.dispatch_kwargs())
-    expert_out = d.recv_x[:-1] if bad and mutation == "expert_out_rows" else d.recv_x
-    moe_ops.combine(expert_out, d, group=group, backend=backend)
-
-
-def die_task(rank: int, problem: Problem, backend: str, victim: int) -> None:
-    """Dispatch on every rank, then ``victim`` exits without a word and the others combine: they must
-    fail with :class:`moe_ops.MoECommunicationError` within the process group's timeout."""
-    import os
-
-    import torch.distributed as dist
-
-    group = dist.group.WORLD.group_name
-    d = moe_ops.dispatch(
-        problem.xs[rank], problem.topk_idx[rank], problem.topk_weights[rank], problem.num_experts,
-        group=group, backend=backend, **problem.dispatch_kwargs(),
-    )
-    if rank == victim:
-        os._exit(3)
-    moe_ops.combine(d.recv_x, d, group=group, backend=backend)
-
-
 def opcheck_task(rank: int, problem: Problem, backend: str, dispatch_checks: tuple[str, ...] | None = None) -> None:
     """``torch.library.opcheck`` of dispatch and combine on this rank's inputs over the default group
     (every rank runs the same sequence of op calls, so the collectives inside stay matched).

@@ -14,6 +14,7 @@ collective call of the group, so it happens at the same point of the same call o
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, ClassVar, Literal
@@ -23,7 +24,7 @@ from torch import Tensor
 
 from moe_ops import config, libraries
 from moe_ops.backends.base import Backend
-from moe_ops.comm import Comm
+from moe_ops.comm import Comm, library_call
 from moe_ops.errors import MoEInputError
 from moe_ops.plan import DispatchPlan
 
@@ -119,6 +120,20 @@ class _GroupBuffer:
     dirty: bool = False  #: normal-mode kernels ran since the low-latency buffer was last cleaned
 
 
+_EXCHANGES = frozenset({"dispatch", "combine", "low_latency_dispatch", "low_latency_combine"})
+
+
+class _Exchanges:
+    """A ``deep_ep.Buffer`` whose exchanges with the peers raise ``MoECommunicationError`` when they fail."""
+
+    def __init__(self, buffer: Any, comm: Comm) -> None:
+        self._buffer, self._comm = buffer, comm
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._buffer, name)
+        return functools.partial(library_call, f"deep_ep Buffer.{name}", self._comm, attr) if name in _EXCHANGES else attr
+
+
 # by (group name, group): a group made later under a destroyed group's name gets its own
 _buffers: dict[tuple[str, object], _GroupBuffer] = {}
 
@@ -135,8 +150,8 @@ def _ensure(comm: Comm, nvl_bytes: int, rdma_bytes: int, num_qps_per_rank: int) 
         nvl_bytes, rdma_bytes = max(nvl_bytes, held.nvl_bytes), max(rdma_bytes, held.rdma_bytes)
         num_qps_per_rank = num_qps_per_rank or held.num_qps_per_rank
     low_latency = num_qps_per_rank > 0
-    buffer = _deep_ep().Buffer(
-        comm.group, nvl_bytes, rdma_bytes, low_latency_mode=low_latency,
+    buffer = library_call(
+        "deep_ep.Buffer()", comm, _deep_ep().Buffer, comm.group, nvl_bytes, rdma_bytes, low_latency_mode=low_latency,
         **({"num_qps_per_rank": num_qps_per_rank} if low_latency else {}),
     )
     _buffers[(comm.group_name, comm.group)] = held = _GroupBuffer(buffer, nvl_bytes, rdma_bytes, num_qps_per_rank)
@@ -159,7 +174,7 @@ def normal_buffer(comm: Comm, hidden: int) -> tuple[Any, Any, Any]:
         0,
     )
     held.dirty = held.num_qps_per_rank > 0
-    return held.buffer, *configs
+    return _Exchanges(held.buffer, comm), *configs
 
 
 def low_latency_buffer(comm: Comm, max_tokens: int, hidden: int, num_experts: int) -> Any:
@@ -170,4 +185,4 @@ def low_latency_buffer(comm: Comm, max_tokens: int, hidden: int, num_experts: in
     if held.dirty:
         held.buffer.clean_low_latency_buffer(max_tokens, hidden, num_experts)
         held.dirty = False
-    return held.buffer
+    return _Exchanges(held.buffer, comm)

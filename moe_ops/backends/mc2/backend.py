@@ -60,7 +60,7 @@ from moe_ops.backends.mc2.wire import (
     route_ids,
     sent_ids,
 )
-from moe_ops.comm import Comm
+from moe_ops.comm import Comm, library_call
 from moe_ops.errors import MoEInputError
 from moe_ops.indexing import pad_rows, take
 from moe_ops.packing import round_up
@@ -159,8 +159,9 @@ class _Call:
         keys = self.comm.rank * self.max_tokens + torch.arange(batch, device=x.device)  # batch <= Tmax
         rows = wire.encode(pad_rows(x, batch), keys, pad_rows(ids, batch, -1), None if weights is None else pad_rows(weights, batch))
         op = ops.npu_moe_distribute_dispatch_v2 if self.version == 2 else ops.npu_moe_distribute_dispatch
-        expand_x, scales, assist, ends, ep_counts, tp_counts, _ = op(
-            x=rows, **self._common(x.shape[0], ids), quant_mode=quant_mode, expert_token_nums_type=0
+        expand_x, scales, assist, ends, ep_counts, tp_counts, _ = library_call(
+            f"torch_npu.{op.__name__}", self.comm, op, x=rows, **self._common(x.shape[0], ids), quant_mode=quant_mode,
+            expert_token_nums_type=0,
         )
         return wire.decode(expand_x, scales if quant_mode else None, x.dtype), ends, [assist, ep_counts, tp_counts]
 
@@ -173,7 +174,8 @@ class _Call:
             if self.version == 2
             else (ops.npu_moe_distribute_combine, "expand_idx")
         )
-        out = op(
+        out = library_call(
+            f"torch_npu.{op.__name__}", self.comm, op,
             expand_x=_pad_columns(rows, round_up(rows.shape[1], WIDTH_MULTIPLE)),
             ep_send_counts=ep_counts,
             tp_send_counts=tp_counts,

@@ -39,7 +39,7 @@ from torch import Tensor
 from moe_ops import config, routing, slots, stage
 from moe_ops.backends.base import Backend, DispatchOutputs, Peers, int64_like
 from moe_ops.backends.symm import peer_memory
-from moe_ops.comm import Comm
+from moe_ops.comm import Comm, library_call
 from moe_ops.indexing import take_columns
 from moe_ops.packing import RowFormat, round_up
 from moe_ops.plan import DispatchPlan, Layout
@@ -60,9 +60,9 @@ def _transfer(
     payload_bytes = round_up(cols * dtype.itemsize, _ALIGN)
     row_bytes = round_up(payload_bytes + meta_bytes, _ALIGN)
     buffer = peer_memory.get(comm, num_slots * row_bytes, device)
-    buffer.barrier()  # every rank has read what the previous transfer left in its buffer
+    library_call("symm barrier", comm, buffer.barrier)  # every rank has read what the previous transfer left
     put(buffer.peers, row_bytes, payload_bytes)
-    buffer.barrier()  # every rank's rows for this rank have landed
+    library_call("symm barrier", comm, buffer.barrier)  # every rank's rows for this rank have landed
     rows = buffer.local[: num_slots * row_bytes].view(num_slots, row_bytes)
     return rows[:, : cols * dtype.itemsize].view(dtype), rows[:, payload_bytes : payload_bytes + meta_bytes]
 

@@ -26,12 +26,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from moe_ops import libraries
-from moe_ops.comm import Comm
+from moe_ops import config, libraries
+from moe_ops.comm import Comm, library_call
 from moe_ops.errors import MoEInputError
 
 MIN_BYTES = 1 << 20  # the first buffer of a group (even for a call with no tokens)
-BARRIER_TIMEOUT_MS = 60_000  # a barrier waiting longer than this for a peer fails the kernel (no hang)
 
 
 @dataclass(frozen=True)
@@ -68,7 +67,7 @@ def get(comm: Comm, nbytes: int, device: torch.device) -> PeerBuffer:
             "run the step once eagerly with the same shapes before capturing"
         )
     size = max(nbytes, 2 * held.nbytes if held is not None else MIN_BYTES)  # geometric growth: few re-allocations
-    _buffers[key] = held = _make(comm, size, device)
+    _buffers[key] = held = library_call("symmetric memory rendezvous", comm, _make, comm, size, device)
     return held
 
 
@@ -88,4 +87,7 @@ def _make(comm: Comm, nbytes: int, device: torch.device) -> PeerBuffer:
     local = symm_mem.empty(nbytes, dtype=torch.uint8, device=device)
     handle = symm_mem.rendezvous(local, comm.group_name)
     peers = torch.tensor(handle.buffer_ptrs, dtype=torch.int64, device=device)
-    return PeerBuffer(local, peers, lambda: handle.barrier(channel=0, timeout_ms=BARRIER_TIMEOUT_MS), handle)
+    def barrier() -> None:  # a barrier waiting longer than config.peer_timeout_s for a peer fails the kernel
+        handle.barrier(channel=0, timeout_ms=int(config.peer_timeout_s * 1000))
+
+    return PeerBuffer(local, peers, barrier, handle)

@@ -7,11 +7,12 @@ barrier gives on a GPU.
 
 Installed in a test worker by ``moe_ops.testing.sim.install("symmetric_memory")``. Not modelled: NVLink
 timing, concurrent writers racing within a transfer (the interpreter runs one program at a time), the
-signal pads, and the CUDA barrier's timeout.
+signal pads.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 import tempfile
 import uuid
@@ -50,7 +51,13 @@ class Handle:
     mapped: list[Tensor]  # keeps the mappings alive
 
     def barrier(self, channel: int = 0, timeout_ms: int = 0) -> None:
-        dist.barrier(group=self.group)
+        """The group's barrier, failing after ``timeout_ms`` (``RuntimeError``; on a GPU the barrier kernel
+        traps, which fails the next CUDA call)."""
+        work = dist.barrier(group=self.group, async_op=True)
+        if timeout_ms:
+            work.wait(timeout=datetime.timedelta(milliseconds=timeout_ms))
+        else:
+            work.wait()
 
 
 def rendezvous(local: Tensor, group_name: str) -> Handle:
