@@ -11,12 +11,14 @@ with the peers, the same way for every backend:
    payload; a failure on any rank in step 1 or 2 is shared there, so every rank raises it;
 3. the backend's kernel, which moves tokens and returns the layouts of docs/contract.md.
 
-Backward passes are ops too, so a compiled training step traces them.
+Backward passes are ops too, so a compiled training step traces them. How the ops are registered, and
+why a call costs little: :mod:`moe_ops.registration`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -27,8 +29,37 @@ from moe_ops.comm import Comm, comm_for
 from moe_ops.errors import MoEInputError
 from moe_ops.handshake import Handshake
 from moe_ops.plan import DispatchPlan, make_plan
+from moe_ops.registration import below_autograd, define, needs_grad
 
 DispatchReturn = tuple[Tensor, Tensor, Tensor, Tensor, list[Tensor]]
+
+DISPATCH_SCHEMA = (
+    "dispatch(Tensor x, Tensor topk_idx, Tensor topk_weights, Tensor? expert_map=None, Tensor? log2phy=None, *, "
+    "SymInt num_experts, str group_name='', str backend='auto', str layout='ragged', SymInt? capacity=None, "
+    "SymInt? max_tokens_per_rank=None, bool zero_padding=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor[])"
+)
+_HANDLE_OPTIONS = "*, str group_name='', str backend='auto'"
+COMBINE_SCHEMA = f"combine(Tensor expert_out, Tensor recv_weights, Tensor[] handle, {_HANDLE_OPTIONS}) -> Tensor"
+DISPATCH_BACKWARD_SCHEMA = (
+    f"dispatch_backward(Tensor grad_recv_x, Tensor grad_recv_weights, Tensor[] handle, {_HANDLE_OPTIONS}) -> (Tensor, Tensor)"
+)
+COMBINE_BACKWARD_SCHEMA = (
+    f"combine_backward(Tensor grad_out, Tensor expert_out, Tensor recv_weights, Tensor[] handle, {_HANDLE_OPTIONS}) "
+    "-> (Tensor, Tensor)"
+)
+
+
+class DispatchOptions(NamedTuple):
+    """The keyword-only arguments of ``moe.dispatch``, with the schema's defaults (the dispatcher leaves out
+    the ones a call gives at their default)."""
+
+    num_experts: int
+    group_name: str = ""
+    backend: str = "auto"
+    layout: str = "ragged"
+    capacity: int | None = None
+    max_tokens_per_rank: int | None = None
+    zero_padding: bool = False
 
 DISPATCH_FIELDS = ("backend", "layout", "num_experts", "hidden", "top_k", "dtype", "weight_dtype", "capacity",
                    "max_tokens_per_rank", "device", "expert_map", "log2phy")
@@ -38,47 +69,26 @@ HANDLE_FIELDS = ("backend", "layout", "local_experts", "capacity", "hidden", "dt
 
 
 def _plan_dispatch(
-    x: Tensor,
-    topk_idx: Tensor,
-    topk_weights: Tensor,
-    expert_map: Tensor | None,
-    log2phy: Tensor | None,
-    comm: Comm,
-    num_experts: int,
-    backend: str,
-    layout: str,
-    capacity: int | None,
-    max_tokens_per_rank: int | None,
-    zero_padding: bool,
+    x: Tensor, topk_idx: Tensor, topk_weights: Tensor, expert_map: Tensor | None, log2phy: Tensor | None, comm: Comm,
+    o: DispatchOptions,
 ) -> tuple[Backend, DispatchPlan]:
     """Step 1 of a dispatch: metadata checks, the plan, the backend and its limits."""
     plan = make_plan(
-        x, topk_idx, topk_weights, comm, num_experts=num_experts, layout=layout, capacity=capacity,
-        max_tokens_per_rank=max_tokens_per_rank, zero_padding=zero_padding,
+        x, topk_idx, topk_weights, comm, num_experts=o.num_experts, layout=o.layout, capacity=o.capacity,
+        max_tokens_per_rank=o.max_tokens_per_rank, zero_padding=o.zero_padding,
     )
-    validation.check_placement(expert_map, log2phy, num_experts, comm.world_size, x.device)
-    impl = backends.resolve(backend, x.device.type, comm.world_size, plan.layout)
+    validation.check_placement(expert_map, log2phy, o.num_experts, comm.world_size, x.device)
+    impl = backends.resolve(o.backend, x.device.type, comm.world_size, plan.layout)
     impl.check_dispatch(x, topk_idx, topk_weights, plan)
     return impl, plan
 
 
-@torch.library.custom_op("moe::dispatch", mutates_args=())
-def dispatch(
-    x: Tensor,
-    topk_idx: Tensor,
-    topk_weights: Tensor,
-    expert_map: Tensor | None = None,
-    log2phy: Tensor | None = None,
-    *,
-    num_experts: int,
-    group_name: str = "",
-    backend: str = "auto",
-    layout: str = "ragged",
-    capacity: int | None = None,
-    max_tokens_per_rank: int | None = None,
-    zero_padding: bool = False,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, list[Tensor]]:
-    """Send each token to the ranks owning its experts; return rows in the expert-major layout.
+def _dispatch(
+    x: Tensor, topk_idx: Tensor, topk_weights: Tensor, expert_map: Tensor | None = None, log2phy: Tensor | None = None,
+    **options: Any,
+) -> DispatchReturn:
+    """``moe::dispatch``: send each token to the ranks owning its experts; return rows in the expert-major
+    layout (docs/contract.md).
 
     ``x`` ``[T, H]``, ``topk_idx`` ``[T, K]`` int32/int64 (``-1`` = no route), ``topk_weights`` ``[T, K]``
     float32. ``layout="ragged"``: ``recv_x [N, H]``. ``layout="padded"``: ``recv_x [L, C, H]`` with
@@ -89,17 +99,15 @@ def dispatch(
     rank ``r``, -1 where absent) replaces the contiguous placement. Returns ``(recv_x, recv_weights,
     tokens_per_expert [L] int32, dropped [L] int32, handle)``.
     """
-    comm = comm_for(group_name)
+    o = DispatchOptions(**options)
+    comm = comm_for(o.group_name)
     handshake = Handshake.of(comm, "dispatch", DISPATCH_FIELDS, x.device)
     try:
-        impl, plan = _plan_dispatch(
-            x, topk_idx, topk_weights, expert_map, log2phy, comm, num_experts, backend, layout, capacity,
-            max_tokens_per_rank, zero_padding,
-        )
+        impl, plan = _plan_dispatch(x, topk_idx, topk_weights, expert_map, log2phy, comm, o)
         impl.prepare(plan)
         if config.check_values:
-            validation.check_values(topk_idx, topk_weights, num_experts if log2phy is None else log2phy.shape[0])
-            validation.check_placement_values(expert_map, log2phy, plan.num_local_experts, num_experts)
+            validation.check_values(topk_idx, topk_weights, o.num_experts if log2phy is None else log2phy.shape[0])
+            validation.check_placement_values(expert_map, log2phy, plan.num_local_experts, o.num_experts)
         ids = placement.relabel(topk_idx, plan.num_local_experts, expert_map, log2phy)
         payload = impl.payload(ids, plan)
     except MoEInputError as error:
@@ -110,7 +118,7 @@ def dispatch(
         peers = None if payload is None else [payload.tolist()]
     else:
         signature = (
-            impl.name, plan.layout, num_experts, x.shape[1], topk_idx.shape[1], x.dtype, topk_weights.dtype,
+            impl.name, plan.layout, o.num_experts, x.shape[1], topk_idx.shape[1], x.dtype, topk_weights.dtype,
             plan.capacity, plan.token_bound if plan.layout == "padded" else -1, x.device.type,
             expert_map is not None, log2phy is not None,
         )
@@ -119,28 +127,12 @@ def dispatch(
     return out.recv_x, out.recv_weights, out.tokens_per_expert, out.dropped, [handle.tag(impl.name, plan.layout, x), *out.handle]
 
 
-@dispatch.register_fake
 def _dispatch_fake(
-    x: Tensor,
-    topk_idx: Tensor,
-    topk_weights: Tensor,
-    expert_map: Tensor | None = None,
-    log2phy: Tensor | None = None,
-    *,
-    num_experts: int,
-    group_name: str = "",
-    backend: str = "auto",
-    layout: str = "ragged",
-    capacity: int | None = None,
-    max_tokens_per_rank: int | None = None,
-    zero_padding: bool = False,
+    x: Tensor, topk_idx: Tensor, topk_weights: Tensor, expert_map: Tensor | None = None, log2phy: Tensor | None = None,
+    **options: Any,
 ) -> DispatchReturn:
-    # The same signature as ``dispatch``, defaults included: the dispatcher drops arguments equal to
-    # their defaults before calling a fake kernel.
-    impl, plan = _plan_dispatch(
-        x, topk_idx, topk_weights, expert_map, log2phy, comm_for(group_name), num_experts, backend, layout, capacity,
-        max_tokens_per_rank, zero_padding,
-    )
+    impl, plan = _plan_dispatch(x, topk_idx, topk_weights, expert_map, log2phy, comm_for(options.get("group_name", "")),
+                                DispatchOptions(**options))
     rows = plan.rows_shape or (torch.library.get_ctx().new_dynamic_size(),)
     counts = topk_idx.new_empty(plan.num_local_experts, dtype=torch.int32)
     return (
@@ -220,11 +212,8 @@ def _combine_call(
     )
 
 
-@torch.library.custom_op("moe::combine", mutates_args=())
-def combine(
-    expert_out: Tensor, recv_weights: Tensor, handle: list[Tensor], *, group_name: str = "", backend: str = "auto"
-) -> Tensor:
-    """Return each token's weighted sum of its experts' outputs, on its source rank.
+def _combine(expert_out: Tensor, recv_weights: Tensor, handle: list[Tensor], *, group_name: str = "", backend: str = "auto") -> Tensor:
+    """``moe::combine``: each token's weighted sum of its experts' outputs, on its source rank.
 
     ``expert_out`` in the layout ``dispatch`` returned (``[N, H]`` or ``[L, C, H]``), ``recv_weights``
     and ``handle`` from that dispatch. Returns ``out [T, H]`` in ``expert_out.dtype``:
@@ -235,10 +224,7 @@ def combine(
     return impl.combine(expert_out, recv_weights, handle[1:], comm)
 
 
-@combine.register_fake
-def _combine_fake(
-    expert_out: Tensor, recv_weights: Tensor, handle: list[Tensor], *, group_name: str = "", backend: str = "auto"
-) -> Tensor:
+def _combine_fake(expert_out: Tensor, recv_weights: Tensor, handle: list[Tensor], *, group_name: str = "", backend: str = "auto") -> Tensor:
     _, _, header = _combine_call(expert_out, recv_weights, handle, group_name, backend, agree=False)
     return expert_out.new_empty(header.num_tokens, expert_out.shape[-1])
 
@@ -253,17 +239,15 @@ def _dispatch_backward_call(
     return _handle_call("dispatch_backward", backend, group_name, ("grad_recv_x", grad_recv_x), rows_args, handle_tensors, agree)
 
 
-@torch.library.custom_op("moe::dispatch_backward", mutates_args=())
-def dispatch_backward(
+def _dispatch_backward(
     grad_recv_x: Tensor, grad_recv_weights: Tensor, handle: list[Tensor], *, group_name: str = "", backend: str = "auto"
 ) -> tuple[Tensor, Tensor]:
-    """Backward of ``dispatch``: ``grad_x [T, H]`` sums the gradients of each token's copies (reverse
+    """``moe::dispatch_backward``: ``grad_x [T, H]`` sums the gradients of each token's copies (reverse
     exchange); ``grad_topk_weights [T, K]`` returns each route's ``grad_recv_weights`` (0 if masked or dropped)."""
     impl, comm, _ = _dispatch_backward_call(grad_recv_x, grad_recv_weights, handle, group_name, backend, agree=True)
     return impl.dispatch_backward(grad_recv_x, grad_recv_weights, handle[1:], comm)
 
 
-@dispatch_backward.register_fake
 def _dispatch_backward_fake(
     grad_recv_x: Tensor, grad_recv_weights: Tensor, handle: list[Tensor], *, group_name: str = "", backend: str = "auto"
 ) -> tuple[Tensor, Tensor]:
@@ -271,32 +255,17 @@ def _dispatch_backward_fake(
     return grad_recv_x.new_empty(header.num_tokens, grad_recv_x.shape[-1]), grad_recv_weights.new_empty(header.num_tokens, header.top_k)
 
 
-@torch.library.custom_op("moe::combine_backward", mutates_args=())
-def combine_backward(
-    grad_out: Tensor,
-    expert_out: Tensor,
-    recv_weights: Tensor,
-    handle: list[Tensor],
-    *,
-    group_name: str = "",
-    backend: str = "auto",
+def _combine_backward(
+    grad_out: Tensor, expert_out: Tensor, recv_weights: Tensor, handle: list[Tensor], *, group_name: str = "", backend: str = "auto"
 ) -> tuple[Tensor, Tensor]:
-    """Backward of ``combine``: for layout row ``i`` fed by source token ``t``,
-    ``grad_expert_out[i] = recv_weights[i] * grad_out[t]`` and ``grad_recv_weights[i] = <grad_out[t], expert_out[i]>``;
-    padding rows get 0."""
+    """``moe::combine_backward``: for layout row ``i`` fed by source token ``t``, ``grad_expert_out[i] =
+    recv_weights[i] * grad_out[t]`` and ``grad_recv_weights[i] = <grad_out[t], expert_out[i]>``; padding rows get 0."""
     impl, comm, _ = _combine_call(expert_out, recv_weights, handle, group_name, backend, True, grad_out)
     return impl.combine_backward(grad_out, expert_out, recv_weights, handle[1:], comm)
 
 
-@combine_backward.register_fake
 def _combine_backward_fake(
-    grad_out: Tensor,
-    expert_out: Tensor,
-    recv_weights: Tensor,
-    handle: list[Tensor],
-    *,
-    group_name: str = "",
-    backend: str = "auto",
+    grad_out: Tensor, expert_out: Tensor, recv_weights: Tensor, handle: list[Tensor], *, group_name: str = "", backend: str = "auto"
 ) -> tuple[Tensor, Tensor]:
     _combine_call(expert_out, recv_weights, handle, group_name, backend, False, grad_out)
     return torch.empty_like(expert_out), torch.empty_like(recv_weights)
@@ -305,46 +274,90 @@ def _combine_backward_fake(
 # --- autograd -------------------------------------------------------------------------------------
 
 
-def _dispatch_setup_context(ctx, inputs, keyword_only_inputs, output) -> None:  # type: ignore[no-untyped-def]
-    recv_x, recv_weights, _, _, handle_tensors = output
-    # The dispatcher drops trailing positional arguments equal to their defaults before autograd sees
-    # them, and an op returning Tensor[] must give back exactly one gradient per argument it received.
-    _, _, _, expert_map, log2phy = inputs
-    ctx.num_inputs = 5 if log2phy is not None else 4 if expert_map is not None else 3
-    ctx.save_for_backward(*handle_tensors)
-    ctx.comm_args = {k: keyword_only_inputs[k] for k in ("group_name", "backend")}
-    ctx.recv_x_meta = (recv_x.shape, recv_x.dtype)
-    ctx.recv_weights_meta = (recv_weights.shape, recv_weights.dtype)
+class _DispatchFunction(torch.autograd.Function):
+    """Autograd of ``moe::dispatch``: the backward is ``moe::dispatch_backward`` on the saved handle."""
+
+    @staticmethod
+    def forward(ctx, x, topk_idx, topk_weights, expert_map, log2phy, options):  # type: ignore[no-untyped-def, override]
+        out = below_autograd(dispatch, _dispatch, (x, topk_idx, topk_weights, expert_map, log2phy), options)
+        recv_x, recv_weights, counts, dropped, handle_tensors = out
+        ctx.mark_non_differentiable(counts, dropped)
+        ctx.save_for_backward(*handle_tensors)
+        ctx.comm = {"group_name": options.get("group_name", ""), "backend": options.get("backend", "auto")}
+        ctx.recv_meta = (recv_x.shape, recv_x.dtype, recv_weights.shape, recv_weights.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_recv_x, grad_recv_weights, *_):  # type: ignore[no-untyped-def, override]
+        handle_tensors = list(ctx.saved_tensors)
+        x_shape, x_dtype, w_shape, w_dtype = ctx.recv_meta
+        device = handle_tensors[1].device
+        if grad_recv_x is None:
+            grad_recv_x = torch.zeros(x_shape, dtype=x_dtype, device=device)
+        if grad_recv_weights is None:
+            grad_recv_weights = torch.zeros(w_shape, dtype=w_dtype, device=device)
+        grad_x, grad_w = dispatch_backward(grad_recv_x.contiguous(), grad_recv_weights.contiguous(), handle_tensors, **ctx.comm)
+        return grad_x, None, grad_w, None, None, None
 
 
-def _dispatch_autograd(ctx, grad_recv_x, grad_recv_weights, _counts, _dropped, _handle):  # type: ignore[no-untyped-def]
-    handle_tensors = list(ctx.saved_tensors)
-    device = handle_tensors[1].device
-    if grad_recv_x is None:
-        shape, dtype = ctx.recv_x_meta
-        grad_recv_x = torch.zeros(shape, dtype=dtype, device=device)
-    if grad_recv_weights is None:
-        shape, dtype = ctx.recv_weights_meta
-        grad_recv_weights = torch.zeros(shape, dtype=dtype, device=device)
-    grad_x, grad_w = torch.ops.moe.dispatch_backward(
-        grad_recv_x.contiguous(), grad_recv_weights.contiguous(), handle_tensors, **ctx.comm_args
-    )
-    return (grad_x, None, grad_w, None, None)[: ctx.num_inputs]
+def _dispatch_autograd(
+    x: Tensor, topk_idx: Tensor, topk_weights: Tensor, expert_map: Tensor | None = None, log2phy: Tensor | None = None,
+    **options: Any,
+) -> DispatchReturn:
+    if needs_grad(x, topk_weights):
+        return _DispatchFunction.apply(x, topk_idx, topk_weights, expert_map, log2phy, options)
+    return below_autograd(dispatch, _dispatch, (x, topk_idx, topk_weights, expert_map, log2phy), options)
 
 
-def _combine_setup_context(ctx, inputs, keyword_only_inputs, output) -> None:  # type: ignore[no-untyped-def]
-    expert_out, recv_weights, handle_tensors = inputs
-    ctx.save_for_backward(expert_out, recv_weights, *handle_tensors)
-    ctx.comm_args = dict(keyword_only_inputs)
+class _CombineFunction(torch.autograd.Function):
+    """Autograd of ``moe::combine``: the backward is ``moe::combine_backward``."""
+
+    @staticmethod
+    def forward(ctx, expert_out, recv_weights, handle_tensors, options):  # type: ignore[no-untyped-def, override]
+        ctx.save_for_backward(expert_out, recv_weights, *handle_tensors)
+        ctx.options = options
+        return below_autograd(combine, _combine, (expert_out, recv_weights, handle_tensors), options)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[no-untyped-def, override]
+        expert_out, recv_weights, *handle_tensors = ctx.saved_tensors
+        grad_expert_out, grad_recv_weights = combine_backward(
+            grad_out.contiguous(), expert_out, recv_weights, handle_tensors, **ctx.options
+        )
+        return grad_expert_out, grad_recv_weights, None, None
 
 
-def _combine_autograd(ctx, grad_out):  # type: ignore[no-untyped-def]
-    expert_out, recv_weights, *handle_tensors = ctx.saved_tensors
-    grad_expert_out, grad_recv_weights = torch.ops.moe.combine_backward(
-        grad_out.contiguous(), expert_out, recv_weights, handle_tensors, **ctx.comm_args
-    )
-    return grad_expert_out, grad_recv_weights, [None] * len(handle_tensors)
+def _combine_autograd(expert_out: Tensor, recv_weights: Tensor, handle: list[Tensor], **options: Any) -> Tensor:
+    if needs_grad(expert_out, recv_weights):
+        return _CombineFunction.apply(expert_out, recv_weights, handle, options)
+    return below_autograd(combine, _combine, (expert_out, recv_weights, handle), options)
 
 
-dispatch.register_autograd(_dispatch_autograd, setup_context=_dispatch_setup_context)
-combine.register_autograd(_combine_autograd, setup_context=_combine_setup_context)
+def _no_double_backward(name: str, kernel: Callable[..., Any]) -> Callable[..., Any]:
+    """The ``Autograd`` kernel of a backward op: no gradient of its own (differentiating through it raises)."""
+
+    class NoGradient(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, options, *args):  # type: ignore[no-untyped-def, override]
+            return below_autograd(getattr(torch.ops.moe, name).default, kernel, args, options)
+
+        @staticmethod
+        def backward(ctx, *grads):  # type: ignore[no-untyped-def, override]
+            raise RuntimeError(f"moe.{name} has no gradient: moe_ops supports first derivatives only")
+
+    def autograd_kernel(*args: Any, **options: Any) -> Any:
+        if needs_grad(*(a for a in args if isinstance(a, Tensor))):
+            return NoGradient.apply(options, *args)
+        return below_autograd(getattr(torch.ops.moe, name).default, kernel, args, options)
+
+    return autograd_kernel
+
+
+dispatch = define(DISPATCH_SCHEMA, _dispatch, _dispatch_fake, _dispatch_autograd)
+combine = define(COMBINE_SCHEMA, _combine, _combine_fake, _combine_autograd)
+dispatch_backward = define(
+    DISPATCH_BACKWARD_SCHEMA, _dispatch_backward, _dispatch_backward_fake, _no_double_backward("dispatch_backward", _dispatch_backward)
+)
+combine_backward = define(
+    COMBINE_BACKWARD_SCHEMA, _combine_backward, _combine_backward_fake, _no_double_backward("combine_backward", _combine_backward)
+)
