@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 import moe_ops.ops  # noqa: F401  (registers torch.ops.moe.*)
-from moe_ops.comm import Group, comm_for, group_name_of
+from moe_ops.comm import Group, comm_for, group_name_of, group_size_of
 from moe_ops.errors import MoEInputError
 from moe_ops.plan import Layout
 
@@ -16,10 +16,10 @@ from moe_ops.plan import Layout
 class DispatchResult(NamedTuple):
     """What :func:`dispatch` returns (see docs/contract.md)."""
 
-    recv_x: Tensor  #: [N, H] (ragged) or [L, C, H] (padded), x.dtype; padding rows unspecified
-    recv_weights: Tensor  #: [N] or [L, C], topk_weights.dtype; 0 on padding rows
-    tokens_per_expert: Tensor  #: [L] int32, rows per local expert
-    dropped: Tensor  #: [L] int32, routes dropped at each local expert (padded over capacity)
+    recv_x: Tensor  #: [N, H] (ragged), [R, H] (ragged with max_recv_rows) or [L, C, H] (padded), x.dtype
+    recv_weights: Tensor  #: [N], [R] or [L, C], topk_weights.dtype; 0 on padding rows
+    tokens_per_expert: Tensor  #: [L] int32, rows per local expert (ragged: pad_multiple's padding included)
+    dropped: Tensor  #: [L] int32, routes dropped at each local expert (over capacity or max_recv_rows)
     handle: list[Tensor]  #: what combine and the backward passes need (docs/contract.md, "The handle")
 
 
@@ -33,6 +33,8 @@ def dispatch(
     layout: Layout = "ragged",
     capacity: int | None = None,
     max_tokens_per_rank: int | None = None,
+    max_recv_rows: int | None = None,
+    pad_multiple: int = 1,
     backend: str = "auto",
     zero_padding: bool | None = None,
     expert_map: Tensor | None = None,
@@ -41,15 +43,21 @@ def dispatch(
     """Send tokens to the ranks holding their experts (``torch.ops.moe.dispatch``).
 
     ``x`` ``[T, H]`` bf16/fp16/fp32, ``topk_idx`` ``[T, K]`` int32/int64 global expert ids (``-1`` = no
-    route), ``topk_weights`` ``[T, K]`` float32. ``layout="padded"`` takes a static bound: ``capacity``
-    rows per local expert (default the no-drop worst case ``W * max_tokens_per_rank``).
-    ``zero_padding``: write zeros to the padded layout's padding rows. Default: while autograd records
+    route), ``topk_weights`` ``[T, K]`` float32. ``layout="ragged"`` returns exactly the routed rows
+    (``[N, H]``, ``N`` read back to the host), or with ``max_recv_rows=R`` the same rows in a static
+    ``[R, H]`` (no host read: routes past ``R`` are dropped and counted; ``max_tokens_per_rank`` bounds every
+    rank's ``T``, default this rank's). ``layout="padded"`` takes a static bound: ``capacity`` rows per local
+    expert (default the no-drop worst case ``W * max_tokens_per_rank``). ``pad_multiple=N``: each expert's
+    ragged rows start at, and fill up to, a multiple of ``N`` (zero rows, counted in ``tokens_per_expert``;
+    ``N`` rows for an expert with no route); the padded layout's capacity is rounded up to one.
+    ``zero_padding``: write zeros to the padding rows. Default: while autograd records
     (training: experts that compute every row, e.g. ``torch.bmm``, must not see non-finite garbage, whose
     weight gradient ``row^T * 0`` would be NaN); skipped otherwise (decode pays only for routed rows).
     ``log2phy [E_logical]`` maps logical expert ids to physical ones (redundant experts);
     ``expert_map [W, E]`` places experts by a map instead of contiguously (row ``r``: rank ``r``'s local
     id of each global expert, -1 where absent; see docs/contract.md).
     """
+    name = group_name_of(group)
     out = torch.ops.moe.dispatch(
         x,
         topk_idx,
@@ -57,11 +65,14 @@ def dispatch(
         expert_map,
         log2phy,
         num_experts=num_experts,
-        group_name=group_name_of(group),
+        group_name=name,
+        group_size=group_size_of(name),
         backend=backend,
         layout=layout,
         capacity=capacity,
         max_tokens_per_rank=max_tokens_per_rank,
+        max_recv_rows=max_recv_rows,
+        pad_multiple=pad_multiple,
         zero_padding=torch.is_grad_enabled() if zero_padding is None else zero_padding,
     )
     return DispatchResult(*out)
@@ -80,7 +91,8 @@ def combine(expert_out: Tensor, dispatched: DispatchResult, *, group: Group = No
 
 
 class Dispatcher:
-    """Holds the group, expert count and layout of one MoE layer, so calls read ``d.dispatch(x, idx, w)``.
+    """Holds the group, expert count and layout of one MoE layer, so calls read ``d.dispatch(x, idx, w)``
+    (the arguments as :func:`dispatch` takes them).
 
     Build it outside compiled code: it resolves the group once (size, rank, local experts).
     """
@@ -93,6 +105,8 @@ class Dispatcher:
         layout: Layout = "ragged",
         capacity: int | None = None,
         max_tokens_per_rank: int | None = None,
+        max_recv_rows: int | None = None,
+        pad_multiple: int = 1,
         backend: str = "auto",
         zero_padding: bool | None = None,
     ) -> None:
@@ -108,6 +122,8 @@ class Dispatcher:
         self.layout: Layout = layout
         self.capacity = capacity
         self.max_tokens_per_rank = max_tokens_per_rank
+        self.max_recv_rows = max_recv_rows
+        self.pad_multiple = pad_multiple
         self.backend = backend
         self.zero_padding = zero_padding
 
@@ -131,6 +147,8 @@ class Dispatcher:
             layout=self.layout,
             capacity=self.capacity,
             max_tokens_per_rank=self.max_tokens_per_rank,
+            max_recv_rows=self.max_recv_rows,
+            pad_multiple=self.pad_multiple,
             backend=self.backend,
             zero_padding=self.zero_padding,
         )
@@ -142,5 +160,5 @@ class Dispatcher:
         return (
             f"Dispatcher(num_experts={self.num_experts}, group={self.group_name!r}, world_size={self.world_size}, "
             f"layout={self.layout!r}, capacity={self.capacity}, max_tokens_per_rank={self.max_tokens_per_rank}, "
-            f"backend={self.backend!r})"
+            f"max_recv_rows={self.max_recv_rows}, pad_multiple={self.pad_multiple}, backend={self.backend!r})"
         )

@@ -53,6 +53,13 @@ class Comm:
 _NO_GROUP = Comm("", None, 1, 0)
 
 
+def group_size_of(group_name: str) -> int:
+    """The size of the group named ``group_name`` (1 for ``""``). ``torch.compile`` bakes it into the graph
+    as a constant (dynamo evaluates ``_get_group_size_by_name`` at trace time), so compiled code and its
+    caches tell groups of different sizes apart."""
+    return dist.distributed_c10d._get_group_size_by_name(group_name) if group_name else 1
+
+
 def comm_for(group_name: str) -> Comm:
     """Resolve ``group_name`` to the caller's view of that group (size and rank)."""
     if group_name == "":

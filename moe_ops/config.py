@@ -8,8 +8,9 @@ the values. The environment variable ``MOE_OPS_CHECK_VALUES=1`` turns it on at i
 
 ``handshake``: when a multi-rank call agrees with its peers (moe_ops/handshake.py) before moving
 tokens. ``"auto"`` (default): on every call where that costs no device-to-host sync — the ragged
-layout (which syncs anyway) and CPU tensors — and, for the padded layout on an accelerator, on the
-first call of each signature only (so decode steps neither sync nor break CUDA-graph capture).
+layout (which syncs anyway) and CPU tensors — and, for the static layouts (padded; ragged with
+``max_recv_rows``) on an accelerator, on the first call of each signature only (so those steps neither
+sync nor break CUDA-graph capture).
 ``"always"``: on every call outside a CUDA-graph capture (one small sync per padded call on GPU).
 ``MOE_OPS_HANDSHAKE`` sets it at import.
 
@@ -55,9 +56,10 @@ symm_num_sms: int = int(os.environ.get("MOE_OPS_SYMM_NUM_SMS", "32"))
 peer_timeout_s: float = float(os.environ.get("MOE_OPS_PEER_TIMEOUT_S", "300"))
 
 
-def handshake_every_call(layout: str, device_type: str) -> bool:
-    """Whether a multi-rank call of ``layout`` on ``device_type`` tensors agrees with its peers every time."""
-    return handshake == "always" or check_values or layout == "ragged" or device_type == "cpu"
+def handshake_every_call(static: bool, device_type: str) -> bool:
+    """Whether a multi-rank call on ``device_type`` tensors agrees with its peers every time (``static``: a
+    padded or bounded layout, which must not sync on an accelerator)."""
+    return handshake == "always" or check_values or not static or device_type == "cpu"
 
 
 @contextlib.contextmanager

@@ -3,12 +3,12 @@
 ``handle = [tag, sources, rows, *private]``:
 
 * ``tag``: an empty int64 tensor of shape ``[0, backend code, layout code]``. Its shape names the backend
-  and the layout that made the handle, readable at trace time without a host sync (shapes are static
+  and the kind of row layout (ragged, bounded, padded) that made the handle, readable at trace time without a host sync (shapes are static
   in a compiled graph), so combine and the backward ops run the producing backend and check their
   inputs against its layout, in the fake kernels too.
 * ``sources``: int64 ``[T, K]`` on the source rank (the ops read ``T`` and ``K`` from it);
-* ``rows``: int64 ``[N]`` (ragged) or ``[L, C]`` (padded): the layout's row map, whose shape the rows
-  given to combine must have;
+* ``rows``: int64 ``[N]`` (ragged), ``[R]`` (bounded) or ``[L, C]`` (padded): the layout's row map, whose
+  shape the rows given to combine must have;
 * the rest is the backend's own.
 """
 
@@ -21,10 +21,10 @@ import torch
 from torch import Tensor
 
 from moe_ops.errors import MoEInputError
-from moe_ops.plan import Layout
+from moe_ops.plan import Kind
 
-_LAYOUT_CODES: dict[Layout, int] = {"ragged": 2, "padded": 3}  # >= 2: torch.compile specializes 0 and 1
-_LAYOUTS = {code: layout for layout, code in _LAYOUT_CODES.items()}
+_KIND_CODES: dict[Kind, int] = {"ragged": 2, "padded": 3, "bounded": 4}  # >= 2: torch.compile specializes 0 and 1
+_KINDS = {code: kind for kind, code in _KIND_CODES.items()}
 
 
 def backend_code(name: str) -> int:
@@ -33,16 +33,16 @@ def backend_code(name: str) -> int:
     return zlib.crc32(name.encode()) % 65521 + 2
 
 
-def tag(backend: str, layout: Layout, like: Tensor) -> Tensor:
-    """The tag of a handle made by ``backend`` with ``layout``, on ``like``'s device."""
-    return like.new_empty((0, backend_code(backend), _LAYOUT_CODES[layout]), dtype=torch.int64)
+def tag(backend: str, kind: Kind, like: Tensor) -> Tensor:
+    """The tag of a handle made by ``backend`` with a row layout of ``kind``, on ``like``'s device."""
+    return like.new_empty((0, backend_code(backend), _KIND_CODES[kind]), dtype=torch.int64)
 
 
 class Header(NamedTuple):
     """What a handle says about the dispatch that made it."""
 
     backend_code: int
-    layout: Layout
+    kind: Kind
     num_tokens: int | torch.SymInt
     top_k: int | torch.SymInt
     rows_shape: tuple[int | torch.SymInt, ...]
@@ -53,11 +53,11 @@ def read(handle: object) -> Header:
     if not (isinstance(handle, (list, tuple)) and len(handle) >= 3 and all(isinstance(t, Tensor) for t in handle)):
         raise MoEInputError("handle must be the list of tensors moe.dispatch returned")
     tag_, sources, rows = handle[:3]
-    if tag_.dim() != 3 or tag_.shape[0] != 0 or tag_.dtype != torch.int64 or int(tag_.shape[2]) not in _LAYOUTS:
+    if tag_.dim() != 3 or tag_.shape[0] != 0 or tag_.dtype != torch.int64 or int(tag_.shape[2]) not in _KINDS:
         raise MoEInputError(f"handle[0] is not the tag moe.dispatch returns (got {tag_.dtype} of shape {tuple(tag_.shape)})")
-    layout = _LAYOUTS[int(tag_.shape[2])]
+    kind = _KINDS[int(tag_.shape[2])]
     if sources.dim() != 2 or sources.dtype != torch.int64:
         raise MoEInputError(f"handle[1] must be the int64 [T, K] source map, got {sources.dtype} of shape {tuple(sources.shape)}")
-    if rows.dtype != torch.int64 or rows.dim() != (1 if layout == "ragged" else 2):
-        raise MoEInputError(f"handle[2] must be the {layout} layout's int64 row map, got {rows.dtype} of shape {tuple(rows.shape)}")
-    return Header(int(tag_.shape[1]), layout, sources.shape[0], sources.shape[1], tuple(rows.shape))
+    if rows.dtype != torch.int64 or rows.dim() != (2 if kind == "padded" else 1):
+        raise MoEInputError(f"handle[2] must be the {kind} layout's int64 row map, got {rows.dtype} of shape {tuple(rows.shape)}")
+    return Header(int(tag_.shape[1]), kind, sources.shape[0], sources.shape[1], tuple(rows.shape))

@@ -8,8 +8,9 @@ disagreeing on the signature, raises the same :class:`MoEInputError` everywhere,
 later collective.
 
 Reading the headers is a device-to-host sync. Calls agree every time where that costs nothing
-extra: the ragged layout (its dispatch reads counts back anyway) and CPU tensors. The padded layout on
-an accelerator must not sync: it agrees on the first call of each signature and trusts it afterwards,
+extra: the ragged layout (its dispatch reads counts back anyway) and CPU tensors. The static layouts
+(padded, and ragged with ``max_recv_rows``) on an accelerator must not sync: they agree on the first
+call of each signature and trust it afterwards,
 and inside CUDA-graph captures, which must follow one eager call (``moe_ops.config.handshake``). The
 price there: a later call in which one rank alone changes its shapes or has a bad input is not
 caught; the group then fails by the process group's timeout.
@@ -47,7 +48,7 @@ def code(value: Value) -> int:
     return result
 
 
-for _known in (*_DTYPES, "ragged", "padded", "cpu", "cuda", "npu"):
+for _known in (*_DTYPES, "ragged", "padded", "bounded", "cpu", "cuda", "npu"):
     code(_known)
 
 
@@ -67,11 +68,11 @@ class Handshake:
         """The handshake of a call on ``comm`` (``None`` for a world of one: nothing to agree on)."""
         return None if comm.world_size == 1 else cls(comm, op, fields, device)
 
-    def agree(self, values: Sequence[Value], layout: str, payload: Tensor | None = None) -> list[list[int]] | None:
-        """Agree on the signature ``values`` (one per field) of a call of ``layout`` and share ``payload``:
-        every rank's payload (row ``s`` = rank ``s``), or ``None`` where the exchange was skipped (see the
-        module docstring)."""
-        return self._exchange(values, config.handshake_every_call(layout, self.device.type), payload, None)
+    def agree(self, values: Sequence[Value], static: bool, payload: Tensor | None = None) -> list[list[int]] | None:
+        """Agree on the signature ``values`` (one per field) of a call (``static``: of a padded or bounded
+        layout) and share ``payload``: every rank's payload (row ``s`` = rank ``s``), or ``None`` where the
+        exchange was skipped (see the module docstring)."""
+        return self._exchange(values, config.handshake_every_call(static, self.device.type), payload, None)
 
     def fail(self, error: MoEInputError) -> NoReturn:
         """Share this rank's ``error``: every rank raises the group's errors."""

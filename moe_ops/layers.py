@@ -25,13 +25,13 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def _grouped_linear(rows: Tensor, weight: Tensor, tokens_per_expert: Tensor, use_grouped_mm: bool) -> Tensor:
-    """``rows [N, H]`` (expert-major, ``tokens_per_expert [L]`` rows each) times ``weight [L, H, F]``."""
+    """``rows [N, H]`` (expert-major, ``tokens_per_expert [L]`` rows each, then rows of no expert where the
+    layout is bounded) times ``weight [L, H, F]``; rows of no expert are left unspecified."""
+    ends = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32)
     if use_grouped_mm:
-        return torch._grouped_mm(rows, weight, offs=torch.cumsum(tokens_per_expert, 0, dtype=torch.int32))
+        return torch._grouped_mm(rows, weight, offs=ends)
     num_local = weight.shape[0]
-    expert_of_row = torch.repeat_interleave(
-        torch.arange(num_local, device=rows.device), tokens_per_expert.long(), output_size=rows.shape[0]
-    )
+    expert_of_row = torch.searchsorted(ends, torch.arange(rows.shape[0], device=rows.device, dtype=ends.dtype), right=True)
     out = rows.new_zeros(rows.shape[0], weight.shape[2])
     for e in range(num_local):
         out = out + (expert_of_row == e).unsqueeze(1).to(rows.dtype) * (rows @ weight[e])

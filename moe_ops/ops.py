@@ -35,8 +35,9 @@ DispatchReturn = tuple[Tensor, Tensor, Tensor, Tensor, list[Tensor]]
 
 DISPATCH_SCHEMA = (
     "dispatch(Tensor x, Tensor topk_idx, Tensor topk_weights, Tensor? expert_map=None, Tensor? log2phy=None, *, "
-    "SymInt num_experts, str group_name='', str backend='auto', str layout='ragged', SymInt? capacity=None, "
-    "SymInt? max_tokens_per_rank=None, bool zero_padding=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor[])"
+    "SymInt num_experts, str group_name='', int group_size=-1, str backend='auto', str layout='ragged', SymInt? capacity=None, "
+    "SymInt? max_tokens_per_rank=None, SymInt? max_recv_rows=None, SymInt pad_multiple=1, bool zero_padding=False) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor[])"
 )
 _HANDLE_OPTIONS = "*, str group_name='', str backend='auto'"
 COMBINE_SCHEMA = f"combine(Tensor expert_out, Tensor recv_weights, Tensor[] handle, {_HANDLE_OPTIONS}) -> Tensor"
@@ -55,15 +56,18 @@ class DispatchOptions(NamedTuple):
 
     num_experts: int
     group_name: str = ""
+    group_size: int = -1  #: the group's size, which compiled graphs and their caches must see (-1: look it up)
     backend: str = "auto"
     layout: str = "ragged"
     capacity: int | None = None
     max_tokens_per_rank: int | None = None
+    max_recv_rows: int | None = None
+    pad_multiple: int = 1
     zero_padding: bool = False
 
 DISPATCH_FIELDS = ("backend", "layout", "num_experts", "hidden", "top_k", "dtype", "weight_dtype", "capacity",
-                   "max_tokens_per_rank", "device", "expert_map", "log2phy")
-HANDLE_FIELDS = ("backend", "layout", "local_experts", "capacity", "hidden", "dtype", "top_k", "device")
+                   "max_tokens_per_rank", "max_recv_rows", "pad_multiple", "device", "expert_map", "log2phy")
+HANDLE_FIELDS = ("backend", "layout", "rows", "capacity", "hidden", "dtype", "top_k", "device")
 
 # --- dispatch -------------------------------------------------------------------------------------
 
@@ -73,12 +77,15 @@ def _plan_dispatch(
     o: DispatchOptions,
 ) -> tuple[Backend, DispatchPlan]:
     """Step 1 of a dispatch: metadata checks, the plan, the backend and its limits."""
+    if o.group_size not in (-1, comm.world_size):
+        raise MoEInputError(f"group_size={o.group_size}, but group {o.group_name!r} has {comm.world_size} ranks")
     plan = make_plan(
         x, topk_idx, topk_weights, comm, num_experts=o.num_experts, layout=o.layout, capacity=o.capacity,
-        max_tokens_per_rank=o.max_tokens_per_rank, zero_padding=o.zero_padding,
+        max_tokens_per_rank=o.max_tokens_per_rank, max_recv_rows=o.max_recv_rows, pad_multiple=o.pad_multiple,
+        zero_padding=o.zero_padding,
     )
     validation.check_placement(expert_map, log2phy, o.num_experts, comm.world_size, x.device)
-    impl = backends.resolve(o.backend, x.device.type, comm.world_size, plan.layout)
+    impl = backends.resolve(o.backend, x.device.type, comm.world_size, plan.kind)
     impl.check_dispatch(x, topk_idx, topk_weights, plan)
     return impl, plan
 
@@ -118,13 +125,13 @@ def _dispatch(
         peers = None if payload is None else [payload.tolist()]
     else:
         signature = (
-            impl.name, plan.layout, o.num_experts, x.shape[1], topk_idx.shape[1], x.dtype, topk_weights.dtype,
-            plan.capacity, plan.token_bound if plan.layout == "padded" else -1, x.device.type,
-            expert_map is not None, log2phy is not None,
+            impl.name, plan.kind, o.num_experts, x.shape[1], topk_idx.shape[1], x.dtype, topk_weights.dtype,
+            plan.capacity, plan.token_bound if plan.static else -1, plan.rows.max_rows, plan.rows.pad_multiple,
+            x.device.type, expert_map is not None, log2phy is not None,
         )
-        peers = handshake.agree(signature, plan.layout, payload)
+        peers = handshake.agree(signature, plan.static, payload)
     out = impl.dispatch(x, ids, topk_weights, plan, peers)
-    return out.recv_x, out.recv_weights, out.tokens_per_expert, out.dropped, [handle.tag(impl.name, plan.layout, x), *out.handle]
+    return out.recv_x, out.recv_weights, out.tokens_per_expert, out.dropped, [handle.tag(impl.name, plan.kind, x), *out.handle]
 
 
 def _dispatch_fake(
@@ -140,7 +147,7 @@ def _dispatch_fake(
         topk_weights.new_empty(rows),
         counts,
         torch.empty_like(counts),
-        [handle.tag(impl.name, plan.layout, x), *impl.fake_handle(x, topk_idx, rows, plan)],
+        [handle.tag(impl.name, plan.kind, x), *impl.fake_handle(x, topk_idx, rows, plan)],
     )
 
 
@@ -168,10 +175,10 @@ def _handle_call(
     try:
         header = handle.read(handle_tensors)
         impl = backends.producer(header.backend_code, requested)
-        backends.resolve(impl.name, rows.device.type, comm.world_size, header.layout)
-        if len(handle_tensors) != 1 + impl.handle_len(header.layout):
+        backends.resolve(impl.name, rows.device.type, comm.world_size, header.kind)
+        if len(handle_tensors) != 1 + impl.handle_len(header.kind):
             raise MoEInputError(
-                f"handle must be the {1 + impl.handle_len(header.layout)} tensors moe.dispatch returned for backend {impl.name!r}"
+                f"handle must be the {1 + impl.handle_len(header.kind)} tensors moe.dispatch returned for backend {impl.name!r}"
             )
         for arg, t, trailing, dtypes in rows_args:
             validation.check_rows(arg, t, header.rows_shape, trailing, dtypes)
@@ -182,12 +189,12 @@ def _handle_call(
             handshake.fail(error)
         raise
     if handshake is not None:
-        padded = header.layout == "padded"
+        static = header.kind != "ragged"
         signature = (
-            impl.name, header.layout, header.rows_shape[0] if padded else -1, header.rows_shape[1] if padded else -1,
+            impl.name, header.kind, header.rows_shape[0] if static else -1, header.rows_shape[-1] if static else -1,
             rows.shape[-1], rows.dtype, header.top_k, rows.device.type,
         )
-        handshake.agree(signature, header.layout)
+        handshake.agree(signature, static)
     return impl, comm, header
 
 

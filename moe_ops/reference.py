@@ -6,7 +6,9 @@ indexing, ``stack`` and ``index_add``), so gradients are checked against it too.
 
 The contract it encodes (docs/contract.md): rank ``r`` owns global experts ``[r*L, (r+1)*L)``; rows of a
 local expert are ordered by (source rank, source token, k); ids outside ``[0, E)`` are masked; the padded
-layout keeps the first ``C`` rows of each expert and counts the rest as dropped.
+layout keeps the first ``C`` rows of each expert and counts the rest as dropped; with ``pad_multiple``
+``m > 1`` each expert's group of ragged rows is rounded up to a multiple of ``m`` with zero rows (``m``
+rows for an expert with no route); the bounded layout is the first ``R`` rows of the ragged one.
 """
 
 from __future__ import annotations
@@ -22,11 +24,11 @@ from torch import Tensor
 class RankReceived:
     """What one rank holds after dispatch."""
 
-    recv_x: Tensor  #: [N, H] ragged, or [L, C, H] padded (padding rows zero)
-    recv_weights: Tensor  #: [N] or [L, C]
-    tokens_per_expert: Tensor  #: [L] int32
+    recv_x: Tensor  #: [N, H] ragged, [R, H] bounded, or [L, C, H] padded (padding rows zero)
+    recv_weights: Tensor  #: [N], [R] or [L, C]
+    tokens_per_expert: Tensor  #: [L] int32: rows of each expert (padded: routed rows only)
     dropped: Tensor  #: [L] int32
-    sources: Tensor  #: [N, 3] or [L, C, 3] int64: (source rank, token, k) of each row; -1 on padding rows
+    sources: Tensor  #: [N, 3], [R, 3] or [L, C, 3] int64: (source rank, token, k) of each row; -1 on padding rows
 
 
 def physical_ids(topk_idx: Tensor, log2phy: Tensor | None) -> Tensor:
@@ -66,9 +68,12 @@ def dispatch(
     capacity: int | None = None,
     expert_map: Tensor | None = None,
     log2phy: Tensor | None = None,
+    max_recv_rows: int | None = None,
+    pad_multiple: int = 1,
 ) -> list[RankReceived]:
-    """Dispatch as the contract defines it. ``capacity=None``: ragged layout; an int: padded layout.
-    ``log2phy`` and ``expert_map`` as :func:`physical_ids` and :func:`placement` say."""
+    """Dispatch as the contract defines it. ``capacity=None``: ragged layout (bounded to ``max_recv_rows``
+    rows if given, groups rounded up to ``pad_multiple``); an int: padded layout. ``log2phy`` and
+    ``expert_map`` as :func:`physical_ids` and :func:`placement` say."""
     world = len(xs)
     num_local = num_experts // world
     hidden = xs[0].shape[1]
@@ -79,13 +84,24 @@ def dispatch(
         x_rows, w_rows, src_rows, counts, dropped = [], [], [], [], []
         for e in range(num_local):
             routes = _routes_to(ids, [p for p, held in enumerate(where) if held == (rank, e)])
-            kept = routes if capacity is None else routes[:capacity]
-            counts.append(len(kept))
+            if capacity is not None:
+                rows_here = capacity
+            else:
+                group = len(routes) if pad_multiple == 1 else -(-max(len(routes), 1) // pad_multiple) * pad_multiple
+                room = group if max_recv_rows is None else max(0, min(group, max_recv_rows - len(src_rows)))
+                rows_here = room
+            kept = routes[:rows_here]
+            counts.append(len(kept) if capacity is not None else rows_here)
             dropped.append(len(routes) - len(kept))
-            pad = 0 if capacity is None else capacity - len(kept)
+            pad = rows_here - len(kept)
             x_rows += [xs[s][t] for s, t, _ in kept] + [xs[0].new_zeros(hidden)] * pad
             w_rows += [topk_weights[s][t, k] for s, t, k in kept] + [topk_weights[0].new_zeros(())] * pad
             src_rows += kept + [(-1, -1, -1)] * pad
+        if max_recv_rows is not None:
+            tail = max_recv_rows - len(src_rows)
+            x_rows += [xs[0].new_zeros(hidden)] * tail
+            w_rows += [topk_weights[0].new_zeros(())] * tail
+            src_rows += [(-1, -1, -1)] * tail
         rows = (len(x_rows),) if capacity is None else (num_local, capacity)
         received.append(
             RankReceived(

@@ -42,6 +42,8 @@ def check_dispatch(
     layout: str,
     capacity: int | None,
     max_tokens_per_rank: int | None,
+    max_recv_rows: int | None = None,
+    pad_multiple: int = 1,
 ) -> None:
     """Metadata checks of ``moe.dispatch`` (see docs/contract.md). Messages are built on failure only:
     this runs on every call."""
@@ -65,8 +67,18 @@ def check_dispatch(
         raise MoEInputError(f"num_experts={num_experts} is not divisible by the group size {world_size}")
     if layout not in ("ragged", "padded"):
         raise MoEInputError(f"layout must be 'ragged' or 'padded', got {layout!r}")
-    if layout == "ragged" and (capacity is not None or max_tokens_per_rank is not None):
-        raise MoEInputError("capacity and max_tokens_per_rank apply to layout='padded' only (leave them None)")
+    if layout == "ragged" and capacity is not None:
+        raise MoEInputError("capacity applies to layout='padded' only (leave it None)")
+    if layout == "ragged" and max_tokens_per_rank is not None and max_recv_rows is None:
+        raise MoEInputError("max_tokens_per_rank applies to layout='padded' and to max_recv_rows only (leave it None)")
+    if max_recv_rows is not None and layout != "ragged":
+        raise MoEInputError("max_recv_rows bounds the ragged layout; layout='padded' takes capacity instead")
+    if max_recv_rows is not None and max_recv_rows < 0:
+        raise MoEInputError(f"max_recv_rows must be >= 0, got {max_recv_rows}")
+    if not isinstance(pad_multiple, (int, torch.SymInt)) or isinstance(pad_multiple, bool) or pad_multiple < 1:
+        raise MoEInputError(f"pad_multiple must be an int >= 1, got {pad_multiple!r}")
+    if max_recv_rows is not None and max_recv_rows % pad_multiple:
+        raise MoEInputError(f"max_recv_rows={max_recv_rows} must be a multiple of pad_multiple={pad_multiple}")
     if capacity is not None and capacity < 0:
         raise MoEInputError(f"capacity must be >= 0 (None: the worst case, which never drops), got {capacity}")
     if max_tokens_per_rank is not None and max_tokens_per_rank < 0:

@@ -48,7 +48,7 @@ def bf16_problem(tokens: list[int], hidden: int, num_experts: int, top_k: int, *
 @pytest.mark.parametrize("size", NORMAL_SIZES)
 def test_normal_property(world, size: int) -> None:
     @settings(max_examples=EXAMPLES[size])
-    @given(problem=problems(size, max_tokens=24, max_experts=32, hidden_sizes=NORMAL_HIDDEN, dtypes=(torch.bfloat16,)))
+    @given(problem=problems(size, max_tokens=24, max_experts=32, hidden_sizes=NORMAL_HIDDEN, dtypes=(torch.bfloat16,), layouts=("ragged", "padded")))
     def check(problem: Problem) -> None:
         conformance.check_world(world(size), problem, "deepep")
 

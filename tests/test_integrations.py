@@ -31,7 +31,7 @@ def test_adapter_matches_ops_and_reference(worlds, adapter: str, size: int) -> N
     layouts, placements, backend = SETUPS[adapter]
 
     @settings(max_examples=EXAMPLES)
-    @given(problem=problems(world_size=size, max_tokens=48, max_experts=24, hidden_sizes=(8, 40), layouts=layouts, placements=placements))
+    @given(problem=problems(world_size=size, max_tokens=48, max_experts=24, hidden_sizes=(8, 40), layouts=layouts, pad_multiples=(1,), placements=placements))
     def check(problem: Problem) -> None:
         check_adapter(worlds(size), problem, adapter, backend)
 

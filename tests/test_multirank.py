@@ -15,7 +15,7 @@ pytestmark = pytest.mark.multiproc
 
 WORLD_SIZES = (1, 2, 3, 4)
 EXAMPLES = {1: 40, 2: 50, 3: 40, 4: 30}
-LAYOUTS = {"collective": ("ragged", "padded"), "allgather": ("padded",)}
+LAYOUTS = {"collective": ("ragged", "padded", "bounded"), "allgather": ("padded", "bounded")}
 BACKEND_LAYOUTS = [(backend, layout) for backend, layouts in LAYOUTS.items() for layout in layouts]
 
 
@@ -30,10 +30,20 @@ def test_property(worlds, backend: str, size: int) -> None:
     check()
 
 
+def layout_kwargs(layout: str, max_tokens: int, capacity: int) -> dict[str, object]:
+    """Keyword arguments of a problem in ``layout`` (``"bounded"``: ragged with ``max_recv_rows``, here
+    ``capacity`` rows per local expert on average, so the last experts lose routes)."""
+    if layout == "padded":
+        return padded(max_tokens, capacity)
+    if layout == "bounded":
+        return dict(max_tokens_per_rank=max_tokens, max_recv_rows=4 * capacity)
+    return {}
+
+
 @pytest.mark.parametrize("backend, layout", BACKEND_LAYOUTS)
 @pytest.mark.parametrize("size", WORLD_SIZES)
 def test_edge_cases(worlds, backend: str, layout: str, size: int) -> None:
-    kw = padded(40, 4) if layout == "padded" else {}
+    kw = layout_kwargs(layout, 40, 4)
     uneven = [40, 0, 13, 1][:size]  # a rank with no tokens (when size > 1)
     for pattern in ("one_rank", "one_expert", "all_masked", "uniform"):
         problem = make_problem(uneven, 16, 4 * size, 2, pattern=pattern, mask_fraction=0.3, seed=3, **kw)
@@ -43,12 +53,12 @@ def test_edge_cases(worlds, backend: str, layout: str, size: int) -> None:
 @pytest.mark.parametrize("backend, layout", BACKEND_LAYOUTS)
 @pytest.mark.parametrize("size", WORLD_SIZES)
 def test_compiled_equals_eager(worlds, backend: str, layout: str, size: int) -> None:
-    kw = padded(24, 6) if layout == "padded" else {}
+    kw = layout_kwargs(layout, 24, 6)
     problem = make_problem([24, 0, 9, 17][:size], 32, 4 * size, 3, mask_fraction=0.2, seed=9, **kw)
     conformance.check_world(worlds(size), problem, backend, compiled=True)
 
 
 @pytest.mark.parametrize("backend, layout", BACKEND_LAYOUTS)
 def test_opcheck(worlds, backend: str, layout: str) -> None:
-    kw = padded(20, 5) if layout == "padded" else {}
+    kw = layout_kwargs(layout, 20, 5)
     worlds(2).run(conformance.opcheck_task, make_problem([20, 9], 16, 8, 3, mask_fraction=0.2, seed=2, **kw), backend)

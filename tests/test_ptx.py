@@ -18,7 +18,7 @@ from moe_ops.stage.kernels import layout, reduce  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
 INT64_POINTERS = {"idx_ptr", "ids_ptr", "peers_ptr", "route_row_ptr", "row_src_ptr", "src_index_ptr"}
-INT32_POINTERS = {"rank_ptr", "chunk_base_ptr", "counts_ptr", "ends_ptr", "dropped_ptr", "meta_ptr"}
+INT32_POINTERS = {"rank_ptr", "chunk_base_ptr", "counts_ptr", "start_ptr", "limit_ptr", "dropped_ptr", "meta_ptr"}
 ALIGNED = {"x_stride", "src_stride", "token_stride", "row_stride", "hidden", "payload_cols", "row_bytes",
            "meta_offset", "weights_offset", "bound", "capacity"}  # what run-time specialization finds 16-aligned
 

@@ -5,6 +5,7 @@ side by side in one run, with the memory floor measured in the same run.
     python3 tools/bench.py --config 8192,4096,64,6 --out bench-results
     python3 tools/bench.py --sweep               # also try kernel block shapes
     python3 tools/bench.py --collective          # also the collective backend at W = 1 over NCCL
+    python3 tools/bench.py --host [--device cpu] [--world 2]   # host cost per call against plain torch (tools/host_cost.py)
 
 The floor of a step is the bytes it must move (each input row read once, each output row written
 once) over the copy bandwidth measured here (a large device-to-device copy, bytes read + written).
@@ -126,6 +127,14 @@ def bench_config(tokens: int, hidden: int, experts: int, top_k: int, dtype: torc
     check = torch.ops.moe.combine(ours[0][0], ours[0][1], ours[0][4])
     torch.testing.assert_close(check.float(), (sets[0].x.float() * 1.0), rtol=2e-2, atol=2e-2)  # weights sum to 1
 
+    bounded = dict(max_recv_rows=tokens * top_k, max_tokens_per_rank=tokens)  # every route fits: no drops, no host read
+    row.ms["moe_ops dispatch, max_recv_rows"] = median_ms(rotating([lambda s=s: torch.ops.moe.dispatch(
+        s.x, s.idx, s.w, num_experts=experts, **bounded) for s in sets]))
+    row.ms["moe_ops dispatch, pad_multiple 16"] = median_ms(rotating([lambda s=s: torch.ops.moe.dispatch(
+        s.x, s.idx, s.w, num_experts=experts, pad_multiple=16) for s in sets]))
+    aligned = dict(max_recv_rows=tokens * top_k + 16 * experts, max_tokens_per_rank=tokens, pad_multiple=16)
+    row.ms["moe_ops dispatch, max_recv_rows, pad_multiple 16"] = median_ms(rotating([lambda s=s: torch.ops.moe.dispatch(
+        s.x, s.idx, s.w, num_experts=experts, **aligned) for s in sets]))
     capacity = 2 * tokens * top_k // experts  # twice the mean load: no host sync, (almost) no drops
     row.ms["moe_ops padded dispatch (C = 2x mean load)"] = median_ms(rotating([lambda s=s: torch.ops.moe.dispatch(
         s.x, s.idx, s.w, num_experts=experts, layout="padded", capacity=capacity) for s in sets]))
@@ -254,6 +263,22 @@ def chart(rows: list[Row], bw: float, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def host(device: torch.device, world: int) -> int:
+    """Host cost per call (``tools/host_cost.py``): CPU ``T=128, H=8``; GPU ``T=128, H=7168``; ``E=256, K=8``."""
+    import host_cost  # tools/ is this script's folder
+
+    hidden = 8 if device.type == "cpu" else 7168
+    print(f"host cost per call, {device}, torch {torch.__version__}, T=128 H={hidden} E=256 K=8, W = 1")
+    host_cost.report(host_cost.op_costs(device, 128, hidden, 256, 8, torch.bfloat16 if device.type == "cuda" else torch.float32))
+    host_cost.report(host_cost.block_step_costs(device, 128, 64 if device.type == "cpu" else 1024, 64, 4))
+    if world > 1:
+        from moe_ops.testing.harness import World
+
+        with World(world) as w:
+            host_cost.report(w.run(host_cost.collective_costs, 128, 8, 256, 8)[0])
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", action="append", default=[], help="T,H,E,K (repeatable); default: the issue-4 table")
@@ -262,7 +287,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--collective", action="store_true")
     parser.add_argument("--no-compile-baseline", action="store_true")
+    parser.add_argument("--host", action="store_true", help="host cost per call against plain torch, then exit")
+    parser.add_argument("--device", default="cuda", help="--host: cpu or cuda")
+    parser.add_argument("--world", type=int, default=1, help="--host on cpu: also the collective backend over gloo at this W")
     args = parser.parse_args(argv)
+    if args.host:
+        return host(torch.device(args.device), args.world)
     device, dtype = torch.device("cuda"), getattr(torch, args.dtype)
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(device)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from moe_ops import handle, handshake
 from moe_ops.backends.base import Backend, DispatchOutputs, Peers
 from moe_ops.errors import MoEInputError
-from moe_ops.plan import Layout
+from moe_ops.plan import Kind
 
 _REGISTRY: dict[str, Backend] = {}
 _BY_CODE: dict[int, Backend] = {}
@@ -26,26 +26,29 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def auto(device_type: str, world_size: int, layout: Layout) -> str:
-    """The backend ``"auto"`` picks for a dispatch: ``local`` for one rank, ``mc2`` for the padded layout
+_KIND_NAMES = {"ragged": "ragged layout", "padded": "padded layout", "bounded": "ragged layout with max_recv_rows"}
+
+
+def auto(device_type: str, world_size: int, kind: Kind) -> str:
+    """The backend ``"auto"`` picks for a dispatch: ``local`` for one rank, ``mc2`` for the static layouts
     on NPU, ``collective`` otherwise."""
     if world_size == 1:
         return "local"
-    if device_type == "npu" and layout == "padded":
+    if device_type == "npu" and kind != "ragged":
         return "mc2"
     return "collective"
 
 
-def resolve(name: str, device_type: str, world_size: int, layout: Layout) -> Backend:
+def resolve(name: str, device_type: str, world_size: int, kind: Kind) -> Backend:
     """The backend ``name`` (``"auto"``: chosen from device and group size), checked against the call."""
-    chosen = auto(device_type, world_size, layout) if name == "auto" else name
+    chosen = auto(device_type, world_size, kind) if name == "auto" else name
     backend = _REGISTRY.get(chosen)
     if backend is None:
         raise MoEInputError(f"unknown backend {chosen!r}; available: {', '.join(available())}")
     if device_type not in backend.device_types:
         raise MoEInputError(f"backend {chosen!r} does not run on {device_type!r} tensors")
-    if layout not in backend.layouts:
-        raise MoEInputError(f"backend {chosen!r} has no {layout} layout")
+    if kind not in backend.layouts:
+        raise MoEInputError(f"backend {chosen!r} has no {_KIND_NAMES[kind]}")
     if world_size > 1 and not backend.multi_rank:
         raise MoEInputError(f"backend {chosen!r} runs without a group only, but the group has {world_size} ranks")
     return backend

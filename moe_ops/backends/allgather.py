@@ -25,13 +25,13 @@ from moe_ops import routing, stage
 from moe_ops.backends.base import Backend, DispatchOutputs, Peers, int64_like
 from moe_ops.comm import Comm, all_gather, all_gather_padded, reduce_scatter
 from moe_ops.indexing import pad_rows
-from moe_ops.plan import DispatchPlan, Layout
+from moe_ops.plan import DispatchPlan, Kind
 
 
 class AllGatherBackend(Backend):
     name = "allgather"
     device_types = frozenset({"cpu", "cuda", "npu"})
-    layouts = frozenset({"padded"})
+    layouts = frozenset({"padded", "bounded"})
     multi_rank = True
 
     def dispatch(self, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, plan: DispatchPlan, peers: Peers) -> DispatchOutputs:
@@ -69,7 +69,7 @@ class AllGatherBackend(Backend):
         grad_tokens = all_gather(comm, "moe.combine_backward all_gather", pad_rows(grad_out, bound, 0))
         return stage.expand_grad(grad_tokens, expert_out, recv_weights, route_row, row_src)
 
-    def handle_len(self, layout: Layout) -> int:
+    def handle_len(self, kind: Kind) -> int:
         return 3
 
     def fake_handle(self, x: Tensor, topk_idx: Tensor, rows_shape: tuple[int, ...], plan: DispatchPlan) -> list[Tensor]:

@@ -20,18 +20,18 @@ import torch
 from torch import Tensor
 
 from moe_ops.comm import Comm
-from moe_ops.plan import DispatchPlan, Layout
+from moe_ops.plan import DispatchPlan, Kind
 
 #: Every rank's agreed payload (row ``s`` = rank ``s``), or ``None`` where the backend has none.
 Peers = list[list[int]] | None
 
 
 class DispatchOutputs(NamedTuple):
-    recv_x: Tensor  #: [N, H] or [L, C, H], x.dtype
-    recv_weights: Tensor  #: [N] or [L, C], topk_weights.dtype
+    recv_x: Tensor  #: [N, H], [R, H] or [L, C, H], x.dtype
+    recv_weights: Tensor  #: [N], [R] or [L, C], topk_weights.dtype
     tokens_per_expert: Tensor  #: [L] int32
     dropped: Tensor  #: [L] int32
-    handle: list[Tensor]  #: [sources [T, K], rows [N] or [L, C], *the backend's own]
+    handle: list[Tensor]  #: [sources [T, K], rows [N], [R] or [L, C], *the backend's own]
 
 
 class Backend(ABC):
@@ -40,7 +40,7 @@ class Backend(ABC):
 
     name: ClassVar[str]
     device_types: ClassVar[frozenset[str]]
-    layouts: ClassVar[frozenset[Layout]]
+    layouts: ClassVar[frozenset[Kind]]  #: the kinds of row layout it returns (docs/contract.md)
     multi_rank: ClassVar[bool]
 
     def check_dispatch(self, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, plan: DispatchPlan) -> None:
@@ -82,13 +82,13 @@ class Backend(ABC):
         """``(grad_expert_out like expert_out, grad_recv_weights like recv_weights)``."""
 
     @abstractmethod
-    def handle_len(self, layout: Layout) -> int:
-        """How many tensors :meth:`dispatch` returns in the handle for ``layout``."""
+    def handle_len(self, kind: Kind) -> int:
+        """How many tensors :meth:`dispatch` returns in the handle for a row layout of ``kind``."""
 
     @abstractmethod
     def fake_handle(self, x: Tensor, topk_idx: Tensor, rows_shape: tuple[int, ...], plan: DispatchPlan) -> list[Tensor]:
         """Empty tensors with the shapes, dtypes and devices of the handle :meth:`dispatch` returns (for
-        the fake kernel); ``rows_shape`` is the layout's (``[N]`` with ``N`` unbacked, or ``[L, C]``)."""
+        the fake kernel); ``rows_shape`` is the layout's (``[N]`` with ``N`` unbacked, ``[R]`` or ``[L, C]``)."""
 
 
 def int64_like(t: Tensor, shape: tuple[int | torch.SymInt, ...] | torch.Size) -> Tensor:

@@ -33,7 +33,7 @@ from moe_ops.backends.base import Backend, DispatchOutputs, Peers, int64_like
 from moe_ops.comm import Comm, all_to_all
 from moe_ops.indexing import take, take_columns
 from moe_ops.packing import RowFormat
-from moe_ops.plan import DispatchPlan, Layout
+from moe_ops.plan import DispatchPlan, Kind
 
 
 def _splits(handle: list[Tensor]) -> tuple[list[int] | None, list[int] | None]:
@@ -47,12 +47,12 @@ def _splits(handle: list[Tensor]) -> tuple[list[int] | None, list[int] | None]:
 class CollectiveBackend(Backend):
     name = "collective"
     device_types = frozenset({"cpu", "cuda", "npu"})
-    layouts = frozenset({"ragged", "padded"})
+    layouts = frozenset({"ragged", "bounded", "padded"})
     multi_rank = True
 
     def payload(self, topk_idx: Tensor, plan: DispatchPlan) -> Tensor | None:
         """Ragged: how many (token, destination) rows and routes this rank sends each rank."""
-        if plan.layout != "ragged":
+        if plan.static:
             return None
         return slots.destination_counts(routing.destination_ranks(topk_idx, plan.num_experts, plan.comm.world_size), plan.comm.world_size)
 
@@ -60,17 +60,17 @@ class CollectiveBackend(Backend):
         comm, world = plan.comm, plan.comm.world_size
         top_k = topk_idx.shape[1]
         dest = routing.destination_ranks(topk_idx, plan.num_experts, world)
-        if plan.layout == "ragged":  # compact rows per destination, counts agreed by the ops
+        if not plan.static:  # ragged: compact rows per destination, counts agreed by the ops
             assert peers is not None
             send_splits = peers[comm.rank][:world]
             recv_splits = [peers[s][comm.rank] for s in range(world)]
-            num_rows: int | None = sum(peers[s][world + comm.rank] for s in range(world))
+            num_routes: int | None = sum(peers[s][world + comm.rank] for s in range(world))
             num_slots = sum(send_splits)
             send_slot, slot_dest = slots.compact_slots(dest, world, num_slots)
             slot_token = slots.slot_tokens(send_slot, num_slots)
-        else:  # padded: slot d*Tmax + t, equal splits, nothing read back to the host
+        else:  # padded, bounded: slot d*Tmax + t, equal splits, nothing read back to the host
             bound = plan.token_bound
-            send_splits = recv_splits = num_rows = None
+            send_splits = recv_splits = num_routes = None
             send_slot = slots.send_slots(dest, bound)
             num_slots = world * bound
             slot_dest = torch.arange(num_slots, device=x.device) // bound
@@ -88,9 +88,9 @@ class CollectiveBackend(Backend):
 
         received = all_to_all(comm, "moe.dispatch all_to_all", send, send_splits, recv_splits)
         tokens, ids, weights = row_format.views(received)
-        out = stage.dispatch_rows(tokens, weights, ids, plan.num_local_experts, plan.rows, num_rows)
+        out = stage.dispatch_rows(tokens, weights, ids, plan.num_local_experts, plan.rows, num_routes)
         handle = [send_slot, out.row_src, out.route_row]
-        if plan.layout == "ragged":
+        if not plan.static:
             handle.append(torch.tensor([send_splits, recv_splits], dtype=torch.int64))
         return DispatchOutputs(out.recv_x, out.recv_weights, out.tokens_per_expert, out.dropped, handle)
 
@@ -122,7 +122,7 @@ class CollectiveBackend(Backend):
     ) -> tuple[Tensor, Tensor]:
         send_slot, row_src, route_row = handle[:3]
         sent, received = _splits(handle)
-        if sent is None:  # padded: W * Tmax slots
+        if sent is None:  # static: W * Tmax slots
             bound = route_row.shape[0] // comm.world_size
             slot_token = slots.bounded_slot_tokens(send_slot.shape[0], comm.world_size, bound, send_slot.device)
         else:
@@ -131,13 +131,13 @@ class CollectiveBackend(Backend):
         grad_tokens = all_to_all(comm, "moe.combine_backward all_to_all", rows, sent, received)
         return stage.expand_grad(grad_tokens, expert_out, recv_weights, route_row, row_src)
 
-    def handle_len(self, layout: Layout) -> int:
-        return 4 if layout == "ragged" else 3
+    def handle_len(self, kind: Kind) -> int:
+        return 4 if kind == "ragged" else 3
 
     def fake_handle(self, x: Tensor, topk_idx: Tensor, rows_shape: tuple[int, ...], plan: DispatchPlan) -> list[Tensor]:
         world, top_k = plan.comm.world_size, topk_idx.shape[1]
-        received = torch.library.get_ctx().new_dynamic_size() if plan.layout == "ragged" else world * plan.token_bound
+        received = world * plan.token_bound if plan.static else torch.library.get_ctx().new_dynamic_size()
         handle = [int64_like(topk_idx, topk_idx.shape), int64_like(topk_idx, rows_shape), int64_like(topk_idx, (received, top_k))]
-        if plan.layout == "ragged":
+        if not plan.static:
             handle.append(torch.empty(2, world, dtype=torch.int64))
         return handle

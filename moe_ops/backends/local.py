@@ -10,13 +10,13 @@ from torch import Tensor
 from moe_ops import stage
 from moe_ops.backends.base import Backend, DispatchOutputs, Peers, int64_like
 from moe_ops.comm import Comm
-from moe_ops.plan import DispatchPlan, Layout
+from moe_ops.plan import DispatchPlan, Kind
 
 
 class LocalBackend(Backend):
     name = "local"
     device_types = frozenset({"cpu", "cuda", "npu"})
-    layouts = frozenset({"ragged", "padded"})
+    layouts = frozenset({"ragged", "bounded", "padded"})
     multi_rank = False
 
     def dispatch(self, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, plan: DispatchPlan, peers: Peers) -> DispatchOutputs:
@@ -40,7 +40,7 @@ class LocalBackend(Backend):
         route_row, row_src = handle
         return stage.expand_grad(grad_out, expert_out, recv_weights, route_row, row_src)
 
-    def handle_len(self, layout: Layout) -> int:
+    def handle_len(self, kind: Kind) -> int:
         return 2
 
     def fake_handle(self, x: Tensor, topk_idx: Tensor, rows_shape: tuple[int, ...], plan: DispatchPlan) -> list[Tensor]:

@@ -22,12 +22,12 @@ from moe_ops.stage.plain import ExpertLayout, expert_layout
 
 
 class LocalDispatch(NamedTuple):
-    recv_x: Tensor  #: [N, H] or [L, C, H]
-    recv_weights: Tensor  #: [N] or [L, C]
+    recv_x: Tensor  #: [N, H], [R, H] or [L, C, H]
+    recv_weights: Tensor  #: [N], [R] or [L, C]
     tokens_per_expert: Tensor  #: [L] int32
     dropped: Tensor  #: [L] int32
     route_row: Tensor  #: [M, K] int64: layout row of each route, -1 if masked or dropped
-    row_src: Tensor  #: [N] or [L, C] int64: flat route index of each row, -1 on padding
+    row_src: Tensor  #: [N], [R] or [L, C] int64: flat route index of each row, -1 on padding
 
 
 @functools.cache
@@ -52,18 +52,21 @@ def use_npu(t: Tensor) -> bool:
 
 
 def dispatch_rows(
-    tokens: Tensor, weights: Tensor, ids: Tensor, num_local: int, rows: RowLayout, num_rows: int | None = None
+    tokens: Tensor, weights: Tensor, ids: Tensor, num_local: int, rows: RowLayout, num_routes: int | None = None
 ) -> LocalDispatch:
     """Lay out the routes ``ids [M, K]`` (ids outside ``[0, num_local)`` masked) of ``tokens [M, H]`` with
-    router ``weights [M, K]`` as ``rows`` says; ragged: ``num_rows`` if the caller knows the row count."""
+    router ``weights [M, K]`` as ``rows`` says. ``num_routes``: how many routes reach this rank's experts,
+    where the caller knows it (a count exchange): the ragged layout then reads nothing back to the host
+    (with ``pad_multiple`` its row count still needs the counts of every expert)."""
     if use_triton(tokens):
         from moe_ops.stage.kernels import layout
 
-        return LocalDispatch(*layout.dispatch_rows(tokens, weights.contiguous(), ids.contiguous(), num_local, rows, num_rows))
-    if rows.layout == "ragged" and use_npu(tokens) and npu.permute_fits(tokens, ids, num_local):
-        return LocalDispatch(*npu.dispatch_rows(tokens, weights, ids, num_local, num_rows))
-    out = plain.expert_layout(ids, num_local, rows, num_rows)
-    recv_x, recv_weights = plain.expand(tokens, weights, out.row_src)
+        return LocalDispatch(*layout.dispatch_rows(tokens, weights.contiguous(), ids.contiguous(), num_local, rows, num_routes))
+    packed = rows.kind == "ragged" and rows.pad_multiple == 1  # every row holds a route
+    if packed and use_npu(tokens) and npu.permute_fits(tokens, ids, num_local):
+        return LocalDispatch(*npu.dispatch_rows(tokens, weights, ids, num_local, num_routes))
+    out = plain.expert_layout(ids, num_local, rows, num_routes)
+    recv_x, recv_weights = plain.expand(tokens, weights, out.row_src, padding=not packed)
     return LocalDispatch(recv_x, recv_weights, out.tokens_per_expert, out.dropped, out.route_row, out.row_src)
 
 
@@ -85,7 +88,9 @@ def expand_grad(grad_tokens: Tensor, expert_out: Tensor, recv_weights: Tensor, r
     if use_triton(expert_out):
         from moe_ops.stage.kernels import reduce as kernels
 
-        return kernels.expand_grad(grad_tokens.contiguous(), expert_out.contiguous(), recv_weights.contiguous(), route_row.contiguous())
+        return kernels.expand_grad(
+            grad_tokens.contiguous(), expert_out.contiguous(), recv_weights.contiguous(), route_row.contiguous(), row_src
+        )
     return plain.expand_grad(grad_tokens, expert_out, recv_weights, row_src, route_row.shape[1])
 
 

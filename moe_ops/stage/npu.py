@@ -43,19 +43,18 @@ def permute_fits(tokens: Tensor, ids: Tensor, num_local: int) -> bool:
 
 
 def dispatch_rows(
-    tokens: Tensor, weights: Tensor, ids: Tensor, num_local: int, num_rows: int | None
+    tokens: Tensor, weights: Tensor, ids: Tensor, num_local: int, num_routes: int | None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The ragged layout of the routes ``ids [M, K]`` (local ids; others masked) of ``tokens [M, H]``:
     ``(recv_x [N, H], recv_weights [N], tokens_per_expert [L] int32, dropped [L] int32, route_row [M, K],
-    row_src [N])`` as :func:`moe_ops.stage.dispatch_rows` returns them. ``num_rows=None`` reads ``N`` back."""
+    row_src [N])`` as :func:`moe_ops.stage.dispatch_rows` returns them. ``num_routes=None`` reads ``N`` back."""
     routes = ids.numel()
     local = ids.long()
     valid = (local >= 0) & (local < num_local)
     bucket = torch.where(valid, local, num_local)
     counts = torch.zeros(num_local + 1, dtype=torch.int64, device=ids.device)
     counts = counts.scatter_add_(0, bucket.reshape(-1), torch.ones_like(bucket).reshape(-1))[:num_local]
-    if num_rows is None:
-        num_rows = int(counts.sum())
+    num_rows = int(counts.sum()) if num_routes is None else num_routes
     key = bucket * routes + torch.arange(routes, device=ids.device).view_as(ids)
     permuted, row_of_route = _ops().npu_moe_token_permute(tokens, key, num_out_tokens=num_rows)  # type: ignore[union-attr]
     route_row = torch.where(valid, row_of_route.view_as(ids).long(), -1)

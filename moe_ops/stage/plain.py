@@ -21,50 +21,77 @@ from moe_ops.plan import RowLayout
 class ExpertLayout:
     """Where the routes of a ``[M, K]`` local-id matrix land in the expert-major layout.
 
-    Rows are numbered flat: ragged ``[0, N)``, padded ``e * C + i`` for slot ``i`` of local expert ``e``.
-    Inside one expert, rows follow the routes' flat order ``j * K + k``.
+    Rows are numbered flat: ragged ``[0, N)``, bounded ``[0, R)``, padded ``e * C + i`` for slot ``i`` of
+    local expert ``e``. Inside one expert, rows follow the routes' flat order ``j * K + k``.
     """
 
     route_row: Tensor  #: [M, K] int64, row of each route; -1 if masked or dropped
-    row_src: Tensor  #: [N] or [L, C] int64, flat route index of each row; -1 for padding rows
-    tokens_per_expert: Tensor  #: [L] int32, rows holding a route per local expert
-    dropped: Tensor  #: [L] int32, routes dropped per local expert (padded layout over capacity)
+    row_src: Tensor  #: [N], [R] or [L, C] int64, flat route index of each row; -1 for padding rows
+    tokens_per_expert: Tensor  #: [L] int32, rows of each local expert (with pad_multiple's padding rows)
+    dropped: Tensor  #: [L] int32, routes dropped per local expert (over capacity, or past R)
 
 
-def expert_layout(local_ids: Tensor, num_local: int, rows: RowLayout, num_rows: int | None = None) -> ExpertLayout:
-    """Lay ``local_ids`` (``[M, K]``, anything outside ``[0, num_local)`` = not here) out expert-major.
+def group_rows(counts: Tensor, rows: RowLayout) -> tuple[Tensor, Tensor]:
+    """``(first row, rows)`` of each local expert's group in a ragged or bounded layout, from its routes
+    ``counts [L]``: with ``pad_multiple`` ``m > 1`` each group starts at a multiple of ``m`` and is its
+    routes rounded up to one, ``m`` rows for an expert with none (as torchao's ``permute_and_pad``: grouped
+    GEMMs with per-group scale blocks do not all take an empty group); the bounded layout keeps the first
+    ``R`` rows of that sequence."""
+    m = rows.pad_multiple
+    group = counts if m == 1 else (counts.clamp(min=1) + (m - 1)).div(m, rounding_mode="floor") * m
+    start = torch.cumsum(group, 0, dtype=group.dtype) - group
+    if rows.kind == "bounded":
+        group = (rows.max_rows - start).clamp(min=0).minimum(group)
+    return start, group
 
-    Ragged: ``num_rows`` rows, which must equal the number of valid routes (the caller may know it from
-    a count exchange; ``None`` computes it, a host sync). Padded ``[L, C]``: the first ``C`` routes of each
-    expert are kept, the rest dropped and counted.
-    """
+
+def expert_layout(local_ids: Tensor, num_local: int, rows: RowLayout, num_routes: int | None = None) -> ExpertLayout:
+    """Lay ``local_ids`` (``[M, K]``, anything outside ``[0, num_local)`` = not here) out expert-major as
+    ``rows`` says. Ragged: one row per valid route (``num_routes`` of them, if the caller knows how many;
+    else counted: a host read), or with ``pad_multiple`` groups rounded up (counted). Bounded: the first
+    ``R`` rows of the ragged layout. Padded ``[L, C]``: the first ``C`` routes of each expert. Routes that
+    do not fit are dropped and counted."""
     m, k = local_ids.shape
-    flat = local_ids.reshape(-1).long()
-    flat = torch.where((flat >= 0) & (flat < num_local), flat, -1)
-    buckets = routing.bucketize(flat, num_local)
-    valid = flat >= 0
-    if rows.layout == "ragged":
-        starts = torch.cumsum(buckets.counts, 0) - buckets.counts
-        if num_rows is None:
-            num_rows = int(buckets.counts.sum())
-        row = torch.where(valid, starts[flat.clamp(min=0)] + buckets.position, -1)
-        row_src = buckets.order[:num_rows].clone()
-        kept = buckets.counts
-    else:
+    keys = local_ids.reshape(-1).clamp(-1, num_local).remainder(num_local + 1)  # num_local: not here
+    order = keys.argsort(stable=True)  # routes grouped by expert, in route order
+    counts = torch.bincount(keys, minlength=num_local + 1)
+    routes = torch.arange(keys.numel(), device=keys.device)
+    if rows.kind == "ragged" and rows.pad_multiple == 1:  # the common case: row = sorted position
+        valid = m * k - int(counts[num_local]) if num_routes is None else num_routes
+        rank = torch.empty_like(order).scatter_(0, order, routes)
+        kept = counts[:num_local]
+        return ExpertLayout(
+            route_row=rank.masked_fill_(keys == num_local, -1).view(m, k),
+            row_src=order[:valid],
+            tokens_per_expert=kept.to(torch.int32),
+            dropped=torch.zeros_like(kept, dtype=torch.int32),
+        )
+    counts = counts[:num_local]
+    first = torch.cumsum(counts, 0) - counts  # each expert's first position in ``order``
+    position = torch.empty_like(order).scatter_(0, order, routes)  # of each route in ``order``
+    valid = keys < num_local
+    inside = position - torch.cat([first, first.new_zeros(1)])[keys]  # its position inside its expert
+    if rows.kind == "padded":
         capacity = rows.capacity
-        keep = valid & (buckets.position < capacity)
-        row = torch.where(keep, flat * capacity + buckets.position, -1)
-        slots = num_local * capacity
-        row_src = torch.full((slots + 1,), -1, dtype=torch.int64, device=flat.device)
-        routes = torch.arange(flat.numel(), device=flat.device)
-        row_src.scatter_(0, torch.where(keep, row, slots), routes)  # slot `slots` collects the rest
-        row_src = row_src[:slots].reshape(num_local, capacity).clone()
-        kept = buckets.counts.clamp(max=capacity)
+        keep = valid & (inside < capacity)
+        row = keys * capacity + inside
+        kept = tokens = counts.clamp(max=capacity)
+        num_rows = num_local * capacity
+    else:
+        start, tokens = group_rows(counts, rows)
+        kept = counts.minimum(tokens)
+        keep = valid & (inside < torch.cat([kept, kept.new_zeros(1)])[keys])
+        row = torch.cat([start, start.new_zeros(1)])[keys] + inside
+        num_rows = rows.max_rows if rows.kind == "bounded" else int(tokens.sum())
+    row = torch.where(keep, row, -1)
+    row_src = torch.full((num_rows + 1,), -1, dtype=torch.int64, device=keys.device)
+    row_src.scatter_(0, torch.where(keep, row, num_rows), routes)  # row ``num_rows`` collects the rest
+    row_src = row_src[:num_rows]
     return ExpertLayout(
-        route_row=row.reshape(m, k),
-        row_src=row_src,
-        tokens_per_expert=kept.to(torch.int32),
-        dropped=(buckets.counts - kept).to(torch.int32),
+        route_row=row.view(m, k),
+        row_src=row_src.view(num_local, rows.capacity) if rows.kind == "padded" else row_src,
+        tokens_per_expert=tokens.to(torch.int32),
+        dropped=(counts - kept).to(torch.int32),
     )
 
 
@@ -72,11 +99,14 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def expand(tokens: Tensor, weights: Tensor, row_src: Tensor) -> tuple[Tensor, Tensor]:
-    """Layout rows from token rows: ``tokens [M, H]``, ``weights [M, K]``, ``row_src [N]`` or ``[L, C]``
-    (flat route index, -1 = padding) give ``recv_x`` (``row_src.shape + [H]``) and ``recv_weights``
-    (``row_src.shape``); padding rows are zero."""
+def expand(tokens: Tensor, weights: Tensor, row_src: Tensor, padding: bool = True) -> tuple[Tensor, Tensor]:
+    """Layout rows from token rows: ``tokens [M, H]``, ``weights [M, K]``, ``row_src [N]``, ``[R]`` or
+    ``[L, C]`` (flat route index, -1 = padding) give ``recv_x`` (``row_src.shape + [H]``) and
+    ``recv_weights`` (``row_src.shape``); padding rows are zero. ``padding=False``: ``row_src`` has none
+    (a ragged layout without pad_multiple), which saves the masking."""
     k = weights.shape[1]
+    if not padding:
+        return tokens.index_select(0, row_src.div(k, rounding_mode="floor")), weights.reshape(-1).index_select(0, row_src)
     token_of_row = torch.where(row_src >= 0, row_src // k, -1)
     rows, valid = take_rows(tokens, token_of_row)
     recv_x = torch.where(valid.unsqueeze(-1), rows, 0)

@@ -31,15 +31,18 @@ class RankResult:
     out: Tensor
     grad_x: Tensor
     grad_weights: Tensor
+    sources: Tensor | None = None  #: the reference's (source rank, token, k) per row, -1 on padding rows
 
 
 def toy_experts(recv_x: Tensor, tokens_per_expert: Tensor, expert_ids: Tensor) -> Tensor:
     """Stand-in experts: the local expert holding global expert ``g`` (``expert_ids [L]``) scales its rows
-    by ``1 + g / 16`` (different per expert)."""
+    by ``1 + g / 16`` (different per expert); rows past the last expert's (bounded layout) by 1."""
     scale = 1 + expert_ids.to(device=recv_x.device, dtype=torch.float32) / 16
     if recv_x.dim() == 3:
         return recv_x * scale.to(recv_x.dtype).view(-1, 1, 1)
-    per_row = torch.repeat_interleave(scale, tokens_per_expert.long(), output_size=recv_x.shape[0])
+    ends = torch.cumsum(tokens_per_expert, 0)
+    expert_of_row = torch.searchsorted(ends, torch.arange(recv_x.shape[0], device=recv_x.device, dtype=ends.dtype), right=True)
+    per_row = torch.cat([scale, scale.new_ones(1)])[expert_of_row]
     return recv_x * per_row.to(recv_x.dtype).unsqueeze(1)
 
 
@@ -79,9 +82,7 @@ def run_rank(
     recv_x, recv_weights, counts, dropped, out = step(x, problem.topk_idx[rank].to(device), weights)
     (out.float() * cotangent(problem, rank).to(device)).sum().backward()
     assert x.grad is not None and weights.grad is not None
-    return RankResult(
-        *(t.detach().cpu() for t in (recv_x, recv_weights, counts, dropped, out, x.grad, weights.grad))
-    )
+    return RankResult(*(t.detach().cpu() for t in (recv_x, recv_weights, counts, dropped, out, x.grad, weights.grad)))
 
 
 def _reference_run(problem: Problem, absolute: bool) -> list[RankResult]:
@@ -91,7 +92,8 @@ def _reference_run(problem: Problem, absolute: bool) -> list[RankResult]:
     xs = [fix(x).detach().clone().requires_grad_() for x in problem.xs]
     ws = [fix(w).detach().clone().requires_grad_() for w in problem.topk_weights]
     got = reference.dispatch(
-        xs, problem.topk_idx, ws, problem.num_experts, problem.reference_capacity, problem.expert_map, problem.log2phy
+        xs, problem.topk_idx, ws, problem.num_experts, problem.reference_capacity, problem.expert_map, problem.log2phy,
+        problem.max_recv_rows, problem.pad_multiple,
     )
     ys = [toy_experts(g.recv_x, g.tokens_per_expert, problem.local_expert_ids(r)).double() for r, g in enumerate(got)]
     outs = reference.combine(got, ys, [x.shape[0] for x in xs])
@@ -110,6 +112,7 @@ def _reference_run(problem: Problem, absolute: bool) -> list[RankResult]:
                 outs[r].detach(),
                 torch.zeros_like(xs[r]) if gx is None else gx,
                 torch.zeros_like(ws[r]) if gw is None else gw,
+                g.sources,
             )
         )
     return results
@@ -132,6 +135,11 @@ def assert_relative_close(ours: Tensor, ref: Tensor, tolerance: float, what: str
 def valid_rows(tokens_per_expert: Tensor, capacity: int) -> Tensor:
     """``[L, C]`` bool: which rows of a padded layout hold a route."""
     return torch.arange(capacity).unsqueeze(0) < tokens_per_expert.long().unsqueeze(1)
+
+
+def routed_rows(ref: RankResult) -> Tensor:
+    """Which rows of the reference's layout hold a route (its padding rows hold zeros and weight 0)."""
+    return ref.sources[..., 0] >= 0
 
 
 def _unit_roundoff(dtype: torch.dtype) -> float:
@@ -168,15 +176,11 @@ def assert_rank_matches(problem: Problem, rank: int, ours: RankResult, ref: Rank
     assert ours.tokens_per_expert.dtype == torch.int32 and ours.dropped.dtype == torch.int32, ctx
     assert ours.recv_x.shape == ref.recv_x.shape, f"recv_x shape {tuple(ours.recv_x.shape)} != {tuple(ref.recv_x.shape)} ({ctx})"
     assert ours.recv_x.dtype == problem.xs[rank].dtype, ctx
-    if problem.layout == "padded":
-        rows = valid_rows(ref.tokens_per_expert, ref.recv_x.shape[1])
-        assert torch.equal(ours.recv_x[rows], ref.recv_x[rows]), f"recv_x rows differ ({ctx})"
-        assert torch.equal(ours.recv_weights[~rows], torch.zeros_like(ours.recv_weights[~rows])), (
-            f"recv_weights not 0 on padding rows ({ctx})"
-        )
-    else:
-        assert torch.equal(ours.recv_x, ref.recv_x), f"recv_x differs ({ctx})"
-    assert torch.equal(ours.recv_weights, ref.recv_weights), f"recv_weights differ ({ctx})"
+    rows = routed_rows(ref)  # padding rows' content is unspecified unless zero_padding
+    assert torch.equal(ours.recv_x[rows], ref.recv_x[rows]), f"recv_x rows differ ({ctx})"
+    if problem.kind == "ragged" and problem.pad_multiple == 1:
+        assert bool(rows.all()), f"a ragged layout without pad_multiple has no padding rows ({ctx})"
+    assert torch.equal(ours.recv_weights, ref.recv_weights), f"recv_weights differ (0 on padding rows) ({ctx})"
     top_k, dtype = problem.topk_idx[rank].shape[1], problem.xs[rank].dtype
     assert ours.out.dtype == dtype and ours.grad_x.dtype == dtype, ctx
     largest_scale = 1 + (problem.num_experts - 1) / 16  # of toy_experts
@@ -231,7 +235,9 @@ def opcheck_task(rank: int, problem: Problem, backend: str, dispatch_checks: tup
         layout=problem.layout,
         capacity=problem.capacity,
         max_tokens_per_rank=problem.max_tokens_per_rank,
-        zero_padding=problem.layout == "padded",  # opcheck compares outputs across runs
+        max_recv_rows=problem.max_recv_rows,
+        pad_multiple=problem.pad_multiple,
+        zero_padding=True,  # opcheck compares outputs across runs: padding rows must be deterministic
     )
     x = problem.xs[rank].clone().requires_grad_()
     w = problem.topk_weights[rank].clone().requires_grad_()

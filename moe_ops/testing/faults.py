@@ -205,7 +205,9 @@ def rerun_task(rank: int, p: Problem, backend: str, runs: int) -> int:
     differ = 0
     for _ in range(runs - 1):
         again = conformance.run_rank(p, rank, group=_group(), backend=backend)
-        differ += any(not _bitwise_equal(getattr(first, f), getattr(again, f)) for f in first.__dataclass_fields__)
+        differ += any(
+            not _bitwise_equal(getattr(first, f), getattr(again, f)) for f in first.__dataclass_fields__ if getattr(first, f) is not None
+        )
     return differ
 
 

@@ -27,6 +27,13 @@ class Problem:
     expert_map: Tensor | None = None  #: [W, E]: rank r's local id of each expert, -1 where absent
     log2phy: Tensor | None = None  #: [E_logical]: physical expert of each logical id
     description: str = field(default="", compare=False)
+    max_recv_rows: int | None = None  #: ragged layout in a static [R, H] (the "bounded" kind)
+    pad_multiple: int = 1  #: each expert's rows rounded up to a multiple of this (padded: the capacity)
+
+    @property
+    def kind(self) -> str:
+        """The row layout dispatch returns: ``"ragged"``, ``"bounded"`` or ``"padded"``."""
+        return "padded" if self.layout == "padded" else "ragged" if self.max_recv_rows is None else "bounded"
 
     @property
     def world_size(self) -> int:
@@ -41,10 +48,9 @@ class Problem:
         """The capacity the reference uses: ``None`` for ragged, the resolved ``C`` for padded."""
         if self.layout == "ragged":
             return None
-        if self.capacity is not None:
-            return self.capacity
         bound = self.max_tokens_per_rank if self.max_tokens_per_rank is not None else self.xs[0].shape[0]
-        return self.world_size * bound
+        capacity = self.world_size * bound if self.capacity is None else self.capacity
+        return -(-capacity // self.pad_multiple) * self.pad_multiple
 
     def dispatch_kwargs(self, device: torch.device | str = "cpu") -> dict[str, object]:
         """``moe_ops.dispatch``'s keyword arguments of this problem, placement tensors on ``device``."""
@@ -52,6 +58,8 @@ class Problem:
             layout=self.layout,
             capacity=self.capacity,
             max_tokens_per_rank=self.max_tokens_per_rank,
+            max_recv_rows=self.max_recv_rows,
+            pad_multiple=self.pad_multiple,
             expert_map=None if self.expert_map is None else self.expert_map.to(device),
             log2phy=None if self.log2phy is None else self.log2phy.to(device),
         )
@@ -95,6 +103,8 @@ def make_problem(
     layout: str = "ragged",
     capacity: int | None = None,
     max_tokens_per_rank: int | None = None,
+    max_recv_rows: int | None = None,
+    pad_multiple: int = 1,
     shuffled: bool = False,
     logical_experts: int | None = None,
     seed: int = 0,
@@ -137,11 +147,12 @@ def make_problem(
         weights.append(torch.rand(t, top_k, generator=gen))
     description = (
         f"T={tokens} H={hidden} E={num_experts} K={top_k} {pattern} mask={mask_fraction} oor={out_of_range} "
-        f"{dtype} {id_dtype} {layout} C={capacity} Tmax={max_tokens_per_rank} shuffled={shuffled} "
-        f"logical={logical_experts} seed={seed}"
+        f"{dtype} {id_dtype} {layout} C={capacity} Tmax={max_tokens_per_rank} R={max_recv_rows} m={pad_multiple} "
+        f"shuffled={shuffled} logical={logical_experts} seed={seed}"
     )
     return Problem(
-        xs, idx, weights, num_experts, layout, capacity, max_tokens_per_rank, expert_map, log2phy, description
+        xs, idx, weights, num_experts, layout, capacity, max_tokens_per_rank, expert_map, log2phy, description,
+        max_recv_rows=max_recv_rows, pad_multiple=pad_multiple,
     )
 
 
@@ -154,24 +165,32 @@ def problems(
     max_experts: int = 256,
     hidden_sizes: tuple[int, ...] = HIDDEN_SIZES,
     dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES,
-    layouts: tuple[str, ...] = ("ragged", "padded"),
+    layouts: tuple[str, ...] = ("ragged", "padded", "bounded"),
+    pad_multiples: tuple[int, ...] = (1, 1, 2, 8),
     out_of_range: bool = True,
     placements: tuple[str, ...] = ("contiguous", "contiguous", "shuffled", "redundant"),
 ) -> Problem:
     """Draw a :class:`Problem` for ``world_size`` ranks: uneven token counts (0 included), K = 1…8,
-    E up to ``max_experts``, masked and out-of-range ids, every routing pattern, the given layouts and
-    expert placements (contiguous, shuffled by an ``expert_map``, redundant through a ``log2phy``)."""
+    E up to ``max_experts``, masked and out-of-range ids, every routing pattern, the given layouts
+    (``"bounded"``: ragged with ``max_recv_rows`` from 0 to past the worst case), per-expert row multiples
+    and expert placements (contiguous, shuffled by an ``expert_map``, redundant through a ``log2phy``)."""
     num_local = draw(st.integers(1, max(1, max_experts // world_size)))
     num_experts = num_local * world_size
     placement = draw(st.sampled_from(placements))
     logical = draw(st.integers(1, num_experts)) if placement == "redundant" else None
     top_k = draw(st.integers(1, min(8, logical or num_experts)))
     tokens = draw(st.lists(st.integers(0, max_tokens), min_size=world_size, max_size=world_size))
-    layout = draw(st.sampled_from(layouts))
-    capacity = max_tokens_per_rank = None
-    if layout == "padded":
+    kind = draw(st.sampled_from(layouts))
+    pad_multiple = draw(st.sampled_from(pad_multiples))
+    capacity = max_tokens_per_rank = max_recv_rows = None
+    if kind != "ragged":
         max_tokens_per_rank = max(tokens) + draw(st.integers(0, 3))
+    if kind == "padded":
         capacity = draw(st.one_of(st.none(), st.integers(0, 6)))
+    if kind == "bounded":  # from none to more than every route this rank can receive, in pad_multiple's groups
+        worst = world_size * max_tokens_per_rank * top_k + num_local * pad_multiple
+        fraction = draw(st.sampled_from((0.0, 0.1, 0.5, 1.0, 1.2)))
+        max_recv_rows = -(-int(fraction * worst) // pad_multiple) * pad_multiple
     return make_problem(
         tokens,
         draw(st.sampled_from(hidden_sizes)),
@@ -182,9 +201,11 @@ def problems(
         out_of_range=out_of_range and draw(st.booleans()),
         dtype=draw(st.sampled_from(dtypes)),
         id_dtype=draw(st.sampled_from((torch.int32, torch.int64))),
-        layout=layout,
+        layout="padded" if kind == "padded" else "ragged",
         capacity=capacity,
         max_tokens_per_rank=max_tokens_per_rank,
+        max_recv_rows=max_recv_rows,
+        pad_multiple=pad_multiple,
         shuffled=placement != "contiguous",
         logical_experts=logical,
         seed=draw(st.integers(0, 2**31 - 1)),

@@ -39,7 +39,7 @@ from moe_ops.backends.base import DispatchOutputs, Peers, int64_like
 from moe_ops.backends.deepep import runtime
 from moe_ops.comm import Comm, all_gather_padded, collective
 from moe_ops.errors import MoEInputError
-from moe_ops.plan import DispatchPlan, Layout
+from moe_ops.plan import DispatchPlan, Kind
 
 _BLOCK_BITS = 32  # layout_range[e, j] = start << 32 | length
 
@@ -172,7 +172,7 @@ class DeepEPLowLatencyBackend(runtime.DeepEPBase):
         grad_tokens, _, _ = _low_latency_dispatch(buffer, grad_out, h.ids, h.max_tokens, h.num_experts)
         return stage.expand_grad(grad_tokens, expert_out, recv_weights, h.route_row, h.row_src)
 
-    def handle_len(self, layout: Layout) -> int:
+    def handle_len(self, kind: Kind) -> int:
         return 6
 
     def fake_handle(self, x: Tensor, topk_idx: Tensor, rows_shape: tuple[int, ...], plan: DispatchPlan) -> list[Tensor]:

@@ -34,7 +34,7 @@ from moe_ops import config, routing, stage
 from moe_ops.backends.base import DispatchOutputs, Peers, int64_like
 from moe_ops.backends.deepep import runtime
 from moe_ops.comm import Comm
-from moe_ops.plan import DispatchPlan, Layout
+from moe_ops.plan import DispatchPlan, Kind
 
 _OWN = 3  # handle tensors of ours before DeepEP's
 
@@ -45,14 +45,14 @@ class _Received(NamedTuple):
     tokens: Tensor  #: [M, H] bf16
     ids: Tensor  #: [M, K] int64 local expert ids, -1 elsewhere (and on rows past the count)
     weights: Tensor  #: [M, K] float32
-    num_rows: int | None  #: routes received (ragged layout); None for padded
+    num_routes: int | None  #: routes received (ragged layout); None for the static kinds
     handle: list[Tensor]  #: DeepEP's handle tuple, as a list
 
 
 def _exchange(buffer: Any, dispatch_config: Any, x: Tensor, ids: Tensor, weights: Tensor, plan: DispatchPlan) -> _Received:
     """DeepEP's normal dispatch of ``x`` by ``ids`` (global, -1 masked)."""
     per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(ids, plan.num_experts)
-    padded = plan.layout == "padded"
+    padded = plan.static
     tokens, recv_ids, recv_weights, counts, handle, _ = buffer.dispatch(
         x,
         num_tokens_per_rank=per_rank,
@@ -80,7 +80,7 @@ class DeepEPBackend(runtime.DeepEPBase):
         buffer, dispatch_config, _ = runtime.normal_buffer(plan.comm, x.shape[1])
         ids = routing.masked_ids(topk_idx, plan.num_experts)
         got = _exchange(buffer, dispatch_config, x, ids, topk_weights, plan)
-        out = stage.dispatch_rows(got.tokens, got.weights, got.ids, plan.num_local_experts, plan.rows, got.num_rows)
+        out = stage.dispatch_rows(got.tokens, got.weights, got.ids, plan.num_local_experts, plan.rows, got.num_routes)
         handle = [ids, out.row_src, out.route_row, *got.handle]
         return DispatchOutputs(out.recv_x, out.recv_weights, out.tokens_per_expert, out.dropped, handle)
 
@@ -109,12 +109,12 @@ class DeepEPBackend(runtime.DeepEPBase):
         grad_tokens, *_ = buffer.dispatch(grad_out, handle=_deepep_handle(handle), config=dispatch_config)
         return stage.expand_grad(grad_tokens, expert_out, recv_weights, handle[2], handle[1])
 
-    def handle_len(self, layout: Layout) -> int:
+    def handle_len(self, kind: Kind) -> int:
         return _OWN + 6
 
     def fake_handle(self, x: Tensor, topk_idx: Tensor, rows_shape: tuple[int, ...], plan: DispatchPlan) -> list[Tensor]:
         world, (num_tokens, top_k) = plan.comm.world_size, topk_idx.shape
-        if plan.layout == "ragged":
+        if not plan.static:
             received: int | torch.SymInt = torch.library.get_ctx().new_dynamic_size()
         else:
             received = world * plan.token_bound

@@ -64,7 +64,7 @@ from moe_ops.comm import Comm, library_call
 from moe_ops.errors import MoEInputError
 from moe_ops.indexing import pad_rows, take
 from moe_ops.packing import round_up
-from moe_ops.plan import DispatchPlan, Layout
+from moe_ops.plan import DispatchPlan, Kind
 
 _TOKEN_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -292,7 +292,7 @@ class Mc2Backend(Backend):
         placed = place(received, ends, comm.rank, slot_row.shape[0], slot_row.shape[1])
         return stage.expand_grad(received.tokens, expert_out, recv_weights, placed.row_slot.unsqueeze(1), placed.slot_row)
 
-    def handle_len(self, layout: Layout) -> int:
+    def handle_len(self, kind: Kind) -> int:
         return 7
 
     def fake_handle(self, x: Tensor, topk_idx: Tensor, rows_shape: tuple[int, ...], plan: DispatchPlan) -> list[Tensor]:

@@ -42,7 +42,7 @@ from moe_ops.backends.symm import peer_memory
 from moe_ops.comm import Comm, library_call
 from moe_ops.indexing import take_columns
 from moe_ops.packing import RowFormat, round_up
-from moe_ops.plan import DispatchPlan, Layout
+from moe_ops.plan import DispatchPlan, Kind
 
 _ALIGN = 16  # bytes: rows and their payloads start 16-byte aligned (vector stores)
 
@@ -84,7 +84,7 @@ def _send_rows(comm: Comm, src: Tensor, src_index: Tensor, bound: int, meta: Ten
 
 class SymmBackend(Backend):
     name = "symm"
-    layouts = frozenset({"ragged", "padded"})
+    layouts = frozenset({"ragged", "bounded", "padded"})
     multi_rank = True
 
     @property
@@ -93,7 +93,7 @@ class SymmBackend(Backend):
 
     def payload(self, topk_idx: Tensor, plan: DispatchPlan) -> Tensor | None:
         """Ragged: this rank's token count (the group's largest is the slot bound) and its routes per rank."""
-        if plan.layout != "ragged":
+        if plan.static:
             return None
         dest = routing.destination_ranks(topk_idx, plan.num_experts, plan.comm.world_size)
         return torch.cat([dest.new_tensor([topk_idx.shape[0]]), routing.routes_per_rank(dest, plan.comm.world_size)])
@@ -102,12 +102,12 @@ class SymmBackend(Backend):
         from moe_ops.backends.symm.put import put_tokens
 
         comm, world, num_local = plan.comm, plan.comm.world_size, plan.num_local_experts
-        if plan.layout == "ragged":
+        if not plan.static:
             assert peers is not None
             bound = max(p[0] for p in peers)
-            num_rows: int | None = sum(p[1 + comm.rank] for p in peers)
+            num_routes: int | None = sum(p[1 + comm.rank] for p in peers)
         else:
-            bound, num_rows = plan.token_bound, None
+            bound, num_routes = plan.token_bound, None
         meta_format = RowFormat(((topk_idx.shape[1], torch.int32), (topk_idx.shape[1], topk_weights.dtype)))
 
         def put(peer_buffers: Tensor, row_bytes: int, meta_offset: int) -> None:
@@ -116,7 +116,7 @@ class SymmBackend(Backend):
 
         tokens, meta = _transfer(comm, bound, (x.shape[1], x.dtype), meta_format.row_bytes, x.device, put)
         ids, weights = meta_format.views(meta)
-        out = stage.dispatch_rows(tokens, weights, ids, num_local, plan.rows, num_rows)
+        out = stage.dispatch_rows(tokens, weights, ids, num_local, plan.rows, num_routes)
         back_index = torch.where((ids >= 0).any(1), torch.arange(world * bound, device=x.device), -1)
         send_slot = slots.send_slots(routing.destination_ranks(topk_idx, plan.num_experts, world), bound)
         handle = [send_slot, out.row_src, out.route_row, back_index]
@@ -151,11 +151,11 @@ class SymmBackend(Backend):
         grad_tokens, _ = _send_rows(comm, grad_out, send_index, bound)
         return stage.expand_grad(grad_tokens, expert_out, recv_weights, route_row, row_src)
 
-    def handle_len(self, layout: Layout) -> int:
+    def handle_len(self, kind: Kind) -> int:
         return 4
 
     def fake_handle(self, x: Tensor, topk_idx: Tensor, rows_shape: tuple[int, ...], plan: DispatchPlan) -> list[Tensor]:
-        if plan.layout == "ragged":
+        if not plan.static:
             num_slots = torch.library.get_ctx().new_dynamic_size()
         else:
             num_slots = plan.comm.world_size * plan.token_bound

@@ -10,9 +10,13 @@ program per block of experts that counts them (and resets their unused padded sl
    and, per chunk, the rows earlier chunks took in that expert (exclusive prefix over chunks); it
    writes ``tokens_per_expert`` and ``dropped``.
 3. ``_scatter_rows``: a program per (source row, hidden block) computes the row's layout rows (the
-   ragged layout's expert starts come from a cumulative sum of the counts) and
+   ragged and bounded layouts' expert starts come from the counts, through
+   :func:`moe_ops.stage.plain.group_rows`, which also applies ``pad_multiple`` and the row bound) and
    copies its block to each of them; block 0 records the maps and weights. Every source row is read
    once, every layout row written once, in 16-byte vectors where the row stride allows.
+
+The one-launch path serves the ragged layout without ``pad_multiple`` and the padded one; the bounded
+layout and ``pad_multiple`` take the three launches (their rows' starts need every expert's count first).
 
 A route's position inside its expert is (rows earlier chunks took) + (its rank in the chunk), so rows
 follow the routes' flat order, as the contract requires, and the result equals
@@ -28,6 +32,7 @@ from torch import Tensor
 
 from moe_ops.plan import RowLayout
 from moe_ops.stage.kernels import bins_for, block_size, k_block, unit_columns
+from moe_ops.stage.plain import group_rows
 
 CHUNK = 128  # routes ranked per program by one CHUNK x CHUNK comparison
 FILL_BLOCK = 1024  # padding slots reset per program
@@ -110,7 +115,7 @@ def _write_routes(
 
 @triton.jit
 def _scatter_rows(
-    tokens_ptr, token_stride, weights_ptr, ids_ptr, rank_ptr, chunk_base_ptr, counts_ptr, ends_ptr,
+    tokens_ptr, token_stride, weights_ptr, ids_ptr, rank_ptr, chunk_base_ptr, start_ptr, limit_ptr,
     top_k, hidden, num_local, capacity,
     recv_x_ptr, recv_weights_ptr, route_row_ptr, row_src_ptr,
     CHUNK: tl.constexpr, BINS: tl.constexpr, K_BLOCK: tl.constexpr, H_BLOCK: tl.constexpr,
@@ -127,10 +132,9 @@ def _scatter_rows(
     if capacity >= 0:  # padded: slot pos of expert key, if it fits
         keep = valid & (pos < capacity)
         row = key.to(tl.int64) * capacity + pos
-    else:  # ragged: the expert's first row (its end minus its count) + pos
-        start = tl.load(ends_ptr + key, mask=valid, other=0) - tl.load(counts_ptr + key, mask=valid, other=0)
-        keep = valid
-        row = (start + pos).to(tl.int64)
+    else:  # ragged, bounded: the expert's first row + pos, among its kept rows
+        keep = valid & (pos < tl.load(limit_ptr + key, mask=valid, other=0))
+        row = (tl.load(start_ptr + key, mask=valid, other=0) + pos).to(tl.int64)
     _write_routes(tokens_ptr, token_stride, weights_ptr, j, route, in_row, keep, row, hidden,
                   recv_x_ptr, recv_weights_ptr, route_row_ptr, row_src_ptr, K_BLOCK, H_BLOCK)
 
@@ -198,33 +202,32 @@ def dispatch_rows(
     ids: Tensor,
     num_local: int,
     rows: RowLayout,
-    num_rows: int | None = None,
+    num_routes: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Triton twin of ``plain.expert_layout`` + ``plain.expand``.
 
     ``tokens [M, H]`` (rows may be strided), ``weights [M, K]``, ``ids [M, K]`` local expert ids
     (anything outside ``[0, num_local)`` is masked), laid out as ``rows`` says. Returns ``(recv_x,
     recv_weights, tokens_per_expert, dropped, route_row, row_src)`` in the layouts of docs/contract.md;
-    padding rows of ``recv_x`` are left unwritten unless ``rows.zero_padding``. ``num_rows`` (ragged) saves
-    a device-to-host read where known. Up to ``SMALL_ROUTES`` routes take one launch (``_dispatch_small``),
+    padding rows of ``recv_x`` are left unwritten unless ``rows.zero_padding``. ``num_routes`` (the valid
+    routes, where the caller knows them) saves the ragged layout's device-to-host read. Up to ``SMALL_ROUTES`` routes take one launch (``_dispatch_small``),
     more take three.
     """
     m, top_k = ids.shape
     hidden, device = tokens.shape[1], tokens.device
     assert unit_columns(tokens) and weights.is_contiguous() and ids.is_contiguous()
-    padded = rows.layout == "padded"
+    padded = rows.kind == "padded"
     capacity, zero_padding = rows.capacity, rows.zero_padding
+    grouped = rows.kind == "bounded" or rows.pad_multiple > 1  # rows' starts need every expert's count
     counts = torch.empty(num_local, dtype=torch.int32, device=device)
     dropped = torch.empty_like(counts)
     route_row = torch.empty(m, top_k, dtype=torch.int64, device=device)
     h_block = block_size(hidden, SCATTER_H_BLOCK)
     h_blocks = max(1, triton.cdiv(hidden, h_block))
-    if m * top_k <= SMALL_ROUTES or not m:
-        if padded:
-            rows_shape: tuple[int, ...] = (num_local, capacity)
-        else:
-            num_valid = ((ids >= 0) & (ids < num_local)).sum() if num_rows is None else num_rows
-            rows_shape = (int(num_valid),)
+    # The ragged layout's row count is read back to the host only after every kernel is queued: the rows
+    # are laid out in room for every route (the caller's count where it knows it) and cut to the count.
+    if (m * top_k <= SMALL_ROUTES or not m) and not grouped:
+        rows_shape: tuple[int, ...] = (num_local, capacity) if padded else (m * top_k if num_routes is None else num_routes,)
         recv_x, recv_weights, row_src = _layout_buffers(rows_shape, hidden, tokens.dtype, weights.dtype, device, zero_padding and padded)
         if m or num_local:
             _dispatch_small[(m + triton.cdiv(num_local, SMALL_E_BLOCK), h_blocks)](
@@ -233,36 +236,53 @@ def dispatch_rows(
                 PADDED=padded, K_BLOCK=k_block(top_k), H_BLOCK=h_block, R_BLOCK=SMALL_R_BLOCK,
                 E_BLOCK=SMALL_E_BLOCK, P_BLOCK=128, num_warps=SCATTER_WARPS,
             )
-        return recv_x, recv_weights, counts, dropped, route_row, row_src
-    num_routes = m * top_k
-    num_chunks = triton.cdiv(num_routes, CHUNK)
+        if padded or num_routes is not None:
+            return recv_x, recv_weights, counts, dropped, route_row, row_src
+        n = int(counts.sum())
+        return recv_x[:n], recv_weights[:n], counts, dropped, route_row, row_src[:n]
+    all_routes = m * top_k
+    num_chunks = triton.cdiv(all_routes, CHUNK)
     bins = bins_for(num_local)
     slots = num_local * capacity if padded else 0
     # one int32 workspace: per-route ranks, chunk histograms, per-chunk bases
-    work = torch.empty(num_routes + 2 * num_chunks * bins, dtype=torch.int32, device=device)
-    rank, hist, chunk_base = work.split([num_routes, num_chunks * bins, num_chunks * bins])
+    work = torch.empty(all_routes + 2 * num_chunks * bins, dtype=torch.int32, device=device)
+    rank, hist, chunk_base = work.split([all_routes, num_chunks * bins, num_chunks * bins])
     row_src = torch.empty(slots, dtype=torch.int64, device=device)
     recv_weights = torch.empty(slots, dtype=weights.dtype, device=device)
     grid = max(num_chunks, triton.cdiv(slots, FILL_BLOCK))
-    _chunk_ranks[(grid,)](ids, num_routes, num_chunks, num_local, rank, hist, row_src, recv_weights, slots,
+    _chunk_ranks[(grid,)](ids, all_routes, num_chunks, num_local, rank, hist, row_src, recv_weights, slots,
                           CHUNK=CHUNK, BINS=bins, FILL_BLOCK=FILL_BLOCK)
     experts = min(bins, 32)
     _expert_prefix[(bins // experts,)](hist, num_chunks, num_local, capacity if padded else -1, chunk_base, counts, dropped,
                                        BINS=bins, EXPERTS=experts, ROWS=max(1, 8192 // experts))
     if padded:
-        rows_shape = (num_local, capacity)
+        rows_shape: tuple[int, ...] = (num_local, capacity)
         recv_x = (torch.zeros if zero_padding else torch.empty)(*rows_shape, hidden, dtype=tokens.dtype, device=device)
-        ends = counts  # unused
-    else:
-        ends = torch.cumsum(counts, 0, dtype=torch.int32)
-        rows_shape = ((int(ends[-1]) if num_local else 0) if num_rows is None else num_rows,)
+        start = limit = counts  # unused
+    elif not grouped:  # ragged: expert e's rows start where the counts before it end
+        limit = counts
+        start = torch.cumsum(counts, 0, dtype=torch.int32) - counts
+        rows_shape = (all_routes if num_routes is None else num_routes,)
         recv_x, recv_weights, row_src = _layout_buffers(rows_shape, hidden, tokens.dtype, weights.dtype, device, False)
+    else:  # bounded, or pad_multiple: groups of rows; padding rows are -1 / 0 (and zero in recv_x with zero_padding)
+        start, tokens_per_expert = group_rows(counts, rows)
+        limit = counts.minimum(tokens_per_expert)
+        dropped = counts - limit
+        counts = tokens_per_expert
+        total = rows.max_rows if rows.kind == "bounded" else int(counts.sum())
+        rows_shape = (total,)
+        recv_x = (torch.zeros if zero_padding else torch.empty)(total, hidden, dtype=tokens.dtype, device=device)
+        recv_weights = torch.zeros(total, dtype=weights.dtype, device=device)
+        row_src = torch.full((total,), -1, dtype=torch.int64, device=device)
     _scatter_rows[(m, h_blocks)](
-        tokens, tokens.stride(0), weights, ids, rank, chunk_base, counts, ends,
+        tokens, tokens.stride(0), weights, ids, rank, chunk_base, start, limit,
         top_k, hidden, num_local, capacity if padded else -1,
         recv_x, recv_weights, route_row, row_src,
         CHUNK=CHUNK, BINS=bins, K_BLOCK=k_block(top_k), H_BLOCK=h_block, num_warps=SCATTER_WARPS,
     )
+    if rows.kind == "ragged" and not grouped and num_routes is None:
+        n = int(counts.sum())
+        return recv_x[:n], recv_weights[:n], counts, dropped, route_row, row_src[:n]
     return recv_x, recv_weights.view(rows_shape), counts, dropped, route_row, row_src.view(rows_shape)
 
 

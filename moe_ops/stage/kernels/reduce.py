@@ -6,7 +6,8 @@ one program, sums accumulate in float32 (float64 for float64), deterministic, no
   dispatch's backward, and a multi-rank backend's pre-reduce and source-side sum (``UNIQUE`` skips a
   row repeated within ``route_row[j]``).
 * ``_expand_grad``: combine's backward, token-major: a program reads ``grad_tokens[j]`` once and, for
-  each of its rows, writes ``w[r] * grad_tokens[j]`` and accumulates ``<grad_tokens[j], expert_out[r]>``.
+  each of its rows, writes ``w[r] * grad_tokens[j]`` and accumulates ``<grad_tokens[j], expert_out[r]>``;
+  programs past the tokens write the zeros of the padding rows (``row_src`` -1).
 """
 
 from __future__ import annotations
@@ -53,24 +54,34 @@ def _reduce_rows(
 
 @triton.jit
 def _expand_grad(
-    grad_ptr, route_row_ptr, weights_ptr, expert_out_ptr, grad_expert_out_ptr, grad_weights_ptr,
-    top_k, hidden,
-    ACC: tl.constexpr, K_BLOCK: tl.constexpr, H_BLOCK: tl.constexpr,
+    grad_ptr, route_row_ptr, weights_ptr, expert_out_ptr, grad_expert_out_ptr, grad_weights_ptr, row_src_ptr,
+    num_tokens, num_rows, top_k, hidden,
+    ACC: tl.constexpr, K_BLOCK: tl.constexpr, H_BLOCK: tl.constexpr, PAD_ROWS: tl.constexpr,
 ):
     j = tl.program_id(0).to(tl.int64)
-    row, valid = _route_rows(route_row_ptr, j, top_k, False, K_BLOCK)
-    w = tl.load(weights_ptr + row, mask=valid, other=0).to(ACC)
-    dot = tl.zeros([K_BLOCK], ACC)
-    for h0 in range(0, hidden, H_BLOCK):
-        cols = h0 + tl.arange(0, H_BLOCK)
-        in_row = cols < hidden
-        mask = valid[:, None] & in_row[None, :]
-        g = tl.load(grad_ptr + j * hidden + cols, mask=in_row, other=0).to(ACC)
-        offsets = row[:, None] * hidden + cols[None, :]
-        out = tl.load(expert_out_ptr + offsets, mask=mask, other=0).to(ACC)
-        tl.store(grad_expert_out_ptr + offsets, (w[:, None] * g[None, :]).to(grad_expert_out_ptr.dtype.element_ty), mask=mask)
-        dot += tl.sum(out * g[None, :], axis=1)
-    tl.store(grad_weights_ptr + row, dot.to(grad_weights_ptr.dtype.element_ty), mask=valid)
+    if j >= num_tokens:  # padding rows: zeros
+        rows = (j - num_tokens) * PAD_ROWS + tl.arange(0, PAD_ROWS)
+        padding = (rows < num_rows) & (tl.load(row_src_ptr + rows, mask=rows < num_rows, other=0) < 0)
+        tl.store(grad_weights_ptr + rows, tl.zeros([PAD_ROWS], ACC).to(grad_weights_ptr.dtype.element_ty), mask=padding)
+        for h0 in range(0, hidden, H_BLOCK):
+            cols = h0 + tl.arange(0, H_BLOCK)
+            tl.store(grad_expert_out_ptr + rows[:, None] * hidden + cols[None, :],
+                     tl.zeros([PAD_ROWS, H_BLOCK], ACC).to(grad_expert_out_ptr.dtype.element_ty),
+                     mask=padding[:, None] & (cols[None, :] < hidden))
+    else:
+        row, valid = _route_rows(route_row_ptr, j, top_k, False, K_BLOCK)
+        w = tl.load(weights_ptr + row, mask=valid, other=0).to(ACC)
+        dot = tl.zeros([K_BLOCK], ACC)
+        for h0 in range(0, hidden, H_BLOCK):
+            cols = h0 + tl.arange(0, H_BLOCK)
+            in_row = cols < hidden
+            mask = valid[:, None] & in_row[None, :]
+            g = tl.load(grad_ptr + j * hidden + cols, mask=in_row, other=0).to(ACC)
+            offsets = row[:, None] * hidden + cols[None, :]
+            out = tl.load(expert_out_ptr + offsets, mask=mask, other=0).to(ACC)
+            tl.store(grad_expert_out_ptr + offsets, (w[:, None] * g[None, :]).to(grad_expert_out_ptr.dtype.element_ty), mask=mask)
+            dot += tl.sum(out * g[None, :], axis=1)
+        tl.store(grad_weights_ptr + row, dot.to(grad_weights_ptr.dtype.element_ty), mask=valid)
 
 
 def _acc(dtype: torch.dtype) -> tl.dtype:
@@ -96,19 +107,22 @@ def reduce(rows: Tensor, route_row: Tensor, row_weights: Tensor | None, unique: 
     return out
 
 
-def expand_grad(grad_tokens: Tensor, expert_out: Tensor, recv_weights: Tensor, route_row: Tensor) -> tuple[Tensor, Tensor]:
-    """Triton twin of ``plain.expand_grad``, driven by ``route_row [M, K]`` instead of ``row_src``.
-    Returns ``(grad_expert_out, grad_recv_weights)`` shaped like ``expert_out`` / ``recv_weights``, with
-    zeros on rows no route points at (padding)."""
+PAD_ROWS = 16  # padding rows zeroed per program
+
+
+def expand_grad(grad_tokens: Tensor, expert_out: Tensor, recv_weights: Tensor, route_row: Tensor, row_src: Tensor) -> tuple[Tensor, Tensor]:
+    """Triton twin of ``plain.expand_grad``, driven by ``route_row [M, K]`` (and ``row_src`` for the padding
+    rows). Returns ``(grad_expert_out, grad_recv_weights)`` shaped like ``expert_out`` / ``recv_weights``,
+    with zeros on the padding rows (``row_src`` -1)."""
     m, top_k = route_row.shape
-    hidden = expert_out.shape[-1]
+    hidden, num_rows = expert_out.shape[-1], row_src.numel()
     assert grad_tokens.is_contiguous() and expert_out.is_contiguous() and recv_weights.is_contiguous()
-    padded = expert_out.dim() == 3
-    alloc = torch.zeros_like if padded else torch.empty_like
-    grad_expert_out, grad_weights = alloc(expert_out), alloc(recv_weights)
-    if m:
-        _expand_grad[(m,)](
-            grad_tokens, route_row, recv_weights, expert_out, grad_expert_out, grad_weights, top_k, hidden,
-            ACC=_acc(expert_out.dtype), K_BLOCK=k_block(top_k), H_BLOCK=block_size(hidden, 512),
+    grad_expert_out, grad_weights = torch.empty_like(expert_out), torch.empty_like(recv_weights)
+    grid = m + triton.cdiv(num_rows, PAD_ROWS)
+    if grid:
+        _expand_grad[(grid,)](
+            grad_tokens, route_row, recv_weights, expert_out, grad_expert_out, grad_weights, row_src.contiguous(),
+            m, num_rows, top_k, hidden,
+            ACC=_acc(expert_out.dtype), K_BLOCK=k_block(top_k), H_BLOCK=block_size(hidden, 512), PAD_ROWS=PAD_ROWS,
         )
     return grad_expert_out, grad_weights
