@@ -39,7 +39,8 @@ def toy_experts(recv_x: Tensor, tokens_per_expert: Tensor, expert_ids: Tensor) -
     scale = 1 + expert_ids.to(device=recv_x.device, dtype=torch.float32) / 16
     if recv_x.dim() == 3:
         return recv_x * scale.to(recv_x.dtype).view(-1, 1, 1)
-    per_row = torch.repeat_interleave(scale, tokens_per_expert.long(), output_size=recv_x.shape[0])
+    counts = tokens_per_expert.to(device=recv_x.device, dtype=torch.long)  # adapters may hand host counts
+    per_row = torch.repeat_interleave(scale, counts, output_size=recv_x.shape[0])
     return recv_x * per_row.to(recv_x.dtype).unsqueeze(1)
 
 
