@@ -1,25 +1,27 @@
-"""The compat adapters on gloo, W = 1…3: the same results as the ops called directly and as the reference,
-and fullgraph compilation; plus the configuration mapping and the rejected options.
+"""The adapters that need no framework installed (NeMo Automodel's flex dispatcher, vllm-ascend's) on gloo,
+W = 1…3: the same results as the ops called directly and as the reference, and fullgraph compilation; plus
+their options refused by name. Inside the real frameworks: tests/test_upstream_*.py.
 
 Examples: EXAMPLES Hypothesis problems per adapter and world size; one compiled problem per adapter.
 """
 
 import re
+import warnings
 
 import pytest
 import torch
 from hypothesis import given, settings
 
 import moe_ops
-from moe_ops.integrations import megatron, vllm_ascend
+from moe_ops.integrations import nemo_automodel, vllm_ascend
+from moe_ops.integrations.common import bind_transport
 from moe_ops.testing.adapters import ADAPTERS, check_adapter
 from moe_ops.testing.problems import Problem, make_problem, problems
 
 EXAMPLES = 12
 # (layouts, placements, backend) each adapter is driven with
 SETUPS = {
-    "megatron_flex": (("ragged",), ("contiguous",), "auto"),
-    "megatron_inference": (("padded",), ("contiguous",), "allgather"),
+    "nemo_flex": (("ragged",), ("contiguous",), "auto"),
     "vllm_ascend": (("ragged", "padded"), ("contiguous", "shuffled", "redundant"), "auto"),
 }
 
@@ -49,53 +51,46 @@ def test_adapter_compiles_fullgraph(worlds, adapter: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "fields, message",
+    ("fields", "message"),
     [
-        (dict(moe_flex_dispatcher_backend="hybridep"), "moe_flex_dispatcher_backend='hybridep' is not available"),
-        (dict(moe_router_expert_pad_multiple=16), "moe_router_expert_pad_multiple is not supported"),
         (dict(moe_deepep_async_dispatch=True), "moe_deepep_async_dispatch=True is not supported"),
-        (dict(moe_router_dtype="bf16"), "moe_router_dtype='bf16' is not supported"),
+        (dict(moe_router_expert_pad_multiple=16), "moe_router_expert_pad_multiple (rows per expert padded to a multiple of 16)"),
+        (dict(moe_flex_dispatcher_backend="nccl"), "moe_flex_dispatcher_backend='nccl': NeMo Automodel takes one of"),
     ],
 )
-def test_megatron_config_rejects_what_it_cannot_honour(fields: dict, message: str) -> None:
-    config = megatron.TokenDispatcherConfig(moe_flex_dispatcher_backend="moe_ops")
-    for key, value in fields.items():
-        setattr(config, key, value)
-    with pytest.raises(ValueError, match=re.escape(message)):
-        megatron.resolve_config(config)
+def test_nemo_refuses_by_name(fields: dict, message: str) -> None:
+    config = nemo_automodel.TokenDispatcherConfig(num_moe_experts=4, **fields)
+    with pytest.raises(moe_ops.MoEInputError, match=re.escape(message)):
+        nemo_automodel.MoEFlexTokenDispatcher(4, [0, 1, 2, 3], config, None)
 
 
-def test_megatron_config_mapping() -> None:
-    resolved = megatron.resolve_config(
-        megatron.TokenDispatcherConfig(moe_flex_dispatcher_backend="moe_ops", moe_router_dtype="fp64", moe_expert_capacity_factor=1.5)
-    )
-    assert resolved == megatron.ResolvedConfig("auto", torch.float64, True)
+def test_nemo_later_fields_warn_once_and_are_ignored() -> None:
+    with pytest.warns(UserWarning, match="field 'moe_future_knob' is not in NeMo Automodel 0.7.0"):
+        config = nemo_automodel.TokenDispatcherConfig(moe_router_topk=4, moe_future_knob=3)
+    assert config.moe_router_topk == 4 and not hasattr(config, "moe_future_knob")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nemo_automodel.TokenDispatcherConfig(moe_future_knob=5)  # no second warning
 
 
-@pytest.mark.parametrize(("name", "backend"), [("uccl_ep", "deepep"), ("deepep", "deepep"), ("moe_ops", "auto"), ("collective", "collective")])
-def test_megatron_flex_backend_names_pick_moe_ops_backends(name: str, backend: str) -> None:
-    """Megatron's moe_flex_dispatcher_backend values build a dispatcher on the moe_ops backend they stand
-    for (UCCL-EP is a drop-in deep_ep, so it runs on the deepep backend); moe_ops names pass through."""
-    previous = moe_ops.config.deepep_num_sms
-    try:
-        config = megatron.TokenDispatcherConfig(moe_flex_dispatcher_backend=name, num_moe_experts=4)
-        assert megatron.MoEFlexTokenDispatcher(4, [0, 1, 2, 3], config, None).moe.backend == backend
-    finally:
-        moe_ops.config.deepep_num_sms = previous
-
-
-def test_megatron_flex_masks_dropped_routes_and_keeps_router_dtype() -> None:
-    """With a capacity factor, routes whose probability the router zeroed are not dispatched."""
-    config = megatron.TokenDispatcherConfig(
-        moe_flex_dispatcher_backend="moe_ops", moe_router_topk=2, num_moe_experts=4, moe_expert_capacity_factor=1.0, moe_router_dtype="fp64"
-    )
-    dispatcher = megatron.MoEFlexTokenDispatcher(4, [0, 1, 2, 3], config, None)
+def test_nemo_dispatcher_steps_by_hand() -> None:
+    """One rank: host int64 counts, fp64 probs when asked, capacity-dropped routes masked, the unweighted
+    combine (each token gets one copy of itself per kept route)."""
+    config = nemo_automodel.TokenDispatcherConfig(num_moe_experts=4, moe_router_dtype="fp64", moe_expert_capacity_factor=1.0)
+    dispatcher = nemo_automodel.MoEFlexTokenDispatcher(4, [0, 1, 2, 3], config, None)
     x = torch.randn(3, 8)
-    probs = torch.tensor([[0.6, 0.0], [0.5, 0.5], [1.0, 0.0]])
-    rows, counts, permuted = dispatcher.token_permutation2(x, 3, probs, torch.tensor([[0, 1], [1, 2], [3, 2]]))
-    assert counts.tolist() == [1, 1, 1, 1] and permuted.dtype == torch.float64
-    # unit-weight combine: each token gets one copy of itself per route kept (token 1 has two)
+    dense = torch.tensor([[0.6, 0.0, 0.0, 0.0], [0.0, 0.5, 0.5, 0.0], [0.0, 0.0, 0.0, 1.0]])
+    rows, counts, probs = dispatcher.token_permutation(x, 3, dense)
+    assert counts.device.type == "cpu" and counts.dtype == torch.int64 and counts.tolist() == [1, 1, 1, 1]
+    assert probs.dtype == torch.float64 and torch.equal(probs.sort().values, dense[dense > 0].double().sort().values)
     assert torch.equal(dispatcher.token_unpermutation(rows), x * torch.tensor([[1.0], [2.0], [1.0]]))
+    assert dispatcher.get_pipeline_runtime_initializers(hidden_dim=8, dtype=torch.float32) == ()
+
+
+def test_transport_must_be_a_moe_ops_backend() -> None:
+    assert bind_transport(nemo_automodel.MoEFlexTokenDispatcher, "collective").transport == "collective"
+    with pytest.raises(moe_ops.MoEInputError, match="backend='uccl_ep' is not a moe_ops transport"):
+        bind_transport(nemo_automodel.MoEFlexTokenDispatcher, "uccl_ep")
 
 
 @pytest.mark.parametrize(

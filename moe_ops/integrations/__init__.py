@@ -2,8 +2,11 @@
 (no second implementation of routing or exchange). Importing this package imports no framework; each
 module imports its own.
 
-* :mod:`.megatron`: Megatron-Core / NeMo Automodel ``MoEFlexTokenDispatcher`` and ``TokenDispatcherConfig``,
-  and Megatron-Core's inference all-gather dispatcher;
+* :mod:`.megatron_core`: Megatron-Core's flex and inference dispatchers, a ``MoELayer`` and ``install()``
+  (imports Megatron-Core);
+* :mod:`.nemo_automodel`: NeMo Automodel's ``MoEFlexTokenDispatcher``, ``TokenDispatcherConfig`` and
+  ``install()`` (imports NeMo only in ``install``);
 * :mod:`.vllm_ascend`: vllm-ascend's ``MoETokenDispatcher``;
-* :mod:`.transformers`: HuggingFace transformers' ``ep_implementation="moe_ops"`` (imports transformers).
+* :mod:`.transformers`: HuggingFace transformers' ``ep_implementation="moe_ops"`` (imports transformers);
+* :mod:`.common`: what the adapters share.
 """

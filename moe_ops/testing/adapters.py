@@ -1,4 +1,5 @@
-"""Conformance of the compat adapters: the pipeline of :mod:`moe_ops.testing.conformance` driven
+"""Conformance of the adapters that need no framework installed (NeMo Automodel's flex dispatcher,
+vllm-ascend's): the pipeline of :mod:`moe_ops.testing.conformance` driven
 through each adapter's own interface, and directly through the ops, on one rank of a gloo world."""
 
 from __future__ import annotations
@@ -10,52 +11,26 @@ import torch.distributed as dist
 from torch import Tensor
 
 from moe_ops import compile_stats
-from moe_ops.integrations import megatron, vllm_ascend
+from moe_ops.integrations import nemo_automodel, vllm_ascend
+from moe_ops.integrations.common import bind_transport
 from moe_ops.testing import conformance
 from moe_ops.testing.problems import Problem
 
-ADAPTERS = ("megatron_flex", "megatron_inference", "vllm_ascend")
+ADAPTERS = ("nemo_flex", "vllm_ascend")
 Step = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, ...]]
 
 
-def _megatron_flex(problem: Problem, rank: int, group: str, backend: str) -> Step:
+def _nemo_flex(problem: Problem, rank: int, group: str, backend: str) -> Step:
     num_local, expert_ids = problem.num_local_experts, problem.local_expert_ids(rank)
-    config = megatron.TokenDispatcherConfig(
-        moe_router_topk=problem.topk_idx[rank].shape[1],
-        num_moe_experts=problem.num_experts,
-        moe_flex_dispatcher_backend="moe_ops" if backend == "auto" else backend,
-    )
-    dispatcher = megatron.MoEFlexTokenDispatcher(num_local, list(range(rank * num_local, (rank + 1) * num_local)), config, group)
+    config = nemo_automodel.TokenDispatcherConfig(moe_router_topk=problem.topk_idx[rank].shape[1], num_moe_experts=problem.num_experts)
+    flex = bind_transport(nemo_automodel.MoEFlexTokenDispatcher, backend)
+    dispatcher = flex(num_local, list(range(rank * num_local, (rank + 1) * num_local)), config, dist.group.WORLD)
 
     def step(x: Tensor, idx: Tensor, w: Tensor) -> tuple[Tensor, ...]:
         rows, counts, probs = dispatcher.token_permutation2(x, x.shape[0], w, idx)
         out = dispatcher.token_unpermutation(conformance.toy_experts(rows, counts, expert_ids) * probs.unsqueeze(1).to(rows.dtype))
         assert dispatcher._dispatched is not None
-        return rows, probs, counts, dispatcher._dispatched.dropped, out
-
-    return step
-
-
-def _megatron_inference(problem: Problem, rank: int, group: str, backend: str) -> Step:
-    num_local, expert_ids = problem.num_local_experts, problem.local_expert_ids(rank)
-    dispatcher = megatron.InferenceTokenDispatcher(
-        num_local,
-        list(range(rank * num_local, (rank + 1) * num_local)),
-        problem.num_experts,
-        group,
-        max_tokens_per_rank=problem.max_tokens_per_rank or problem.xs[rank].shape[0],
-        capacity=problem.capacity,
-        backend=backend,
-    )
-
-    def step(x: Tensor, idx: Tensor, w: Tensor) -> tuple[Tensor, ...]:
-        hidden, probs = dispatcher.dispatch_preprocess(x, idx, w)
-        rows, probs = dispatcher.token_dispatch(hidden, probs)
-        rows, counts, probs = dispatcher.dispatch_postprocess(rows, probs)
-        y = conformance.toy_experts(rows, counts, expert_ids) * probs.unsqueeze(-1).to(rows.dtype)
-        out = dispatcher.combine_postprocess(dispatcher.token_combine(dispatcher.combine_preprocess(y)))
-        assert dispatcher._dispatched is not None
-        return rows, probs, counts, dispatcher._dispatched.dropped, out
+        return rows, probs, dispatcher._dispatched.tokens_per_expert, dispatcher._dispatched.dropped, out
 
     return step
 
@@ -88,7 +63,7 @@ def _vllm_ascend(problem: Problem, rank: int, group: str, backend: str) -> Step:
     return step
 
 
-_STEPS = {"megatron_flex": _megatron_flex, "megatron_inference": _megatron_inference, "vllm_ascend": _vllm_ascend}
+_STEPS = {"nemo_flex": _nemo_flex, "vllm_ascend": _vllm_ascend}
 
 
 def adapter_task(

@@ -40,7 +40,8 @@ def toy_experts(recv_x: Tensor, tokens_per_expert: Tensor, expert_ids: Tensor) -
     scale = 1 + expert_ids.to(device=recv_x.device, dtype=torch.float32) / 16
     if recv_x.dim() == 3:
         return recv_x * scale.to(recv_x.dtype).view(-1, 1, 1)
-    ends = torch.cumsum(tokens_per_expert, 0)
+    counts = tokens_per_expert.to(device=recv_x.device)  # adapters may hand host counts
+    ends = torch.cumsum(counts, 0)
     expert_of_row = torch.searchsorted(ends, torch.arange(recv_x.shape[0], device=recv_x.device, dtype=ends.dtype), right=True)
     per_row = torch.cat([scale, scale.new_ones(1)])[expert_of_row]
     return recv_x * per_row.to(recv_x.dtype).unsqueeze(1)

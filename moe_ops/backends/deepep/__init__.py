@@ -15,8 +15,4 @@ LogFMT, zero-copy combine, or DeepEP's exact buffer-size formulas (docs/backends
 from moe_ops.backends.deepep.low_latency import DeepEPLowLatencyBackend
 from moe_ops.backends.deepep.normal import DeepEPBackend
 
-#: Megatron-Core / NeMo Automodel ``moe_flex_dispatcher_backend`` values and the moe_ops backend each
-#: selects (UCCL-EP is a drop-in ``deep_ep``, so the same backend runs it).
-FLEX_DISPATCHER_BACKENDS: dict[str, str] = {"deepep": "deepep", "uccl_ep": "deepep"}
-
-__all__ = ["FLEX_DISPATCHER_BACKENDS", "DeepEPBackend", "DeepEPLowLatencyBackend"]
+__all__ = ["DeepEPBackend", "DeepEPLowLatencyBackend"]

@@ -1,0 +1,89 @@
+"""What the framework adapters share (imports no framework): expert placement checks, the unweighted
+combine Megatron-style experts need, host-side counts, the one place where per-expert row alignment will
+be mapped, and reversible replacement of the names a framework module looks up."""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import Tensor
+
+import moe_ops
+from moe_ops import backends
+from moe_ops.api import DispatchResult
+from moe_ops.errors import MoEInputError
+
+
+def check_contiguous_experts(num_local_experts: int, local_expert_indices: list[int], moe: moe_ops.Dispatcher) -> None:
+    """``num_local_experts`` and ``local_expert_indices`` must be this rank's contiguous block of ``moe``."""
+    if num_local_experts != moe.num_local_experts:
+        raise MoEInputError(
+            f"num_local_experts={num_local_experts}, but {moe.num_experts} experts over {moe.world_size} ranks "
+            f"give {moe.num_local_experts}"
+        )
+    expected = list(moe.local_experts)
+    if list(local_expert_indices) != expected:
+        raise MoEInputError(
+            f"local_expert_indices must be this rank's contiguous block {expected}, got {list(local_expert_indices)}; "
+            "place experts by a map with moe_ops.dispatch(expert_map=...)"
+        )
+
+
+def unweighted_combine(expert_out: Tensor, dispatched: DispatchResult, group: str) -> Tensor:
+    """``moe.combine`` summing each token's rows as they are (Megatron-style experts already applied the
+    probabilities): ``[T, H']`` in ``expert_out.dtype``."""
+    return moe_ops.combine(expert_out, dispatched._replace(recv_weights=torch.ones_like(dispatched.recv_weights)), group=group)
+
+
+def host_counts(tokens_per_expert: Tensor) -> Tensor:
+    """``[L]`` int64 on the host: what DeepEP's dispatch and Megatron's all-gather dispatcher hand their
+    experts (which call ``.tolist()`` on it)."""
+    return tokens_per_expert.to("cpu", torch.int64)
+
+
+def refuse_pad_multiple(field: str, pad_multiple: int | None) -> None:
+    """The one place where per-expert row alignment (NeMo's ``moe_router_expert_pad_multiple``, Megatron's
+    ``moe_router_padding_for_quantization``) will map onto the dispatch option ``pad_multiple`` (issue 22).
+    Until the ops have it, a request for alignment is refused by its field name."""
+    if pad_multiple:
+        raise MoEInputError(
+            f"{field} (rows per expert padded to a multiple of {pad_multiple}) is not supported yet: "
+            "moe_ops keeps each expert's rows packed"
+        )
+
+
+class Patches:
+    """Names replaced in framework modules, restorable: ``set(module, name, value)`` records the old value,
+    ``undo()`` puts every one back (last first). Also a context manager that undoes on exit."""
+
+    def __init__(self) -> None:
+        self._saved: list[tuple[ModuleType | type, str, Any]] = []
+
+    def set(self, owner: ModuleType | type, name: str, value: Any) -> None:
+        self._saved.append((owner, name, getattr(owner, name)))
+        setattr(owner, name, value)
+
+    def undo(self) -> None:
+        while self._saved:
+            owner, name, value = self._saved.pop()
+            setattr(owner, name, value)
+
+    @property
+    def active(self) -> bool:
+        return bool(self._saved)
+
+    def __enter__(self) -> Patches:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.undo()
+
+
+def bind_transport(cls: type, backend: str) -> type:
+    """A subclass of ``cls`` whose class attribute ``transport`` is the moe_ops backend ``backend``: what a
+    framework constructs (with its own constructor signature) when an install chose that transport."""
+    if backend != "auto" and backend not in backends.available():
+        raise MoEInputError(f"backend={backend!r} is not a moe_ops transport; choose 'auto' or one of: {', '.join(backends.available())}")
+    return type(cls.__name__, (cls,), {"transport": backend, "__module__": cls.__module__, "__doc__": cls.__doc__})

@@ -1,0 +1,64 @@
+"""moe_ops inside the real NeMo Automodel 0.7.0 (``nemo-automodel``, installed by tools/in-env.sh): its
+``MoE`` layer on CPU over gloo, moe_ops swapped in as docs/integrations/nemo-automodel.md says
+(``install(backend)``, then ``dispatcher="deepep"``), against NeMo's own ``dispatcher="torch"``: output,
+input gradient and every parameter gradient, exactly (fp32). At W = 1 NeMo builds no flex dispatcher (it
+falls back to ``GroupedExperts``), so there its ``GroupedExpertsDeepEP`` is put in by hand. Plus the
+interface: every public member of NeMo's classes exists in ours with a compatible signature, its config's
+fields and defaults, and ``install`` undone. (What needs no NeMo: tests/test_integrations.py.)"""
+
+import dataclasses
+
+import pytest
+import torch
+
+pytest.importorskip("nemo_automodel.components.moe.experts", reason="needs nemo-automodel 0.7.0 (tools/in-env.sh installs it)")
+
+from nemo_automodel.components.moe import experts as upstream_experts  # noqa: E402
+from nemo_automodel.components.moe.megatron import token_dispatcher as upstream  # noqa: E402
+
+from moe_ops.integrations import nemo_automodel  # noqa: E402
+from moe_ops.testing import nemo_automodel as tasks  # noqa: E402
+from moe_ops.testing.interfaces import assert_interface  # noqa: E402
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize(("size", "backend"), [(1, "auto"), (2, "collective")])
+def test_layer_matches_nemo_torch_dispatcher(worlds, size: int, backend: str) -> None:
+    for rank, result in enumerate(worlds(size).run(tasks.compare_task, backend)):
+        assert result["moe_ops dispatcher"] and result["transport"] == backend, result
+        assert result["ours"].keys() == result["reference"].keys()
+        for name, ref in result["reference"].items():
+            assert torch.equal(result["ours"][name], ref), f"rank {rank}: {name} differs from NeMo's dispatcher='torch'"
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs"),
+    [
+        (nemo_automodel.MoEFlexTokenDispatcher, upstream.MoEFlexTokenDispatcher),
+        (nemo_automodel.TokenDispatcherConfig, upstream.TokenDispatcherConfig),
+    ],
+)
+def test_interface(ours: type, theirs: type) -> None:
+    assert_interface(ours, theirs)
+
+
+def test_config_fields_and_defaults_are_nemos() -> None:
+    def fields(cls: type) -> list[tuple[str, object]]:
+        return [(f.name, f.default) for f in dataclasses.fields(cls)]
+
+    assert fields(nemo_automodel.TokenDispatcherConfig) == fields(upstream.TokenDispatcherConfig)
+
+
+def test_install_is_reversible() -> None:
+    def names() -> tuple[object, ...]:
+        deepep_experts = upstream_experts.GroupedExpertsDeepEP
+        return upstream_experts.TokenDispatcherConfig, upstream_experts.MoEFlexTokenDispatcher, deepep_experts._init_deepep_buffer
+
+    before = names()
+    patches = nemo_automodel.install("collective")
+    assert upstream_experts.MoEFlexTokenDispatcher.transport == "collective"
+    assert upstream_experts.TokenDispatcherConfig is nemo_automodel.TokenDispatcherConfig
+    nemo_automodel.install("auto")  # replaces the first
+    assert upstream_experts.MoEFlexTokenDispatcher.transport == "auto"
+    patches.undo()
+    assert names() == before
