@@ -19,10 +19,11 @@ from moe_ops.testing.adapters import ADAPTERS, check_adapter
 from moe_ops.testing.problems import Problem, make_problem, problems
 
 EXAMPLES = 12
-# (layouts, placements, backend) each adapter is driven with
+# (layouts, pad_multiples, placements, backend) each adapter is driven with: NeMo's
+# moe_router_expert_pad_multiple is the dispatch's pad_multiple; vllm-ascend has no such option
 SETUPS = {
-    "nemo_flex": (("ragged",), ("contiguous",), "auto"),
-    "vllm_ascend": (("ragged", "padded"), ("contiguous", "shuffled", "redundant"), "auto"),
+    "nemo_flex": (("ragged",), (1, 2, 8), ("contiguous",), "auto"),
+    "vllm_ascend": (("ragged", "padded"), (1,), ("contiguous", "shuffled", "redundant"), "auto"),
 }
 
 
@@ -30,10 +31,10 @@ SETUPS = {
 @pytest.mark.parametrize("adapter", ADAPTERS)
 @pytest.mark.parametrize("size", [1, 2, 3])
 def test_adapter_matches_ops_and_reference(worlds, adapter: str, size: int) -> None:
-    layouts, placements, backend = SETUPS[adapter]
+    layouts, pad_multiples, placements, backend = SETUPS[adapter]
 
     @settings(max_examples=EXAMPLES)
-    @given(problem=problems(world_size=size, max_tokens=48, max_experts=24, hidden_sizes=(8, 40), layouts=layouts, pad_multiples=(1,), placements=placements))
+    @given(problem=problems(world_size=size, max_tokens=48, max_experts=24, hidden_sizes=(8, 40), layouts=layouts, pad_multiples=pad_multiples, placements=placements))
     def check(problem: Problem) -> None:
         check_adapter(worlds(size), problem, adapter, backend)
 
@@ -43,7 +44,7 @@ def test_adapter_matches_ops_and_reference(worlds, adapter: str, size: int) -> N
 @pytest.mark.multiproc
 @pytest.mark.parametrize("adapter", ADAPTERS)
 def test_adapter_compiles_fullgraph(worlds, adapter: str) -> None:
-    layouts, placements, backend = SETUPS[adapter]
+    layouts, _, placements, backend = SETUPS[adapter]
     kw: dict[str, object] = dict(layout="padded", capacity=8, max_tokens_per_rank=24) if layouts == ("padded",) else {}
     if "shuffled" in placements:  # the per-rank expert_map is gathered by a traced collective
         kw.update(shuffled=True, logical_experts=6)
@@ -54,7 +55,7 @@ def test_adapter_compiles_fullgraph(worlds, adapter: str) -> None:
     ("fields", "message"),
     [
         (dict(moe_deepep_async_dispatch=True), "moe_deepep_async_dispatch=True is not supported"),
-        (dict(moe_router_expert_pad_multiple=16), "moe_router_expert_pad_multiple (rows per expert padded to a multiple of 16)"),
+        (dict(moe_router_expert_pad_multiple=-16), "moe_router_expert_pad_multiple=-16: rows per expert are padded to a multiple"),
         (dict(moe_flex_dispatcher_backend="nccl"), "moe_flex_dispatcher_backend='nccl': NeMo Automodel takes one of"),
     ],
 )

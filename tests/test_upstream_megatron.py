@@ -3,7 +3,8 @@
 compared with Megatron's own CPU-capable paths, exactly (fp32):
 
 * training: the all-gather dispatcher against our flex dispatcher through ``install()`` and through the
-  ``MoELayer`` subclass: output, input gradient and every parameter gradient;
+  ``MoELayer`` subclass: output, input gradient and every parameter gradient; also with
+  ``moe_router_padding_for_quantization`` (FP8 alignment), where our experts get padded groups;
 * inference: Megatron's ``NCCLAllGatherDispatcher`` (graph path: equal token counts; AllGather-V path:
   unequal) against ours for ``"nccl"`` and ``"nvls"``: the rows, probs, routing map and valid-token count
   handed to the experts, and the bf16 output (``NVLSAllGatherVDispatcher`` itself needs NVLink multicast);
@@ -35,6 +36,21 @@ def test_training_matches_megatron_allgather(worlds, size: int) -> None:
         for way in ("install", "subclass"):
             assert result[f"{way} dispatcher"] == "moe_ops.integrations.megatron_core.MoEFlexTokenDispatcher", way
             assert result[way].keys() == result["megatron"].keys()
+            for name, ref in result["megatron"].items():
+                assert torch.equal(result[way][name], ref), f"rank {rank}, {way}: {name} differs from Megatron's"
+
+
+@pytest.mark.multiproc
+def test_padding_for_quantization(worlds) -> None:
+    """``moe_router_padding_for_quantization`` with FP8 (align 16): our experts get each expert's rows
+    padded to a multiple of 16 (zero rows, probability 0) and the layer's results equal Megatron's
+    all-gather layer's with the same config (its SequentialMLP pads per expert itself)."""
+    fields = dict(moe_router_padding_for_quantization=True, fp8="hybrid")
+    for rank, result in enumerate(worlds(2).run(tasks.training_task, 16, fields)):
+        routed = result["megatron counts"]
+        for way in ("install", "subclass"):
+            counts = result[f"{way} counts"]
+            assert torch.equal(counts, (routed + 15) // 16 * 16 + 16 * (routed == 0)), f"rank {rank}, {way}: {counts} for {routed}"
             for name, ref in result["megatron"].items():
                 assert torch.equal(result[way][name], ref), f"rank {rank}, {way}: {name} differs from Megatron's"
 
@@ -90,10 +106,6 @@ def test_install_is_reversible() -> None:
     ("fields", "message"),
     [
         (dict(moe_flex_dispatcher_backend="uccl_ep"), "moe_flex_dispatcher_backend='uccl_ep': Megatron-Core takes one of"),
-        (
-            dict(moe_router_padding_for_quantization=True, fp8="hybrid"),
-            "moe_router_padding_for_quantization (rows per expert padded to a multiple of 16)",
-        ),
         (dict(moe_pad_expert_input_to_capacity=True), "moe_pad_expert_input_to_capacity=True is not supported"),
         (dict(moe_ncclep_static_shape=True), "moe_ncclep_static_shape=True is not supported"),
         (dict(overlap_moe_expert_parallel_comm=True), "overlap_moe_expert_parallel_comm=True is not supported"),

@@ -1,6 +1,6 @@
 """What the framework adapters share (imports no framework): expert placement checks, the unweighted
-combine Megatron-style experts need, host-side counts, the one place where per-expert row alignment will
-be mapped, and reversible replacement of the names a framework module looks up."""
+combine Megatron-style experts need, host-side counts, the one place where per-expert row alignment is
+mapped, and reversible replacement of the names a framework module looks up."""
 
 from __future__ import annotations
 
@@ -43,15 +43,16 @@ def host_counts(tokens_per_expert: Tensor) -> Tensor:
     return tokens_per_expert.to("cpu", torch.int64)
 
 
-def refuse_pad_multiple(field: str, pad_multiple: int | None) -> None:
-    """The one place where per-expert row alignment (NeMo's ``moe_router_expert_pad_multiple``, Megatron's
-    ``moe_router_padding_for_quantization``) will map onto the dispatch option ``pad_multiple`` (issue 22).
-    Until the ops have it, a request for alignment is refused by its field name."""
-    if pad_multiple:
-        raise MoEInputError(
-            f"{field} (rows per expert padded to a multiple of {pad_multiple}) is not supported yet: "
-            "moe_ops keeps each expert's rows packed"
-        )
+def pad_multiple_for(field: str, value: int | None) -> int:
+    """The dispatch option ``pad_multiple`` for a framework's per-expert row alignment ``field`` (NeMo's
+    ``moe_router_expert_pad_multiple``, Megatron's ``moe_router_padding_for_quantization`` through
+    ``get_align_size_for_quantization``): ``None`` or 0 is 1 (no alignment); a negative value or a
+    non-integer is refused by the field's name."""
+    if value is None or value == 0:
+        return 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise MoEInputError(f"{field}={value!r}: rows per expert are padded to a multiple of a positive integer")
+    return value
 
 
 class Patches:

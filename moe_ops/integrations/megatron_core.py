@@ -45,7 +45,7 @@ from moe_ops.integrations.common import (
     bind_transport,
     check_contiguous_experts,
     host_counts,
-    refuse_pad_multiple,
+    pad_multiple_for,
     unweighted_combine,
 )
 from moe_ops.packing import RowFormat
@@ -74,8 +74,6 @@ def _check_flex_config(config: TransformerConfig, tp_size: int) -> None:
             raise MoEInputError(f"{field}=True is not supported: {why}")
     if tp_size > 1:
         raise MoEInputError(f"expert_tensor_parallel_size={tp_size} is not supported: moe_ops dispatches over the EP group only")
-    padding = get_align_size_for_quantization(config) if config.moe_router_padding_for_quantization else None
-    refuse_pad_multiple("moe_router_padding_for_quantization", padding)
 
 
 class MoEFlexTokenDispatcher(MoETokenDispatcher):
@@ -102,7 +100,11 @@ class MoEFlexTokenDispatcher(MoETokenDispatcher):
         _check_flex_config(config, self.tp_size)
         if self.transport == "deepep" and config.moe_flex_dispatcher_num_sms is not None:
             config_module.deepep_num_sms = config.moe_flex_dispatcher_num_sms
-        self.moe = moe_ops.Dispatcher(config.num_moe_experts, group=group_name_of(self.ep_group), backend=self.transport)
+        padding = get_align_size_for_quantization(config) if config.moe_router_padding_for_quantization else None
+        pad_multiple = pad_multiple_for("moe_router_padding_for_quantization", padding)
+        self.moe = moe_ops.Dispatcher(
+            config.num_moe_experts, group=group_name_of(self.ep_group), backend=self.transport, pad_multiple=pad_multiple
+        )
         check_contiguous_experts(num_local_experts, local_expert_indices, self.moe)
         self.num_local_experts = num_local_experts
         self.local_expert_indices = local_expert_indices

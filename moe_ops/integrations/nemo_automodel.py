@@ -38,7 +38,7 @@ from moe_ops.integrations.common import (
     bind_transport,
     check_contiguous_experts,
     host_counts,
-    refuse_pad_multiple,
+    pad_multiple_for,
     unweighted_combine,
 )
 
@@ -110,7 +110,6 @@ def _check_config(config: TokenDispatcherConfig) -> None:
         )
     if config.moe_deepep_async_dispatch:
         raise MoEInputError("moe_deepep_async_dispatch=True is not supported: moe_ops dispatch is a stream-ordered op")
-    refuse_pad_multiple("moe_router_expert_pad_multiple", config.moe_router_expert_pad_multiple)
 
 
 class MoEFlexTokenDispatcher:
@@ -143,7 +142,10 @@ class MoEFlexTokenDispatcher:
         if self.transport == "deepep":
             sms = config.moe_hybridep_num_sms if config.moe_flex_dispatcher_backend == "hybridep" else config.moe_deepep_num_sms
             config_module.deepep_num_sms = sms
-        self.moe = moe_ops.Dispatcher(config.num_moe_experts, group=group_name_of(ep_group), backend=self.transport)
+        pad_multiple = pad_multiple_for("moe_router_expert_pad_multiple", config.moe_router_expert_pad_multiple)
+        self.moe = moe_ops.Dispatcher(
+            config.num_moe_experts, group=group_name_of(ep_group), backend=self.transport, pad_multiple=pad_multiple
+        )
         self.ep_size = self.moe.world_size
         check_contiguous_experts(num_local_experts, local_expert_indices, self.moe)
         self.num_local_experts = num_local_experts

@@ -22,7 +22,11 @@ Step = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, ...]]
 
 def _nemo_flex(problem: Problem, rank: int, group: str, backend: str) -> Step:
     num_local, expert_ids = problem.num_local_experts, problem.local_expert_ids(rank)
-    config = nemo_automodel.TokenDispatcherConfig(moe_router_topk=problem.topk_idx[rank].shape[1], num_moe_experts=problem.num_experts)
+    config = nemo_automodel.TokenDispatcherConfig(
+        moe_router_topk=problem.topk_idx[rank].shape[1],
+        num_moe_experts=problem.num_experts,
+        moe_router_expert_pad_multiple=problem.pad_multiple if problem.pad_multiple > 1 else None,
+    )
     flex = bind_transport(nemo_automodel.MoEFlexTokenDispatcher, backend)
     dispatcher = flex(num_local, list(range(rank * num_local, (rank + 1) * num_local)), config, dist.group.WORLD)
 

@@ -53,16 +53,19 @@ def _config(dispatcher: str, **overrides: Any) -> Any:
     )  # fmt: skip
 
 
-def _training_layer(rank: int, way: str) -> torch.nn.Module:
+def _training_layer(rank: int, way: str, late_fields: dict[str, Any]) -> torch.nn.Module:
     """``MoELayer`` (local spec: SequentialMLP experts) with identical weights for every ``way``:
     ``"megatron"`` (its all-gather dispatcher), ``"install"`` (flex + ``install()``) or ``"subclass"``
-    (flex + our ``MoELayer`` in the spec)."""
+    (flex + our ``MoELayer`` in the spec). ``late_fields`` are set on the config after its validation
+    (FP8 fields, which it refuses without Transformer Engine, although SequentialMLP's own path needs none)."""
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
 
     from moe_ops.integrations import megatron_core
 
     spec = get_moe_module_spec(use_te=False, num_experts=EXPERTS, moe_grouped_gemm=False)
     config = _config("allgather" if way == "megatron" else "flex")
+    for name, value in late_fields.items():
+        object.__setattr__(config, name, value)
     build = spec
     if way == "subclass":  # the spec Megatron made, with our layer class
         backend = "collective" if dist.get_world_size() > 1 else "auto"
@@ -72,18 +75,21 @@ def _training_layer(rank: int, way: str) -> torch.nn.Module:
         return build(config=config, pg_collection=_groups(rank), layer_number=1)
 
 
-def training_task(rank: int) -> dict[str, dict[str, Tensor] | str]:
-    """One forward and backward of Megatron's layer each way: output, input and parameter gradients, and
-    the dispatcher class each layer built."""
+def training_task(rank: int, tokens: int = TOKENS, late_fields: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One forward and backward of Megatron's layer each way: output, input and parameter gradients, the
+    dispatcher class each layer built and the ``tokens_per_expert`` its experts were handed."""
     _cpu_megatron()
     results: dict[str, Any] = {}
     for way in ("megatron", "install", "subclass"):
-        layer = _training_layer(rank, way)
-        x = torch.randn(TOKENS, 1, HIDDEN, generator=torch.Generator().manual_seed(100 + rank), requires_grad=True)
+        layer = _training_layer(rank, way, late_fields or {})
+        counts: list[Tensor] = []
+        layer.experts.register_forward_pre_hook(lambda module, args: counts.append(args[1]))
+        x = torch.randn(tokens, 1, HIDDEN, generator=torch.Generator().manual_seed(100 + rank), requires_grad=True)
         out, _ = layer(x)
         out.square().sum().backward()
         results[way] = {"out": out.detach(), "grad x": x.grad, **{f"grad {n}": p.grad for n, p in layer.named_parameters()}}
         results[f"{way} dispatcher"] = f"{type(layer.token_dispatcher).__module__}.{type(layer.token_dispatcher).__name__}"
+        results[f"{way} counts"] = counts[-1]
     return results
 
 

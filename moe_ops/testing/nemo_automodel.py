@@ -4,6 +4,7 @@ swapped in the documented way (:func:`moe_ops.integrations.nemo_automodel.instal
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -66,13 +67,25 @@ def _step(layer: torch.nn.Module, rank: int) -> dict[str, torch.Tensor]:
     return result
 
 
-def compare_task(rank: int, backend: str) -> dict[str, Any]:
+def compare_task(rank: int, backend: str, pad_multiple: int | None = None) -> dict[str, Any]:
     """NeMo's ``dispatcher="torch"`` layer and the same layer with ``dispatcher="deepep"`` after
-    ``install(backend)``: their results, whether NeMo built a moe_ops dispatcher, and its transport."""
+    ``install(backend)``: their results, whether NeMo built a moe_ops dispatcher, its transport and the
+    ``tokens_per_expert`` it handed the experts. NeMo's layer leaves ``moe_router_expert_pad_multiple``
+    at its default; ``pad_multiple`` sets it as a user constructing the config would."""
+    from nemo_automodel.components.moe import experts as upstream_experts
+
     reference = _step(_layer("torch"), rank)
-    with adapter.install(backend):
+    with adapter.install(backend) as patches:
+        if pad_multiple is not None:
+            patches.set(upstream_experts, "TokenDispatcherConfig", partial(adapter.TokenDispatcherConfig, moe_router_expert_pad_multiple=pad_multiple))
         layer = _layer("deepep")
         ours = _step(layer, rank)
     dispatcher = getattr(layer.experts, "token_dispatcher", None)
     ours_built = isinstance(dispatcher, adapter.MoEFlexTokenDispatcher)
-    return {"reference": reference, "ours": ours, "moe_ops dispatcher": ours_built, "transport": getattr(dispatcher, "transport", None)}
+    return {
+        "reference": reference,
+        "ours": ours,
+        "moe_ops dispatcher": ours_built,
+        "transport": getattr(dispatcher, "transport", None),
+        "counts": dispatcher._dispatched.tokens_per_expert if ours_built else None,
+    }
