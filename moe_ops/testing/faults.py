@@ -44,7 +44,7 @@ SETUPS: dict[str, Setup] = {
     "symm": Setup(("ragged", "padded"), (1, 2, 3, 4), "symmetric_memory", env=tuple(TRITON_INTERPRETED.items())),
     "deepep": Setup(("ragged", "padded"), (2, 4), "deep_ep", torch.bfloat16),
     "deepep_ll": Setup(("padded",), (1, 2, 3, 4), "deep_ep", torch.bfloat16, hidden=2048, bound_multiple=low_latency_token_multiple),
-    "mc2": Setup(("padded",), (1, 2, 3, 4), "torch_npu", torch.bfloat16),
+    "mc2": Setup(("padded",), (2, 3, 4), "torch_npu", torch.bfloat16, hidden=1000),  # Atlas A3: W >= 2, rows of >= 1024 columns
 }
 
 MUTATIONS = ("x_dtype", "hidden", "topk_idx_dtype", "topk_weights_shape", "num_experts", "capacity", "layout",
