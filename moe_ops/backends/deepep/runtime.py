@@ -90,6 +90,10 @@ def check_rows(name: str, rows: Tensor, mode: Mode) -> None:
     check_hidden(name, rows.shape[-1], mode)
 
 
+def _normal_dispatch_takes(hidden: int) -> bool:
+    return hidden % NORMAL_HIDDEN_MULTIPLE == 0 and hidden <= NORMAL_MAX_HIDDEN
+
+
 def check_hidden(name: str, hidden: int, mode: Mode) -> None:
     """The hidden size of rows ``name`` (``x`` and ``grad_out`` go through a dispatch kernel, the others
     through a combine kernel)."""
@@ -98,7 +102,7 @@ def check_hidden(name: str, hidden: int, mode: Mode) -> None:
             f"{name} has hidden size {hidden}; DeepEP's low-latency kernels take {', '.join(map(str, LOW_LATENCY_HIDDEN))} "
             "(SWITCH_HIDDEN, csrc/kernels/launch.cuh)"
         )
-    if mode == "normal" and name in _DISPATCHED and (hidden % NORMAL_HIDDEN_MULTIPLE or hidden > NORMAL_MAX_HIDDEN):
+    if mode == "normal" and name in _DISPATCHED and not _normal_dispatch_takes(hidden):
         raise MoEInputError(
             f"{name} has hidden size {hidden}; DeepEP's intranode dispatch (SM90 build) needs a multiple of "
             f"{NORMAL_HIDDEN_MULTIPLE} of at most {NORMAL_MAX_HIDDEN} (its TMA staging buffer, csrc/kernels/intranode.cu, dispatch)"
@@ -319,17 +323,16 @@ def _release(comm: Comm, held: _GroupBuffer) -> None:
 
 
 def reserve(group: dist.ProcessGroup | str, *, hidden: int, max_tokens_per_rank: int | None = None, num_experts: int | None = None) -> None:
-    """Make ``group``'s DeepEP buffer now, sized for normal-mode calls of up to ``hidden`` (groups of 2, 4
-    or 8 ranks) and, given ``max_tokens_per_rank`` and ``num_experts``, low-latency calls of up to that
-    many tokens per rank and that ``hidden`` too: one buffer for both modes, as DeepEP's own tests make it.
+    """Make ``group``'s DeepEP buffer now, sized for normal-mode calls of up to ``hidden`` (where normal
+    mode runs: groups of 2, 4 or 8 ranks, a hidden size its dispatch takes) and, given
+    ``max_tokens_per_rank`` and ``num_experts``, low-latency calls of up to that many tokens per rank and
+    that ``hidden`` too: one buffer for both modes, as DeepEP's own tests make it.
     Collective: call it on every rank of the group, before its first DeepEP call (a buffer already made
     in low-latency mode cannot grow)."""
     comm = comm_for(group_name_of(group))
     if comm.group is None:
         raise MoEInputError("reserve needs a torch.distributed group")
-    normal = comm.world_size in NORMAL_WORLD_SIZES
-    if normal:
-        check_hidden("x", hidden, "normal")
+    normal = comm.world_size in NORMAL_WORLD_SIZES and _normal_dispatch_takes(hidden)
     low_latency = None
     if max_tokens_per_rank is not None and num_experts is not None:
         check_hidden("x", hidden, "low_latency")
@@ -339,6 +342,11 @@ def reserve(group: dist.ProcessGroup | str, *, hidden: int, max_tokens_per_rank:
         low_latency = (max_tokens_per_rank, hidden, num_experts)
     elif max_tokens_per_rank is not None or num_experts is not None:
         raise MoEInputError("reserve sizes low-latency mode from max_tokens_per_rank and num_experts together")
+    if not normal and low_latency is None:
+        raise MoEInputError(
+            f"nothing to reserve: normal mode does not run here ({comm.world_size} ranks, hidden size {hidden}) "
+            "and low-latency mode needs max_tokens_per_rank and num_experts"
+        )
     _ensure(comm, Sizing(normal_sizing(hidden).normal if normal else None, low_latency))
 
 
