@@ -10,6 +10,7 @@ tests). A simulator has the library's API and says which device types it runs on
 from __future__ import annotations
 
 import importlib
+import sys
 from types import ModuleType
 
 #: name -> the module a backend imports
@@ -26,6 +27,11 @@ def load(name: str) -> ModuleType:
     Raises ``ImportError`` where neither is there."""
     simulator = _simulators.get(name)
     return simulator if simulator is not None else importlib.import_module(MODULES[name])
+
+
+def current(name: str) -> ModuleType | None:
+    """The simulator installed as ``name``, else the library if already imported; never imports it."""
+    return _simulators.get(name) or sys.modules.get(MODULES[name])
 
 
 def simulated_device_types(name: str) -> frozenset[str]:

@@ -5,7 +5,10 @@ limits as clear errors, the buffer's life cycle, and deliberate mapping mistakes
 
 Group sizes: ``deepep`` runs DeepEP's intranode normal kernels, built for 2, 4 and 8 ranks, so it is
 checked at W = 2 and 4 (both layouts) and must refuse W = 1 and 3; ``deepep_ll`` (padded only) at
-W = 1…4. DeepEP moves bf16 tokens; low-latency hidden sizes are DeepEP's (2048 here).
+W = 1…4. Shapes are ones DeepEP takes: bf16 tokens; normal-mode hidden sizes multiples of 16 (its
+intranode dispatch's TMA staging); low-latency hidden sizes from DeepEP's compiled list (2048, 3072) and
+``W * max_tokens_per_rank`` a multiple of 4. Every world call installs a fresh simulator, i.e. a fresh
+simulated process (NVSHMEM is initialised once per process), so each test makes its own buffers.
 
 Example counts (2-core CI): Hypothesis draws EXAMPLES[W] problems per world size and mode (T up to 24
 per rank, 16 in low-latency mode; E up to 32); the Triton local stage (interpreted) gets one problem per mode; compiled runs,
@@ -13,6 +16,7 @@ the slowest part (every rank compiles), one fixed problem per mode at W = 2.
 """
 
 import functools
+import re
 import subprocess
 import sys
 
@@ -21,6 +25,7 @@ import torch
 from hypothesis import given, settings
 
 from moe_ops import MoEInputError
+from moe_ops.backends.deepep.runtime import low_latency_token_multiple
 from moe_ops.testing import conformance, deepep_tasks, sim
 from moe_ops.testing.harness import RankFailure, set_up
 from moe_ops.testing.problems import Problem, make_problem, padded, problems
@@ -31,8 +36,9 @@ INSTALL = functools.partial(sim.install_on_rank, name="deep_ep")
 NORMAL_SIZES = (2, 4)
 LOW_LATENCY_SIZES = (1, 2, 3, 4)
 EXAMPLES = {1: 4, 2: 6, 3: 4, 4: 4}
-NORMAL_HIDDEN = (8, 64, 128)
+NORMAL_HIDDEN = (16, 64, 128)
 LL_HIDDEN = 2048
+LL_BOUND = 16  # max_tokens_per_rank of the fixed low-latency problems: W * 16 is a multiple of 4 at any W
 
 
 @pytest.fixture
@@ -58,7 +64,8 @@ def test_normal_property(world, size: int) -> None:
 @pytest.mark.parametrize("size", LOW_LATENCY_SIZES)
 def test_low_latency_property(world, size: int) -> None:
     @settings(max_examples=EXAMPLES[size])
-    @given(problem=problems(size, max_tokens=16, max_experts=32, hidden_sizes=(LL_HIDDEN,), dtypes=(torch.bfloat16,), layouts=("padded",)))
+    @given(problem=problems(size, max_tokens=16, max_experts=32, hidden_sizes=(LL_HIDDEN, 3072), dtypes=(torch.bfloat16,),
+                            layouts=("padded",), bound_multiple=low_latency_token_multiple(size)))
     def check(problem: Problem) -> None:
         conformance.check_world(world(size), problem, "deepep_ll")
 
@@ -76,7 +83,7 @@ def test_edge_cases(world, backend: str, size: int, layout: str) -> None:
     drops in the padded layout (DeepEP's low-latency arrival order must not decide which)."""
     hidden = LL_HIDDEN if backend == "deepep_ll" else 16
     tokens = [13, 0, 9, 1][:size]
-    kw = padded(13, 3) if layout == "padded" else {}
+    kw = padded(LL_BOUND, 3) if layout == "padded" else {}
     for pattern in ("one_rank", "one_expert", "all_masked", "uniform"):
         problem = bf16_problem(tokens, hidden, 4 * size, 2, pattern=pattern, mask_fraction=0.3, seed=3, **kw)
         conformance.check_world(world(size), problem, backend)
@@ -130,10 +137,13 @@ def test_normal_mode_refuses_group_sizes_deepep_lacks(world, size: int) -> None:
 
 LIMITS = [
     ("deepep", dict(hidden=16, dtype=torch.float32), "must be bfloat16"),
-    ("deepep", dict(hidden=12), "multiple of 8"),
+    ("deepep", dict(hidden=24), "multiple of 16 of at most 8184"),
+    ("deepep", dict(hidden=8192), "multiple of 16 of at most 8184"),
     ("deepep", dict(hidden=16, top_k=12), "at most 11"),
-    ("deepep_ll", dict(hidden=64, **padded(6, None)), "low-latency kernels take 2048"),
-    ("deepep_ll", dict(hidden=LL_HIDDEN, top_k=12, **padded(6, None)), "at most 11"),
+    ("deepep_ll", dict(hidden=64, **padded(8, None)), "low-latency kernels take 2048, 2560, 3072"),
+    ("deepep_ll", dict(hidden=LL_HIDDEN, **padded(7, None)), "multiple of 4"),
+    ("deepep_ll", dict(hidden=LL_HIDDEN, **padded(512, None)), "NVSHMEM_QP_DEPTH (1024)"),
+    ("deepep_ll", dict(hidden=LL_HIDDEN, top_k=12, **padded(8, None)), "at most 11"),
 ]
 
 
@@ -146,24 +156,70 @@ def test_deepep_limits_raise_clear_errors_on_every_rank(world, backend: str, kw:
     conformance.check_world(world(2), bf16_problem([6, 4], LL_HIDDEN, 4, 2, seed=2, **padded(6, None)), "deepep_ll")
 
 
+SIMULATED_LIMITS = [  # the same limits, met by the simulator when the backend does not check them first
+    ("deepep", 24, {}, "TMA staging buffer"),
+    ("deepep", 8192, {}, "TMA staging buffer"),
+    ("deepep_ll", 64, padded(8, None), "not one the kernels are built for"),
+    ("deepep_ll", LL_HIDDEN, padded(7, None), "multiple of 4"),
+    ("deepep_ll", LL_HIDDEN, padded(512, None), "NVSHMEM_QP_DEPTH 1024 < (Tmax + 1) * 2"),
+]
+
+
+@pytest.mark.parametrize(("backend", "hidden", "kw", "expected"), SIMULATED_LIMITS)
+def test_simulator_enforces_deepep_limits(world, backend: str, hidden: int, kw: dict, expected: str) -> None:
+    """The simulator is as strict as DeepEP: with the backend's checks switched off, the call fails there."""
+    problem = bf16_problem([6, 4], hidden, 24, 2, seed=2, **kw)
+    with pytest.raises(RankFailure, match=re.escape(expected)):
+        conformance.check_world(world(2), problem, backend, False, deepep_tasks.unchecked_rank_task)
+
+
+def test_low_latency_hidden_3072(world) -> None:
+    """DeepEP's low-latency kernels are compiled for hidden 3072 (gpt-oss), since 73b6ea4."""
+    conformance.check_world(world(2), bf16_problem([6, 4], 3072, 8, 2, mask_fraction=0.2, seed=3, **padded(8, 3)), "deepep_ll")
+
+
 @pytest.mark.parametrize("mistake", sorted(deepep_tasks.MISTAKES))
 def test_conformance_catches_mapping_mistakes(world, mistake: str) -> None:
     backend = mistake.split(":")[0]
-    kw = padded(11, 4) if backend == "deepep_ll" or mistake == "deepep:count" else {}
+    kw = padded(12, 4) if backend == "deepep_ll" or mistake == "deepep:count" else {}
     problem = bf16_problem([11, 7], LL_HIDDEN if backend == "deepep_ll" else 16, 8, 3, mask_fraction=0.2, seed=4, **kw)
     with pytest.raises((RankFailure, AssertionError)):
         conformance.check_world(world(2), problem, backend, False, deepep_tasks.rank_task, mistake)
     conformance.check_world(world(2), problem, backend)  # undone: the same problem passes
 
 
-def test_one_buffer_per_group_created_on_first_use(world) -> None:
-    """No buffer before a group's first call, none while tracing; the first normal call makes one, a
-    low-latency call replaces it once by one in low-latency mode; later calls of either mode reuse it."""
-    normal = bf16_problem([8, 5], 64, 4, 2, seed=5)
-    low_latency = bf16_problem([8, 5], LL_HIDDEN, 4, 2, seed=5, **padded(8, None))
-    calls = [(normal, "deepep"), (low_latency, "deepep_ll"), (normal, "deepep"), (low_latency, "deepep_ll")]
-    for before, traced, made in world(2).run(deepep_tasks.buffers_made_on_new_group, calls):
-        assert before == 0 and traced == 0 and [low for _, _, low in made] == [False, True], made
+NORMAL_CALL = (bf16_problem([8, 5], 64, 4, 2, seed=5), "deepep")
+LL_CALL = (bf16_problem([8, 5], LL_HIDDEN, 4, 2, seed=5, **padded(8, None)), "deepep_ll")
+
+
+def test_one_buffer_per_group_torn_down_before_a_new_one(world) -> None:
+    """No buffer while tracing; the first normal call makes a normal-mode buffer; the first low-latency
+    call destroys it on every rank before making the one buffer that serves both modes; later calls of
+    either mode reuse it."""
+    for traced, log in world(2).run(deepep_tasks.buffer_log, [NORMAL_CALL, LL_CALL, NORMAL_CALL, LL_CALL]):
+        assert traced == 0 and log == ["made normal", "destroyed normal", "made normal+low-latency"], log
+
+
+def test_reserve_sizes_both_modes_up_front(world) -> None:
+    reserved = dict(hidden=LL_HIDDEN, max_tokens_per_rank=8, num_experts=4)
+    for traced, log in world(2).run(deepep_tasks.buffer_log, [LL_CALL, NORMAL_CALL, LL_CALL], reserved):
+        assert traced == 0 and log == ["made normal+low-latency"], log
+
+
+@pytest.mark.parametrize("later", ["normal", "larger"])
+def test_low_latency_buffer_is_never_replaced(world, later: str) -> None:
+    """A low-latency buffer initialised NVSHMEM, which a process initialises once: a later call it does not
+    serve (normal mode, or more tokens per rank) is the same MoEInputError on every rank, naming reserve()."""
+    larger = bf16_problem([8, 5], LL_HIDDEN, 4, 2, seed=5, **padded(12, None)), "deepep_ll"
+    outcomes = world(2).outcomes(deepep_tasks.buffer_log, [LL_CALL, NORMAL_CALL if later == "normal" else larger], timeout=60)
+    assert all(o.error_type == "MoEInputError" and "reserve(" in o.message for o in outcomes), outcomes
+    assert len({o.message for o in outcomes}) == 1
+
+
+@pytest.mark.parametrize("destroy_first", [False, True])
+def test_simulator_initialises_nvshmem_once_per_process(world, destroy_first: bool) -> None:
+    for message in world(2).run(deepep_tasks.second_low_latency_buffer, destroy_first):
+        assert "NVSHMEM was already initialised in this process" in message, message
 
 
 def test_import_never_imports_deep_ep() -> None:

@@ -7,6 +7,7 @@ Examples: EXAMPLES Hypothesis problems per adapter and world size; one compiled 
 
 import re
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -120,3 +121,41 @@ def test_vllm_router_weight_on_input_and_mask() -> None:
     assert torch.equal(result["hidden_states"], torch.stack([x[1] * 2.0, x[0] * 0.5]))
     out = dispatcher.token_combine(result["hidden_states"] * 10, result["context_metadata"])
     assert torch.allclose(out, torch.stack([x[0] * 5.0, x[1] * 20.0, torch.zeros(4)]))
+
+
+def _dispatch_input(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, quant: object = None, **routing: object) -> SimpleNamespace:
+    """A stand-in for vllm-ascend's ``MoETokenDispatchInput`` (vllm_ascend/ops/fused_moe/dataclass/token_dispatcher.py),
+    its ``MoeRouterInput`` and ``MoEQuantParams`` (no quantization by default)."""
+    fields = dict(expert_map=None, global_redundant_expert_num=0, mc2_mask=None, apply_router_weight_on_input=False, log2phy=None, pertoken_scale=None)
+    quant = quant or SimpleNamespace(comm_quant_mode=None, dispatch_with_quant=False)
+    return SimpleNamespace(hidden_states=x, topk_weights=w, topk_ids=ids, routing=SimpleNamespace(**(fields | routing)), quant=quant)
+
+
+def test_vllm_dispatch_input_equals_the_positional_form() -> None:
+    """vllm-ascend main passes a ``MoETokenDispatchInput``: the same rows, groups and combine as the
+    positional form, returned as ``MoETokenDispatchOutput``'s fields."""
+    gen = torch.Generator().manual_seed(0)
+    x, w, ids = torch.randn(5, 8, generator=gen), torch.rand(5, 2, generator=gen), torch.tensor([[0, 3], [1, 2], [3, 0], [2, 1], [0, 1]])
+    mask, expert_map = torch.tensor([True, True, True, True, False]), torch.tensor([3, 2, 1, 0])
+    dispatcher = vllm_ascend.MoETokenDispatcher(top_k=2, num_experts=4)
+    old = dispatcher.token_dispatch(x, w, ids, expert_map=expert_map, mc2_mask=mask)
+    new = dispatcher.token_dispatch(_dispatch_input(x, w, ids, expert_map=expert_map, mc2_mask=mask))
+    assert isinstance(new, vllm_ascend.TokenDispatchOutput) and new.dynamic_scale is None and new.topk_scales is None
+    assert torch.equal(new.hidden_states, old["hidden_states"]) and torch.equal(new.group_list, old["group_list"])
+    assert new.group_list_type == old["group_list_type"] == 1
+    y = new.hidden_states * 3
+    assert torch.equal(dispatcher.token_combine(y, new.combine_metadata), dispatcher.token_combine(y, old["context_metadata"]))
+
+
+@pytest.mark.parametrize(
+    "quant, routing, message",
+    [
+        (SimpleNamespace(comm_quant_mode=2, dispatch_with_quant=False), {}, "comm_quant_mode=2 is not supported"),
+        (SimpleNamespace(comm_quant_mode=None, dispatch_with_quant=True), {}, "with_quant=True is not supported"),
+        (None, dict(pertoken_scale=torch.ones(2)), "pertoken_scale is not supported"),
+    ],
+)
+def test_vllm_dispatch_input_rejects_what_it_cannot_honour(quant: object, routing: dict, message: str) -> None:
+    dispatcher = vllm_ascend.MoETokenDispatcher(top_k=2, num_experts=4)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        dispatcher.token_dispatch(_dispatch_input(torch.randn(2, 8), torch.rand(2, 2), torch.tensor([[0, 1], [2, 3]]), quant, **routing))

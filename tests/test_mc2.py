@@ -1,12 +1,22 @@
 """The ``mc2`` backend (torch_npu's MC2 ops) on real processes over gloo, through the CPU simulator of
-moe_ops/testing/npu_sim.py: the conformance suite for W = 1, 2, 3, 4 (v2 ops; v1 fallback), compiled
-equals eager and opcheck (our fake shapes against the simulator's meta-shaped outputs), the arguments
-each op receives in hand-worked cases, wrong marshalling that the suite must catch, int8 dispatch,
-and the documented limits.
+moe_ops/testing/sim/torch_npu: the conformance suite, compiled equals eager and opcheck (our fake shapes
+against the simulator's meta-shaped outputs), the arguments each op receives in a hand-worked case,
+wrong marshalling that the suite must catch, int8 dispatch, and the SoC's limits.
+
+Shapes are ones the real ops take. The simulator reports Atlas A3 unless told A2, and both it and the
+backend apply that SoC's limits: on A3, dispatch_v2 rows of 1024…8192 columns on the wire (H = 1000 or
+1500 here, plus the row's metadata) and W ≥ 2, so the suite runs at W = 2, 3, 4. What needs more ranks
+runs once at W = 8, a world made for this module only: A2 (whose tiling takes EP sizes that are multiples
+of 8), with dispatch_v2 in its fullmesh and hierarchy modes and v1, and A3's v1 (W in 8, 16, …, rows of
+7168 columns). Not run: v1 compiled (every one of 8 ranks would compile, too slow for CI; the v1 fake
+shapes are the v2 ones but for the v1 handle, covered by the W = 8 runs' handle checks in eager mode),
+and A2 or v1 below W = 8 other than their refusal.
 
 Example counts (2-core CI): Hypothesis draws EXAMPLES[W] padded problems per world size (T up to 24 per
-rank, H in {1, 7, 64}, E up to 32, bf16/fp16: MC2 moves 16-bit rows only).
+rank, E up to 32, bf16/fp16: MC2 moves 16-bit rows only).
 """
+
+import re
 
 import pytest
 import torch
@@ -18,25 +28,34 @@ from moe_ops.testing.problems import Problem, make_problem, problems
 
 pytestmark = pytest.mark.multiproc
 
-WORLD_SIZES = (1, 2, 3, 4)
-EXAMPLES = {1: 8, 2: 14, 3: 10, 4: 8}
+WORLD_SIZES = (2, 3, 4)
+EXAMPLES = {2: 14, 3: 10, 4: 8}
 HALF = (torch.bfloat16, torch.float16)
+HIDDEN = 1000  # 1000 + the metadata columns: 1024…1056 on the wire (A3: 1024…8192)
 # The fake kernel's handle shapes depend on which MC2 ops torch_npu has, which no compile cache key
 # sees: the tests switch between v2 and v1 simulators, so their workers compile without caches.
 NO_COMPILE_CACHES = {"TORCHINDUCTOR_FX_GRAPH_CACHE": "0", "TORCHINDUCTOR_AUTOGRAD_CACHE": "0"}
+HIERARCHY = {"HCCL_INTRA_PCIE_ENABLE": "1", "HCCL_INTRA_ROCE_ENABLE": "0"}  # A2's hierarchy algorithm
 
 
 @pytest.fixture
 def world(worlds):
-    """``world(size, version=2, tamper=None)``: a live gloo world of ``size`` ranks with the simulator of
-    MC2 ops ``version`` installed (and the marshalling ``tamper`` applied)."""
+    """``world(size, version=2, tamper=None, soc="A3")``: a live gloo world of ``size`` ranks with the
+    simulator of MC2 ops ``version`` on ``soc`` installed (and the marshalling ``tamper`` applied)."""
 
-    def get(size: int, version: int = 2, tamper: object = None) -> World:
+    def get(size: int, version: int = 2, tamper: object = None, soc: str = "A3") -> World:
         w = worlds(size, env=NO_COMPILE_CACHES)
-        w.run(mc2_tasks.install, version, tamper)
+        w.run(mc2_tasks.install, version, tamper, soc)
         return w
 
     return get
+
+
+@pytest.fixture(scope="module")
+def eight():
+    """A world of 8 ranks for this module's tests that need them (closed after the module)."""
+    with World(8, env=NO_COMPILE_CACHES) as w:
+        yield w
 
 
 def mc2_problem(tokens: list[int], hidden: int, experts: int, top_k: int, **kw: object) -> Problem:
@@ -50,57 +69,107 @@ def test_property(world, size: int) -> None:
     w = world(size)
 
     @settings(max_examples=EXAMPLES[size])
-    @given(problem=problems(world_size=size, max_tokens=24, max_experts=32, hidden_sizes=(1, 7, 64), dtypes=HALF, layouts=("padded",)))
+    @given(problem=problems(world_size=size, max_tokens=24, max_experts=32, hidden_sizes=(HIDDEN, 1500), dtypes=HALF, layouts=("padded",)))
     def check(problem: Problem) -> None:
         conformance.check_world(w, problem, "mc2")
 
     check()
 
 
-@pytest.mark.parametrize("size", [2, 3])
-def test_v1_fallback(world, size: int) -> None:
-    """Without the v2 ops: unpadded batches, no mask (masked routes travel and are discarded)."""
-    w = world(size, version=1)
-    for pattern, capacity in (("uniform", None), ("one_rank", 3), ("one_expert", 2)):
-        problem = mc2_problem([9, 0, 4][:size], 16, 4 * size, 3, pattern=pattern, capacity=capacity, mask_fraction=0.3, seed=8)
-        conformance.check_world(w, problem, "mc2")
-
-
 @pytest.mark.parametrize("size", [2, 4])
 def test_edge_cases(world, size: int) -> None:
-    """No token anywhere (no MC2 call at all), one rank without tokens, everything masked, drops."""
+    """No token anywhere (no MC2 call at all), one rank without tokens, everything masked (combine_v2
+    leaves those tokens' rows unwritten: NaN in the simulator, zeros from the backend), drops."""
     w = world(size)
-    conformance.check_world(w, mc2_problem([0] * size, 8, 2 * size, 2, max_tokens_per_rank=0), "mc2")
+    conformance.check_world(w, mc2_problem([0] * size, HIDDEN, 2 * size, 2, max_tokens_per_rank=0), "mc2")
     for pattern in ("all_masked", "one_expert", "one_rank"):
-        conformance.check_world(w, mc2_problem([7, 0, 5, 1][:size], 8, 2 * size, 2, pattern=pattern, capacity=2, seed=4), "mc2")
+        conformance.check_world(w, mc2_problem([7, 0, 5, 1][:size], HIDDEN, 2 * size, 2, pattern=pattern, capacity=2, seed=4), "mc2")
 
 
-@pytest.mark.parametrize(("size", "version"), [(2, 2), (3, 1)])
-def test_compiled_equals_eager(world, size: int, version: int) -> None:
-    """fullgraph=True, dynamic=True: our fake shapes (the v1 handle's depend on T) against the real ones."""
-    problem = mc2_problem([12, 0, 5][:size], 32, 4 * size, 3, capacity=5, mask_fraction=0.2, seed=9)
-    conformance.check_world(world(size, version), problem, "mc2", compiled=True)
+def test_combine_v2_leaves_tokens_without_routes_unwritten(world) -> None:
+    """combine_v2 writes only the rows of tokens with an active route (into an uninitialised output): the
+    simulator leaves the others NaN, and the backend returns zeros there."""
+    problem = mc2_problem([5, 3], HIDDEN, 4, 2, pattern="all_masked", seed=3)
+    for raw, out in world(2).run(mc2_tasks.raw_combine, problem):
+        assert bool(raw.isnan().all()) and not out.any(), (raw, out)
+
+
+def test_compiled_equals_eager(world) -> None:
+    """fullgraph=True, dynamic=True: our fake shapes against the real ones (v2, A3, W = 2)."""
+    problem = mc2_problem([12, 5], HIDDEN, 8, 3, capacity=5, mask_fraction=0.2, seed=9)
+    conformance.check_world(world(2), problem, "mc2", compiled=True)
 
 
 def test_opcheck(world) -> None:
     """Fake kernels (ours, from torch_npu's meta shapes) against the real outputs, autograd registration."""
-    world(2).run(conformance.opcheck_task, mc2_problem([10, 6], 16, 8, 3, capacity=4, mask_fraction=0.2, seed=2), "mc2")
+    world(2).run(conformance.opcheck_task, mc2_problem([10, 6], HIDDEN, 8, 3, capacity=4, mask_fraction=0.2, seed=2), "mc2")
+
+
+# --- eight ranks: A2, and v1 -------------------------------------------------------------------------
+
+EIGHT_TOKENS = [3, 0, 2, 1, 3, 2, 0, 1]
+EIGHT = [  # (soc, version, environment, hidden): A3's v1 takes rows of exactly 7168 columns
+    ("A2", 2, {}, 16),
+    ("A2", 2, HIERARCHY, 16),
+    ("A2", 1, {}, 16),
+    ("A3", 1, {}, 7150),
+]
+
+
+@pytest.mark.parametrize(("soc", "version", "env", "hidden"), EIGHT, ids=["A2-v2", "A2-v2-hierarchy", "A2-v1", "A3-v1"])
+def test_eight_ranks(eight, soc: str, version: int, env: dict, hidden: int) -> None:
+    """The conformance suite on a small problem (masked routes included), and what the ops received: A2's
+    dispatch_v2 gets a 1-D token mask (its tiling takes no other) and, in hierarchy mode, expert_scales,
+    whose expand_scales combine gets back; v1 each rank's own batch, global_bs = Tmax W and no mask."""
+    problem = mc2_problem(EIGHT_TOKENS, hidden, 16, 2, mask_fraction=0.3, seed=5)
+    eight.run(mc2_tasks.install, version, None, soc)
+    conformance.check_world(eight, problem, "mc2", False, mc2_tasks.rank_task, env)
+    for rank, (calls, _) in enumerate(eight.run(mc2_tasks.recorded_calls, problem, version, soc, env)):
+        dispatch, combine = calls[0].kwargs, calls[1].kwargs
+        if version == 1:
+            batch = max(EIGHT_TOKENS[rank], 1)
+            assert dispatch["x_active_mask"] is None and dispatch["global_bs"] == 4 * 8 and dispatch["x"].shape[0] == batch
+            continue
+        assert torch.equal(dispatch["x_active_mask"], torch.arange(4) < EIGHT_TOKENS[rank])
+        assert torch.equal(combine["x_active_mask"], dispatch["x_active_mask"])
+        hierarchy = bool(env)
+        assert (dispatch["expert_scales"] is not None) == hierarchy and (combine["expand_scales"] is not None) == hierarchy
+
+
+def test_zero_global_bs_with_unequal_batches_fails(eight) -> None:
+    """v1 sends each rank's own batch: ``global_bs = 0`` there is refused (the simulator, as the tiling)."""
+    eight.run(mc2_tasks.install, 1, mc2_tasks.zero_global_bs, "A2")
+    with pytest.raises(RankFailure, match="global_bs=0"):
+        conformance.check_world(eight, mc2_problem(EIGHT_TOKENS, 16, 16, 2, seed=6), "mc2")
+
+
+@pytest.mark.parametrize(("tamper", "env", "message"), [
+    (mc2_tasks.route_mask, {}, "needs to be one-dimensional"),
+    (mc2_tasks.no_expert_scales, HIERARCHY, "expertScales is null"),
+], ids=["2-D mask", "no expert_scales"])
+def test_simulator_enforces_a2_rules(eight, tamper: object, env: dict, message: str) -> None:
+    """A2's tiling takes a 1-D mask only and, in hierarchy mode, requires expert_scales: the simulator
+    refuses the calls that break them."""
+    eight.run(mc2_tasks.install, 2, tamper, "A2")
+    with pytest.raises(RankFailure, match=message):
+        conformance.check_world(eight, mc2_problem(EIGHT_TOKENS, 16, 16, 2, seed=7), "mc2", False, mc2_tasks.rank_task, env)
 
 
 # --- what each op receives, worked out by hand from the documentation ------------------------------
 
-# Rank 0 has 3 tokens, rank 1 one (max_tokens_per_rank 3); E = 4 over W = 2 (L = 2), K = 2, H = 8.
+# Rank 0 has 3 tokens, rank 1 one (max_tokens_per_rank 3); E = 4 over W = 2 (L = 2), K = 2, H = 1010.
 # Rank 0: routes (0, 3), (2, masked), (masked, masked); rank 1: (1, 1): a repeat, so (1, masked).
 HAND = Problem(
-    xs=[torch.arange(24.0).view(3, 8).bfloat16(), torch.full((1, 8), -1.0).bfloat16()],
+    xs=[torch.arange(3030.0).view(3, 1010).bfloat16(), torch.full((1, 1010), -1.0).bfloat16()],
     topk_idx=[torch.tensor([[0, 3], [2, -1], [-1, -1]]), torch.tensor([[1, 1]])],
     topk_weights=[torch.tensor([[0.5, 0.25], [1.0, 0.75], [0.125, 0.0625]]), torch.tensor([[2.0, 4.0]])],
     num_experts=4,
     layout="padded",
     max_tokens_per_rank=3,
 )
-# Wire rows: 8 values, then 15 metadata bytes (key: 3; ids + 1: 2 each; float32 weights: 4 each,
-# little end first), zero-padded to 32 columns. 0.5 = 0x3F000000, 0.25 = 0x3E800000,
+# Wire rows: 1010 values, then 15 metadata bytes (key: 3; ids + 1: 2 each; float32 weights: 4 each,
+# little end first), zero-padded to 1056 columns (a multiple of 32); combine's rows are padded to 1056
+# too (not to 1024 = Align32(1010)). 0.5 = 0x3F000000, 0.25 = 0x3E800000,
 # 2.0 = 0x40000000, 4.0 = 0x40800000.
 HAND_META = {
     (0, 0): [0, 0, 0, 1, 0, 4, 0, 0, 0, 0, 63, 0, 0, 128, 62],  # rank 0 token 0: key 0, ids 0 and 3
@@ -112,65 +181,49 @@ HAND_IDS = {0: [[0, 3], [2, 0], [0, 1]], 1: [[1, 0], [0, 1], [0, 1]]}
 HAND_MASK = {0: [[True, True], [True, False], [False, False]], 1: [[True, False], [False, False], [False, False]]}
 
 
-def _shared(rank: int, group: str, global_bs: int) -> dict[str, object]:
-    """The scalar arguments dispatch and combine both receive."""
-    return dict(group_ep="sim-hccl:" + group, ep_world_size=2, ep_rank_id=rank, moe_expert_num=4, global_bs=global_bs)
-
-
 def test_v2_arguments_by_hand(world) -> None:
+    """A3, v2: the 2-D route mask, the wire rows, combine's rows as wide as dispatch's, and ``group_ep`` a
+    group of the same ranks made for the MC2 ops alone (CANN allows no other operator on it; the ops'
+    agreement runs on the caller's group)."""
     w = world(2)
-    group = w.run(mc2_tasks.group_name)[0]
-    for rank, calls in enumerate(w.run(mc2_tasks.recorded_calls, HAND, 2)):
+    callers_group = "sim-hccl:" + w.run(mc2_tasks.group_name)[0]
+    for rank, (calls, ranks) in enumerate(w.run(mc2_tasks.recorded_calls, HAND, 2)):
         assert [c.op for c in calls] == ["npu_moe_distribute_dispatch_v2", "npu_moe_distribute_combine_v2"] * 2
         dispatch, combine = calls[0].kwargs, calls[1].kwargs
         ids, mask = torch.tensor(HAND_IDS[rank], dtype=torch.int32), torch.tensor(HAND_MASK[rank])
-        shared = _shared(rank, group, global_bs=0)
+        assert ranks == [0, 1] and dispatch["group_ep"] != callers_group
+        shared = dict(group_ep=dispatch["group_ep"], ep_world_size=2, ep_rank_id=rank, moe_expert_num=4, global_bs=0)
         assert {k: dispatch[k] for k in shared} == shared and {k: combine[k] for k in shared} == shared
-        assert dispatch["quant_mode"] == 0 and dispatch["expert_token_nums_type"] == 0
+        assert dispatch["quant_mode"] == 0 and dispatch["expert_token_nums_type"] == 0 and dispatch["expert_scales"] is None
         assert torch.equal(dispatch["expert_ids"], ids) and torch.equal(dispatch["x_active_mask"], mask)
         x = dispatch["x"]
-        assert x.shape == (3, 32) and x.dtype == torch.bfloat16
-        assert torch.equal(x[: HAND.xs[rank].shape[0], :8], HAND.xs[rank]) and not x[:, 23:].any()
+        assert x.shape == (3, 1056) and x.dtype == torch.bfloat16
+        assert torch.equal(x[: HAND.xs[rank].shape[0], :1010], HAND.xs[rank]) and not x[:, 1025:].any()
         for (r, row), meta in HAND_META.items():
             if r == rank:
-                assert x[row, 8:23].tolist() == meta, (rank, row)
-        # combine: rows back in expand_x's order (A = BS W min(L, K) = 12), weights already applied
-        assert combine["expand_x"].shape == (12, 32) and torch.equal(combine["expert_scales"], torch.ones(3, 2))
+                assert x[row, 1010:1025].tolist() == meta, (rank, row)
+        # combine: rows back in expand_x's order (A = BS W min(L, K) = 12), as wide as the dispatch's, weights applied
+        assert combine["expand_x"].shape == (12, 1056) and torch.equal(combine["expert_scales"], torch.ones(3, 2))
         assert torch.equal(combine["expert_ids"], ids) and torch.equal(combine["x_active_mask"], mask)
         assert combine["assist_info_for_combine"].shape == (12 * 128,) and combine["ep_send_counts"].shape == (4,)
-        assert combine["tp_send_counts"].shape == (0,)
-        # backward: combine's is a dispatch of the output gradient; dispatch's a combine with 2K more columns
-        assert calls[2].kwargs["x"].shape == (3, 32) and calls[3].kwargs["expand_x"].shape == (12, 32)
-
-
-def test_v1_arguments_by_hand(world) -> None:
-    w = world(2, version=1)
-    group = w.run(mc2_tasks.group_name)[0]
-    for rank, calls in enumerate(w.run(mc2_tasks.recorded_calls, HAND, 1)):
-        assert [c.op for c in calls] == ["npu_moe_distribute_dispatch", "npu_moe_distribute_combine"] * 2
-        dispatch, combine = calls[0].kwargs, calls[1].kwargs
-        batch = HAND.xs[rank].shape[0]  # v1 sends each rank's own batch, global_bs = Tmax W, no mask
-        shared = dict(_shared(rank, group, global_bs=3 * 2), x_active_mask=None)
-        assert {k: dispatch[k] for k in shared} == shared and {k: combine[k] for k in shared} == shared
-        assert torch.equal(dispatch["expert_ids"], torch.tensor(HAND_IDS[rank][:batch], dtype=torch.int32))
-        assert dispatch["x"].shape == (batch, 32) and combine["expand_idx"].shape == (batch * 2,)
-        assert combine["expand_x"].shape == (12, 32)
+        assert combine["tp_send_counts"].shape == (0,) and combine["expand_scales"] is None
+        # backward: combine's is a dispatch of the output gradient; dispatch's a combine of rows as wide as the dispatch's
+        assert calls[2].kwargs["x"].shape == (3, 1056) and calls[3].kwargs["expand_x"].shape == (12, 1056)
 
 
 # --- wrong marshalling must fail ---------------------------------------------------------------------
 
 WRONG = [
-    (mc2_tasks.short_global_bs, 2, "global_bs"),  # the simulator rejects it, as the op must
-    (mc2_tasks.zero_global_bs, 1, "global_bs=0"),
-    (mc2_tasks.drop_first_route, 2, None),  # a silently lost route: only the conformance check sees it
-    (mc2_tasks.counts_not_cumsum, 2, None),  # counts read as a cumulative sum: rows land at wrong experts
+    (mc2_tasks.short_global_bs, "global_bs"),  # the simulator rejects it, as the op must
+    (mc2_tasks.drop_first_route, None),  # a silently lost route: only the conformance check sees it
+    (mc2_tasks.counts_not_cumsum, None),  # counts read as a cumulative sum: rows land at wrong experts
 ]
 
 
-@pytest.mark.parametrize(("tamper", "version", "message"), WRONG, ids=lambda v: getattr(v, "__name__", str(v)))
-def test_wrong_marshalling_fails(world, tamper: object, version: int, message: str | None) -> None:
-    problem = mc2_problem([6, 2, 5], 16, 6, 2, seed=11)
-    w = world(3, version, tamper)
+@pytest.mark.parametrize(("tamper", "message"), WRONG, ids=lambda v: getattr(v, "__name__", str(v)))
+def test_wrong_marshalling_fails(world, tamper: object, message: str | None) -> None:
+    problem = mc2_problem([6, 2, 5], HIDDEN, 6, 2, seed=11)
+    w = world(3, 2, tamper)
     if message is None:
         with pytest.raises(AssertionError):
             conformance.check_world(w, problem, "mc2")
@@ -179,12 +232,15 @@ def test_wrong_marshalling_fails(world, tamper: object, version: int, message: s
             conformance.check_world(w, problem, "mc2")
 
 
-def test_handle_of_another_dispatch_fails(world) -> None:
-    """Combining with the handle of an earlier dispatch: its first use is right, the next one caught."""
+def test_handle_of_another_dispatch_gives_wrong_sums(world) -> None:
+    """Combining with the ``assist_info_for_combine`` of an earlier dispatch of the same shapes. MC2
+    documents that tensor as opaque and checks nothing: on hardware the rows go where it says (wrong
+    sums), and so they do in the simulator; nothing in moe_ops catches it either (a handle of other
+    shapes is a MoEInputError, tests/test_faults.py), only the comparison with the reference does."""
     w = world(2, tamper=mc2_tasks.StaleHandle())
-    conformance.check_world(w, mc2_problem([6, 3], 16, 4, 2, seed=1), "mc2")
-    with pytest.raises(RankFailure, match="not the handle of one npu_moe_distribute_dispatch_v2"):
-        conformance.check_world(w, mc2_problem([2, 5], 16, 4, 2, seed=2), "mc2")
+    conformance.check_world(w, mc2_problem([6, 3], HIDDEN, 4, 2, seed=1), "mc2")
+    with pytest.raises(AssertionError):
+        conformance.check_world(w, mc2_problem([6, 3], HIDDEN, 4, 2, seed=2), "mc2")
 
 
 # --- int8 dispatch, limits ---------------------------------------------------------------------------
@@ -192,7 +248,7 @@ def test_handle_of_another_dispatch_fails(world) -> None:
 
 def test_int8_dispatch_is_close(world) -> None:
     """``mc2_int8``: the layout, counts and weights exact; rows within int8 rounding of each token's scale."""
-    problem = mc2_problem([10, 4], 64, 8, 3, capacity=5, mask_fraction=0.2, seed=3)
+    problem = mc2_problem([10, 4], HIDDEN, 8, 3, capacity=5, mask_fraction=0.2, seed=3)
     ref = conformance.expected(problem)[0]
     for rank, (recv_x, recv_w, counts, dropped) in enumerate(world(2).run(mc2_tasks.int8_rows, problem)):
         r = ref[rank]
@@ -202,8 +258,31 @@ def test_int8_dispatch_is_close(world) -> None:
         assert rows.any() and bool(((recv_x[rows].float() - r.recv_x[rows].float()).abs() <= scale / 127).all())
 
 
-def test_documented_limits_fail_before_any_call(world) -> None:
-    """Under Atlas A3's limits H = 16 is out of range: every rank raises the same error, no op runs."""
-    outcomes = world(2).run(mc2_tasks.under_soc_limits, mc2_problem([4, 4], 16, 4, 2), "A3")
-    assert all(calls == 0 for _, calls in outcomes) and len({m for m, _ in outcomes}) == 1
-    assert "hidden size on the wire 32 outside [1024, 8192]" in outcomes[0][0]
+LIMITS = [  # (soc, version, hidden, combine's hidden, message)
+    ("A3", 2, 16, None, "hidden size on the wire 32 outside [1024, 8192]"),
+    ("A2", 2, 16, None, "EP size 2 not among the supported sizes 8..256 in steps of 8"),
+    ("A3", 1, 7150, None, "EP size 2 not among the supported sizes [8, 16, 32, 64, 128, 144, 256, 288]"),
+    ("A3", 2, HIDDEN, 1100, "combine sends 1100 columns per row, but its dispatch's rows were 1024 wide"),
+]
+
+
+@pytest.mark.parametrize(("soc", "version", "hidden", "combine_hidden", "message"), LIMITS)
+def test_limits_fail_before_any_call(world, soc: str, version: int, hidden: int, combine_hidden: int | None, message: str) -> None:
+    """Out of the SoC's limits: every rank raises the same error, before the op that breaks them runs."""
+    outcomes = world(2).run(mc2_tasks.refusal, mc2_problem([4, 4], hidden, 4, 2), soc, version, combine_hidden)
+    expected_ops = ["npu_moe_distribute_dispatch_v2"] if combine_hidden else []
+    assert all(ops == expected_ops for _, ops in outcomes) and len({m for m, _ in outcomes}) == 1, outcomes
+    assert message in outcomes[0][0], outcomes[0][0]
+
+
+SIMULATED_LIMITS = [  # the same limits, met by the simulator when the backend does not check them first
+    ("A3", 2, 16, "H 32 outside [1024, 8192]"),
+    ("A2", 2, 16, "epWorldSize 2 not a multiple of 8"),
+    ("A3", 1, 7150, "epWorldSize 2 not in [8, 16, 32, 64, 128, 144, 256, 288]"),
+]
+
+
+@pytest.mark.parametrize(("soc", "version", "hidden", "message"), SIMULATED_LIMITS)
+def test_simulator_enforces_soc_limits(world, soc: str, version: int, hidden: int, message: str) -> None:
+    with pytest.raises(RankFailure, match=re.escape(message)):
+        conformance.check_world(world(2, version, None, soc), mc2_problem([4, 4], hidden, 4, 2), "mc2", False, mc2_tasks.rank_task, {}, True)

@@ -49,11 +49,32 @@ def test_a3_limits_worked_example() -> None:
     width = Wire(7168, 8).width
     assert width == 7232
     shape = mc2_limits.Shape(batch=64, hidden=width, top_k=8, experts=256, world=16)
-    assert mc2_limits.TABLE[("A3", 2)].buffer_bytes(shape) == 2 * (16384 + 576) * 14848
-    assert mc2_limits.TABLE[("A3", 2)].problems(shape) == ["HCCL_BUFFSIZE = 200 MB, this call needs at least 481 MB"]
+    a3 = mc2_limits.TABLE[("A3", 2, False)]
+    assert a3.buffer_bytes(shape) == 2 * (16384 + 576) * 14848
+    assert a3.problems(shape) == ["HCCL_BUFFSIZE = 200 MB, this call needs at least 481 MB"]
     bad = mc2_limits.Shape(batch=600, hidden=512, top_k=17, experts=1030, world=16)
-    found = [p.split(" ")[0] for p in mc2_limits.TABLE[("A3", 2)].problems(bad)]
+    found = [p.split(" ")[0] for p in a3.problems(bad)]
     assert found == ["max_tokens_per_rank", "hidden", "top-k", "num_experts", "HCCL_BUFFSIZE"]
+
+
+@pytest.mark.parametrize(("hierarchy", "world", "experts", "hidden", "batch", "expected"), [
+    (False, 8, 192, 7168, 8, []),
+    (False, 12, 192, 7168, 8, ["EP size"]),
+    (False, 264, 264, 7168, 8, ["EP size"]),
+    (False, 16, 1024, 7168, 8, ["num_experts", "64 local experts"]),
+    (False, 8, 200, 7168, 8, ["25 local experts"]),
+    (False, 8, 64, 7200, 8, ["hidden"]),
+    (True, 64, 512, 10240, 8, []),
+    (True, 64, 512, 10240, 16, ["HCCL_BUFFSIZE = 200 MB, this call needs at least 265 MB"]),  # 512 * 16 * (2 * 10240 + 4 * 8 * 4) B + 104 MB
+    (True, 72, 72, 1024, 8, ["EP size"]),
+])
+def test_a2_limits(hierarchy: bool, world: int, experts: int, hidden: int, batch: int, expected: list[str]) -> None:
+    """Atlas A2's tiling: EP sizes that are multiples of 8 up to 256 (64 in hierarchy mode), at most 512
+    experts and, in fullmesh mode, 24 per rank; rows of a multiple of 32 up to 7168 columns (10240 in
+    hierarchy mode, with its own HCCL_BUFFSIZE formula)."""
+    shape = mc2_limits.Shape(batch=batch, hidden=hidden, top_k=8, experts=experts, world=world)
+    found = mc2_limits.TABLE[("A2", 2, hierarchy)].problems(shape)
+    assert len(found) == len(expected) and all(p in f for p, f in zip(expected, found, strict=True)), found
 
 
 def test_route_ids_and_sent_ids() -> None:

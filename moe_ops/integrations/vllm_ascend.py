@@ -1,10 +1,17 @@
-"""vllm-ascend's ``MoETokenDispatcher`` interface over ``torch.ops.moe.*``.
+"""vllm-ascend's ``MoETokenDispatcher`` interface over ``torch.ops.moe.*``, in both of its forms:
 
-``token_dispatch(hidden_states, topk_weights, topk_ids, expert_map=None, log2phy=None,
-global_redundant_expert_num=0, ..., mc2_mask=None, apply_router_weight_on_input=False, with_quant=False)``
-returns vllm-ascend's dict (``group_list_type``, ``hidden_states``, ``group_list``, ``dynamic_scale``,
-``context_metadata``); ``token_combine(hidden_states, context_metadata=None, bias=None)`` returns
-``[T, H]``. Router weights are applied in combine, as vllm-ascend's dispatchers do, except with
+* vllm-ascend main (``vllm_ascend/ops/fused_moe/token_dispatcher.py``, 2026-08): ``token_dispatch(input)``
+  with a ``MoETokenDispatchInput`` (``hidden_states``, ``topk_weights``, ``topk_ids``, ``routing``:
+  ``expert_map``, ``global_redundant_expert_num``, ``mc2_mask``, ``apply_router_weight_on_input``,
+  ``log2phy``, ``pertoken_scale``; ``quant``) returns a :class:`TokenDispatchOutput` with the fields of
+  vllm-ascend's ``MoETokenDispatchOutput``;
+* the earlier positional form, ``token_dispatch(hidden_states, topk_weights, topk_ids, expert_map=None,
+  log2phy=None, global_redundant_expert_num=0, ..., mc2_mask=None, apply_router_weight_on_input=False,
+  with_quant=False)``, returns vllm-ascend's dict (``group_list_type``, ``hidden_states``, ``group_list``,
+  ``dynamic_scale``, ``context_metadata``).
+
+``token_combine(hidden_states, context_metadata=None, bias=None)`` (the metadata either form returned)
+returns ``[T, H]``. Router weights are applied in combine, as vllm-ascend's dispatchers do, except with
 ``apply_router_weight_on_input`` (top-1 only), where they scale the input instead.
 
 ``expert_map`` is vllm-ascend's per-rank map (``[E]``: this rank's local id of each physical expert,
@@ -18,6 +25,7 @@ layout, packed rows and ``tokens_per_expert``; padded layout, the ``[L, C, H]`` 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,6 +41,20 @@ from moe_ops.plan import Layout
 
 GROUP_LIST_COUNTS = 1  # vllm-ascend's group_list_type for per-expert counts (0 is cumulative)
 _UNSUPPORTED = ("shared_experts", "quantized_x_for_share", "dynamic_scale_for_share", "pertoken_scale")
+
+
+@dataclass(frozen=True)
+class TokenDispatchOutput:
+    """What ``token_dispatch`` returns for a ``MoETokenDispatchInput``: vllm-ascend's ``MoETokenDispatchOutput``
+    fields. ``hidden_states [rows, H]`` grouped by local expert, ``group_list [L]`` int64 rows per group
+    (``group_list_type`` 1: counts); ``combine_metadata`` goes back to ``token_combine``."""
+
+    hidden_states: Tensor
+    group_list: Tensor
+    group_list_type: int
+    combine_metadata: dict[str, Any]
+    dynamic_scale: Tensor | None = None
+    topk_scales: Tensor | None = None
 
 
 class MoETokenDispatcher:
@@ -69,9 +91,9 @@ class MoETokenDispatcher:
 
     def token_dispatch(
         self,
-        hidden_states: Tensor,
-        topk_weights: Tensor,
-        topk_ids: Tensor,
+        hidden_states: Tensor | Any,
+        topk_weights: Tensor | None = None,
+        topk_ids: Tensor | None = None,
         expert_map: Tensor | None = None,
         log2phy: Tensor | None = None,
         global_redundant_expert_num: int = 0,
@@ -83,12 +105,47 @@ class MoETokenDispatcher:
         with_quant: bool = False,
         dynamic_eplb: bool = False,
         pertoken_scale: Tensor | None = None,
-    ) -> dict[str, Any]:
+    ) -> dict[str, Any] | TokenDispatchOutput:
         """Dispatch ``hidden_states [T, H]`` by ``topk_ids [T, K]`` (logical ids) and ``topk_weights [T, K]``.
         ``mc2_mask [T]`` (bool) marks real rows of a padded batch; ``dynamic_eplb`` needs nothing here
-        (the placement is whatever ``expert_map`` and ``log2phy`` say on each call)."""
-        given = dict(zip(_UNSUPPORTED, (shared_experts, quantized_x_for_share, dynamic_scale_for_share, pertoken_scale)))
-        for name, value in given.items():
+        (the placement is whatever ``expert_map`` and ``log2phy`` say on each call). Given a
+        ``MoETokenDispatchInput`` instead of ``hidden_states`` (and nothing else), its fields supply the
+        arguments and the result is a :class:`TokenDispatchOutput`."""
+        if isinstance(hidden_states, Tensor):
+            if topk_weights is None or topk_ids is None:
+                raise MoEInputError("token_dispatch takes a MoETokenDispatchInput, or hidden_states, topk_weights and topk_ids")
+            given = dict(zip(_UNSUPPORTED, (shared_experts, quantized_x_for_share, dynamic_scale_for_share, pertoken_scale)))
+            return self._dispatch(
+                hidden_states, topk_weights, topk_ids, expert_map, log2phy, global_redundant_expert_num, mc2_mask,
+                apply_router_weight_on_input, with_quant, given,
+            )
+        routing, quant = hidden_states.routing, hidden_states.quant
+        if quant.comm_quant_mode is not None:
+            raise MoEInputError(f"comm_quant_mode={quant.comm_quant_mode} is not supported: moe_ops moves the tokens unquantized")
+        result = self._dispatch(
+            hidden_states.hidden_states, hidden_states.topk_weights, hidden_states.topk_ids, routing.expert_map,
+            routing.log2phy, routing.global_redundant_expert_num, routing.mc2_mask, routing.apply_router_weight_on_input,
+            quant.dispatch_with_quant, {"pertoken_scale": routing.pertoken_scale},
+        )
+        return TokenDispatchOutput(
+            result["hidden_states"], result["group_list"], result["group_list_type"], result["context_metadata"], result["dynamic_scale"]
+        )
+
+    def _dispatch(
+        self,
+        hidden_states: Tensor,
+        topk_weights: Tensor,
+        topk_ids: Tensor,
+        expert_map: Tensor | None,
+        log2phy: Tensor | None,
+        global_redundant_expert_num: int,
+        mc2_mask: Tensor | None,
+        apply_router_weight_on_input: bool,
+        with_quant: bool,
+        unsupported: dict[str, Any],
+    ) -> dict[str, Any]:
+        """:meth:`token_dispatch` on its arguments; ``unsupported`` maps the options moe_ops does not take to their values."""
+        for name, value in unsupported.items():
             if value is not None:
                 raise MoEInputError(f"{name} is not supported by the moe_ops adapter (compute shared experts outside it)")
         if with_quant:

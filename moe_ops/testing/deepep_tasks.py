@@ -1,5 +1,5 @@
 """Worker-side pieces of the DeepEP tests (picklable, for :class:`moe_ops.testing.harness.World`): the
-buffer's life cycle on a new group, and deliberate mistakes in how the DeepEP backends map DeepEP's
+buffer's life cycle on a new group, the simulator's own limits, and deliberate mistakes in how the DeepEP backends map DeepEP's
 outputs (a layout, a count, the handle), for tests proving that the conformance suite, run through the
 simulator (:mod:`moe_ops.testing.sim.deep_ep`), catches each one. A mistake replaces one private helper
 of a backend for the duration of one task."""
@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from moe_ops import libraries
+from moe_ops.backends import deepep
 from moe_ops.backends.deepep import low_latency, normal, runtime
 from moe_ops.plan import DispatchPlan
 from moe_ops.testing import conformance
@@ -22,22 +24,53 @@ from moe_ops.testing.problems import Problem
 from moe_ops.testing.sim.deep_ep import common
 
 
-def buffers_made_on_new_group(rank: int, calls: list[tuple[Problem, str]]) -> tuple[int, int, list[tuple[int, int, bool]]]:
-    """On a new group of every rank, trace the conformance pipeline of each ``(problem, backend)`` with
-    fake tensors, then run it. Returns the buffers the group had before (0: none is made at import), the
-    buffers made while tracing (0: fake kernels make none), and ``(nvl bytes, rdma bytes, low-latency)``
-    of each ``Buffer`` the runs made."""
+def buffer_log(rank: int, calls: list[tuple[Problem, str]], reserved: dict[str, int] | None = None) -> tuple[int, list[str]]:
+    """On a new group of every rank (optionally ``reserve``-d with ``reserved`` first), trace the conformance
+    pipeline of each ``(problem, backend)`` with fake tensors, then run it. Returns the buffers made while
+    tracing (0: fake kernels make none) and the simulated process's buffer log (:class:`common.Process`)
+    from the group's creation on."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
+    process = libraries.load("deep_ep").Buffer.process
     group = dist.new_group(list(range(dist.get_world_size())))
-    before, existing = len(common.created), int((group.group_name, group) in runtime._buffers)
+    before = len(process.log)
     for problem, backend in calls:
         step = conformance.pipeline(problem, rank, group=group.group_name, backend=backend)
         make_fx(step, tracing_mode="symbolic", _allow_non_fake_inputs=True)(problem.xs[rank], problem.topk_idx[rank], problem.topk_weights[rank])
-    traced = len(common.created) - before
+    traced = len(process.log) - before
+    if reserved is not None:
+        deepep.reserve(group, **reserved)
     for problem, backend in calls:
         conformance.run_rank(problem, rank, group=group.group_name, backend=backend)
-    return existing, traced, common.created[before:]
+    return traced, process.log[before:]
+
+
+def second_low_latency_buffer(rank: int, destroy_first: bool) -> str:
+    """Make a low-latency ``Buffer`` straight from the simulator, then another (after destroying the first,
+    with ``destroy_first``): the error the second one raises."""
+    deep_ep = libraries.load("deep_ep")
+    group = dist.group.WORLD
+    world = dist.get_world_size()
+    size = deep_ep.Buffer.get_low_latency_rdma_size_hint(4, 2048, world, world)
+    first = deep_ep.Buffer(group, 0, size, low_latency_mode=True, num_qps_per_rank=1, explicitly_destroy=True)
+    if destroy_first:
+        first.destroy()
+    try:
+        deep_ep.Buffer(group, 0, size, low_latency_mode=True, num_qps_per_rank=1, explicitly_destroy=True)
+    except common.SimulatedDeepEPError as error:
+        return str(error)
+    raise AssertionError("the second low-latency Buffer was made")
+
+
+def unchecked_rank_task(rank: int, problem: Problem, backend: str, compiled: bool) -> tuple[RankResult, object]:
+    """:func:`moe_ops.testing.conformance.rank_task` with the backends' own hidden-size and token-bound
+    checks switched off: what the (simulated) library does with a call outside its limits."""
+    saved = runtime.check_hidden, runtime.check_low_latency_shape
+    runtime.check_hidden = runtime.check_low_latency_shape = lambda *args: None  # type: ignore[assignment]
+    try:
+        return conformance.rank_task(rank, problem, backend, compiled)
+    finally:
+        runtime.check_hidden, runtime.check_low_latency_shape = saved
 
 
 def _experts_shifted(exchange: Callable[..., Any]) -> Callable[..., Any]:

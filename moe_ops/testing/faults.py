@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -16,6 +17,8 @@ from torch import Tensor
 
 import moe_ops
 from moe_ops import MoECommunicationError, MoEInputError, backends, config, routing
+from moe_ops.backends.deepep.runtime import low_latency_token_multiple
+from moe_ops.packing import round_up
 from moe_ops.testing import conformance, sim
 from moe_ops.testing.harness import TRITON_INTERPRETED
 from moe_ops.testing.problems import Problem, make_problem, padded
@@ -31,6 +34,7 @@ class Setup:
     dtype: torch.dtype = torch.float32
     hidden: int = 16
     env: tuple[tuple[str, str], ...] = ()  #: the workers' environment (symm's put kernel runs interpreted)
+    bound_multiple: Callable[[int], int] = lambda world: 1  #: what max_tokens_per_rank must be a multiple of at W ranks
 
 
 SETUPS: dict[str, Setup] = {
@@ -39,8 +43,8 @@ SETUPS: dict[str, Setup] = {
     "allgather": Setup(("padded",), (1, 2, 3, 4)),
     "symm": Setup(("ragged", "padded"), (1, 2, 3, 4), "symmetric_memory", env=tuple(TRITON_INTERPRETED.items())),
     "deepep": Setup(("ragged", "padded"), (2, 4), "deep_ep", torch.bfloat16),
-    "deepep_ll": Setup(("padded",), (1, 2, 3, 4), "deep_ep", torch.bfloat16, hidden=2048),
-    "mc2": Setup(("padded",), (1, 2, 3, 4), "torch_npu", torch.bfloat16),
+    "deepep_ll": Setup(("padded",), (1, 2, 3, 4), "deep_ep", torch.bfloat16, hidden=2048, bound_multiple=low_latency_token_multiple),
+    "mc2": Setup(("padded",), (2, 3, 4), "torch_npu", torch.bfloat16, hidden=1000),  # Atlas A3: W >= 2, rows of >= 1024 columns
 }
 
 MUTATIONS = ("x_dtype", "hidden", "topk_idx_dtype", "topk_weights_shape", "num_experts", "capacity", "layout",
@@ -52,7 +56,7 @@ def problem(backend: str, world: int, layout: str, tokens: list[int] | None = No
     """A problem ``backend`` takes at ``world`` ranks (T = 9, 0, 5, 3 by default: a rank without tokens)."""
     setup = SETUPS[backend]
     tokens = tokens or [9, 0, 5, 3][:world]
-    kw = padded(max(tokens) + 1, 4) if layout == "padded" else {}
+    kw = padded(round_up(max(tokens) + 1, setup.bound_multiple(world)), 4) if layout == "padded" else {}
     return make_problem(tokens, setup.hidden, 4 * world, 2, dtype=setup.dtype, mask_fraction=0.2, seed=seed, **kw)
 
 

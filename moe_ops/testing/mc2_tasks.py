@@ -5,21 +5,28 @@ it, which the conformance suite must catch."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.distributed_c10d import _resolve_process_group
 
 import moe_ops
+from moe_ops.backends.mc2 import backend as mc2_backend
 from moe_ops.testing import conformance, sim
+from moe_ops.testing.conformance import RankResult
 from moe_ops.testing.problems import Problem
 from moe_ops.testing.sim import torch_npu
+from moe_ops.testing.sim.torch_npu import mc2 as mc2_sim
 
 
-def install(rank: int, version: int = 2, tamper: torch_npu.Tamper | None = None) -> None:
+def install(rank: int, version: int = 2, tamper: torch_npu.Tamper | None = None, soc: str = "A3") -> None:
     """Install the simulator on this rank (replacing any earlier install)."""
-    sim.install("torch_npu", version=version, tamper=tamper)
+    sim.install("torch_npu", version=version, tamper=tamper, soc=soc)
 
 
 def group_name(rank: int) -> str:
@@ -27,12 +34,44 @@ def group_name(rank: int) -> str:
     return dist.group.WORLD.group_name
 
 
-def recorded_calls(rank: int, problem: Problem, version: int) -> list[torch_npu.Call]:
-    """Run the conformance pipeline (forward and backward) on ``mc2`` with a fresh simulator of
-    ``version``; every MC2 op call it made, with its arguments."""
-    sim.install("torch_npu", version=version)
-    conformance.run_rank(problem, rank, group=dist.group.WORLD.group_name, backend="mc2")
-    return torch_npu.calls()
+def recorded_calls(rank: int, problem: Problem, version: int, soc: str = "A3", env: dict[str, str] | None = None) -> tuple[list[torch_npu.Call], list[int]]:
+    """Run the conformance pipeline (forward and backward) on ``mc2`` with a fresh simulator of ``version``
+    on ``soc`` (with the environment variables ``env`` set meanwhile): every MC2 op call it made, with its
+    arguments, and the ranks of the group its ``group_ep`` names."""
+    sim.install("torch_npu", version=version, soc=soc)
+    with _environment(env or {}):
+        conformance.run_rank(problem, rank, group=dist.group.WORLD.group_name, backend="mc2")
+    calls = torch_npu.calls()
+    group = _resolve_process_group(calls[0].kwargs["group_ep"][len(mc2_sim.PREFIX) :])
+    return calls, dist.get_process_group_ranks(group)
+
+
+def rank_task(rank: int, problem: Problem, backend: str, compiled: bool, env: dict[str, str], unchecked: bool = False) -> tuple[RankResult, object]:
+    """:func:`moe_ops.testing.conformance.rank_task` with the environment variables ``env`` set meanwhile
+    (e.g. A2's hierarchy mode) and, with ``unchecked``, the backend's limit checks switched off (what the
+    simulator does with a call outside the SoC's limits)."""
+    saved = mc2_backend._Call.check
+    if unchecked:
+        mc2_backend._Call.check = lambda *args: None  # type: ignore[method-assign]
+    try:
+        with _environment(env):
+            return conformance.rank_task(rank, problem, backend, compiled)
+    finally:
+        mc2_backend._Call.check = saved  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def _environment(env: dict[str, str]) -> Iterator[None]:
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value
 
 
 def dispatched(rank: int, problem: Problem, backend: str) -> moe_ops.DispatchResult:
@@ -43,17 +82,17 @@ def dispatched(rank: int, problem: Problem, backend: str) -> moe_ops.DispatchRes
     )
 
 
-def under_soc_limits(rank: int, problem: Problem, soc: str) -> tuple[str, int]:
-    """Dispatch ``problem`` on ``mc2`` under ``soc``'s documented limits (not the simulator's relaxed
-    ones): ``(the MoEInputError message, MC2 calls made)``."""
-    sim.install("torch_npu", soc=soc)
+def refusal(rank: int, problem: Problem, soc: str, version: int = 2, combine_hidden: int | None = None) -> tuple[str, list[str]]:
+    """Dispatch ``problem`` on ``mc2`` under ``soc`` (and, given ``combine_hidden``, combine expert outputs of
+    that hidden size): ``(the MoEInputError message, the MC2 ops called)``."""
+    sim.install("torch_npu", version=version, soc=soc)
     try:
-        dispatched(rank, problem, "mc2")
+        d = dispatched(rank, problem, "mc2")
+        if combine_hidden is not None:
+            moe_ops.combine(d.recv_x.new_zeros(*d.recv_x.shape[:-1], combine_hidden), d, group=dist.group.WORLD.group_name)
     except moe_ops.MoEInputError as error:
-        return str(error), len(torch_npu.calls())
-    finally:
-        sim.install("torch_npu")
-    raise AssertionError("dispatch did not raise")
+        return str(error), [c.op for c in torch_npu.calls()]
+    raise AssertionError("the call did not raise")
 
 
 # --- tampers -------------------------------------------------------------------------------------
@@ -68,6 +107,18 @@ def short_global_bs(op: str, kwargs: dict[str, Any]) -> None:
 def zero_global_bs(op: str, kwargs: dict[str, Any]) -> None:
     """``global_bs = 0`` although the ranks' batches differ (v1 sends unpadded batches)."""
     kwargs["global_bs"] = 0
+
+
+def route_mask(op: str, kwargs: dict[str, Any]) -> None:
+    """A 2-D ``x_active_mask`` (the token mask repeated per route) where A2 takes a 1-D one only."""
+    mask: Tensor = kwargs["x_active_mask"]
+    kwargs["x_active_mask"] = mask.unsqueeze(1).expand(kwargs["expert_ids"].shape).contiguous()
+
+
+def no_expert_scales(op: str, kwargs: dict[str, Any]) -> None:
+    """Dispatch without ``expert_scales`` (which A2's hierarchy mode requires)."""
+    if "dispatch" in op:
+        kwargs["expert_scales"] = None
 
 
 def drop_first_route(op: str, kwargs: dict[str, Any]) -> None:
@@ -98,6 +149,20 @@ class StaleHandle:
             self.first = kwargs["assist_info_for_combine"]
         else:
             kwargs["assist_info_for_combine"] = self.first
+
+
+def raw_combine(rank: int, problem: Problem) -> tuple[Tensor, Tensor]:
+    """Dispatch and combine ``problem`` on ``mc2`` (this rank's tokens each with at least one route, or none):
+    the rows of ``npu_moe_distribute_combine_v2``'s own output for the tokens without a route, and the
+    combine's result for them."""
+    npu = sim.install("torch_npu")
+    outputs: list[Tensor] = []
+    combine = npu.npu_moe_distribute_combine_v2
+    npu.npu_moe_distribute_combine_v2 = lambda *args, **kwargs: outputs.append(combine(*args, **kwargs)) or outputs[-1]
+    d = dispatched(rank, problem, "mc2")
+    out = moe_ops.combine(d.recv_x, d, group=dist.group.WORLD.group_name)
+    routeless = (problem.topk_idx[rank] < 0).all(dim=1)
+    return outputs[0][: out.shape[0]][routeless], out[routeless]
 
 
 def int8_rows(rank: int, problem: Problem) -> tuple[Tensor, ...]:

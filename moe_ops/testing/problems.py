@@ -8,6 +8,8 @@ import torch
 from hypothesis import strategies as st
 from torch import Tensor
 
+from moe_ops.packing import round_up
+
 PATTERNS = ("uniform", "one_expert", "one_rank", "sparse", "all_masked")
 HIDDEN_SIZES = (1, 7, 64, 128, 1000)
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -169,11 +171,13 @@ def problems(
     pad_multiples: tuple[int, ...] = (1, 1, 2, 8),
     out_of_range: bool = True,
     placements: tuple[str, ...] = ("contiguous", "contiguous", "shuffled", "redundant"),
+    bound_multiple: int = 1,
 ) -> Problem:
     """Draw a :class:`Problem` for ``world_size`` ranks: uneven token counts (0 included), K = 1…8,
     E up to ``max_experts``, masked and out-of-range ids, every routing pattern, the given layouts
     (``"bounded"``: ragged with ``max_recv_rows`` from 0 to past the worst case), per-expert row multiples
-    and expert placements (contiguous, shuffled by an ``expert_map``, redundant through a ``log2phy``)."""
+    and expert placements (contiguous, shuffled by an ``expert_map``, redundant through a ``log2phy``);
+    a static layout's ``max_tokens_per_rank`` is a multiple of ``bound_multiple``."""
     num_local = draw(st.integers(1, max(1, max_experts // world_size)))
     num_experts = num_local * world_size
     placement = draw(st.sampled_from(placements))
@@ -184,7 +188,7 @@ def problems(
     pad_multiple = draw(st.sampled_from(pad_multiples))
     capacity = max_tokens_per_rank = max_recv_rows = None
     if kind != "ragged":
-        max_tokens_per_rank = max(tokens) + draw(st.integers(0, 3))
+        max_tokens_per_rank = round_up(max(tokens) + draw(st.integers(0, 3)), bound_multiple)
     if kind == "padded":
         capacity = draw(st.one_of(st.none(), st.integers(0, 6)))
     if kind == "bounded":  # from none to more than every route this rank can receive, in pad_multiple's groups

@@ -4,6 +4,9 @@
 * ``deepep`` (:mod:`.normal`): normal-mode kernels, both layouts, intranode groups of 2, 4 or 8 ranks;
 * ``deepep_ll`` (:mod:`.low_latency`): low-latency kernels, padded layout (decode), any group DeepEP takes.
 
+Each group has one ``deep_ep.Buffer``, made on its first call; :func:`reserve` makes it up front for both
+modes (a buffer in low-latency mode cannot grow later), :func:`release` destroys it (both collective).
+
 Importing this package never imports ``deep_ep``: the backends import it on their first call.
 
 Tested against :mod:`moe_ops.testing.sim.deep_ep`, a CPU simulator of DeepEP's documented behaviour over
@@ -14,5 +17,6 @@ LogFMT, zero-copy combine, or DeepEP's exact buffer-size formulas (docs/backends
 
 from moe_ops.backends.deepep.low_latency import DeepEPLowLatencyBackend
 from moe_ops.backends.deepep.normal import DeepEPBackend
+from moe_ops.backends.deepep.runtime import release, reserve
 
-__all__ = ["DeepEPBackend", "DeepEPLowLatencyBackend"]
+__all__ = ["DeepEPBackend", "DeepEPLowLatencyBackend", "release", "reserve"]

@@ -137,12 +137,13 @@ class DeepEPLowLatencyBackend(runtime.DeepEPBase):
 
     def check_rows(self, name: str, rows: Tensor, handle: list[Tensor], comm: Comm) -> None:
         super().check_rows(name, rows, handle, comm)
-        hidden = handle[5].shape[1]
-        if name != "grad_out" and rows.shape[-1] != hidden:
+        h = _Handle(handle, comm.world_size)
+        if name != "grad_out" and rows.shape[-1] != h.hidden:
             raise MoEInputError(
                 f"{name} has hidden size {rows.shape[-1]}, but DeepEP's low-latency combine returns the "
-                f"dispatched hidden size {hidden}"
+                f"dispatched hidden size {h.hidden}"
             )
+        runtime.check_buffer(comm, runtime.Sizing(low_latency=(h.max_tokens, h.hidden, h.num_experts)))
 
     def _combine_rows(self, rows: Tensor, weights: Tensor | None, h: _Handle, comm: Comm) -> Tensor:
         """``Buffer.low_latency_combine`` of the layout ``rows`` (``[L, C, H]``, scaled by ``weights``)."""

@@ -76,6 +76,10 @@ class DeepEPBackend(runtime.DeepEPBase):
     mode = "normal"
     layouts = frozenset({"ragged", "padded"})
 
+    def check_rows(self, name: str, rows: Tensor, handle: list[Tensor], comm: Comm) -> None:
+        super().check_rows(name, rows, handle, comm)
+        runtime.check_buffer(comm, runtime.normal_sizing(rows.shape[-1]))
+
     def dispatch(self, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, plan: DispatchPlan, peers: Peers) -> DispatchOutputs:
         buffer, dispatch_config, _ = runtime.normal_buffer(plan.comm, x.shape[1])
         ids = routing.masked_ids(topk_idx, plan.num_experts)

@@ -5,38 +5,47 @@
 
 Marshalling (one call; ``W`` ranks, ``L`` local experts, ``Tmax = max_tokens_per_rank``):
 
-* ``group_ep``: the HCCL communicator name of the group (``get_hccl_comm_name``); ``ep_world_size = W``,
-  ``ep_rank_id`` = this rank, ``moe_expert_num = E``.
-* v2: every rank sends ``BS = Tmax`` rows (its ``T`` tokens, then masked padding rows), so batches are
-  equal, ``global_bs = 0``, and the 2-D ``x_active_mask [BS, K]`` masks padding rows, ``-1`` ids, ids
-  outside ``[0, E)`` and repeats (the documentation allows a mask only when batches are equal).
-  v1 has no mask (reserved): each rank sends its ``T`` rows (at least one), ``global_bs = Tmax * W``,
-  and masked routes travel to unused experts and are discarded by the receiver.
+* ``group_ep``: the HCCL communicator name of a process group of the same ranks that the backend makes
+  for the MC2 ops alone (CANN allows no other operator on their communicator; the ops' agreement and
+  every other collective stay on the caller's group, as vllm-ascend keeps its own "mc2" group);
+  ``ep_world_size = W``, ``ep_rank_id`` = this rank, ``moe_expert_num = E``.
+* v2: every rank sends ``BS = Tmax`` rows (its ``T`` tokens, then padding rows), so batches are equal
+  and ``global_bs = 0``. ``x_active_mask``: on A3 ``[BS, K]``, masking padding rows, ``-1`` ids, ids
+  outside ``[0, E)`` and repeats; on A2, whose tiling takes a 1-D mask only (as vllm-ascend passes),
+  ``[BS]`` masking the padding rows, while masked slots travel to unused experts and the receiver
+  discards them. v1 has no mask (reserved): each rank sends its ``T`` rows (at least one),
+  ``global_bs = Tmax * W``, masked slots travel as on A2.
 * ``expert_ids``: the routes, masked slots filled with distinct unused experts (MC2 wants every id in
   ``[0, E)`` and no repeat in a row).
 * ``expert_token_nums_type = 0``: cumulative counts, which say which local expert each row belongs to.
 * ``quant_mode`` 0 (``"mc2"``) or 2, int8 per-token dynamic quantization of the dispatched rows
   (``"mc2_int8"``: ``recv_x`` is dequantized with ``dynamic_scales``, so it is close to, not equal to, ``x``).
-* combine: ``expert_scales`` all ones (the contract applies ``recv_weights``, which may differ from the
-  router's weights, on the expert rank before the rows go back) and the dispatch's opaque handle
+* combine: the rows padded to the dispatch's width (one ``H`` per dispatch/combine pair, as vllm-ascend's
+  pairs have), ``expert_scales`` all ones (the contract applies ``recv_weights``, which may differ from
+  the router's weights, on the expert rank before the rows go back) and the dispatch's opaque handle
   (``assist_info_for_combine`` or ``expand_idx``, ``ep_recv_counts`` as ``ep_send_counts``,
-  ``tp_recv_counts`` as ``tp_send_counts``) passed through unread. ``expert_scales`` / ``expand_scales``
-  of the dispatch are not used: the weights ride in the rows (:mod:`.wire`).
+  ``tp_recv_counts`` as ``tp_send_counts``) passed through unread. combine_v2 leaves the rows of tokens
+  with no active route unwritten: the backend zeroes them.
+* A2 in hierarchy mode (``HCCL_INTRA_PCIE_ENABLE=1``, ``HCCL_INTRA_ROCE_ENABLE=0``): dispatch gets
+  ``expert_scales`` (all ones; the tiling requires them) and combine the ``expand_scales`` it returned
+  (the hierarchy combine weights each row by them).
 
 Every row carries its token's key, ids and weights, so the expert rank rebuilds the contract's
 (source rank, token, k) order itself. Backward: dispatch's = a combine of the gradient rows (the
 weight gradients ride in 2K extra columns, each a bf16/fp16 hi + lo pair); combine's = a dispatch of
 the output gradient.
 
-Limits (:mod:`.limits`): bf16/fp16 tokens, float32 weights, and the SoC's documented ranges of BS, H
-(of the rows on the wire), K, E, W and HCCL_BUFFSIZE, checked before any call (at trace time too).
+Limits (:mod:`.limits`): bf16/fp16 tokens, float32 weights, and the SoC's ranges of BS, H (of the rows
+on the wire), K, E, W and HCCL_BUFFSIZE, checked before any call (at trace time too).
 
 **Tested against a CPU simulator of the documented op behaviour** (:mod:`moe_ops.testing.sim.torch_npu`,
 put in torch_npu's place through :mod:`moe_ops.libraries`), not on Ascend hardware; docs/backends.md
 lists what the simulator models and what it does not.
 
 Handle: ``[ids [T, K], slot_row [L, C], row_slot [A], row_k [A], assist_info (or expand_idx),
-ep_recv_counts, tp_recv_counts]``; ``A = Tmax * W * min(L, K)`` rows of ``expand_x``.
+ep_recv_counts, tp_recv_counts, expand_scales (float32 bits as int32; [0] outside A2 hierarchy mode),
+wire [0, H_w]]``; ``A = Tmax * W * min(L, K)`` rows of ``expand_x``, ``H_w`` the dispatch's row width
+(the last tensor holds no data).
 """
 
 from __future__ import annotations
@@ -51,15 +60,8 @@ from torch import Tensor
 
 from moe_ops import libraries, stage
 from moe_ops.backends.base import Backend, DispatchOutputs, Peers, int64_like
-from moe_ops.backends.mc2.limits import TABLE, Limits, Shape, soc_of
-from moe_ops.backends.mc2.wire import (
-    WIDTH_MULTIPLE,
-    Received,
-    Wire,
-    place,
-    route_ids,
-    sent_ids,
-)
+from moe_ops.backends.mc2.limits import TABLE, Shape, a2_hierarchy, soc_of
+from moe_ops.backends.mc2.wire import Received, Wire, place, route_ids, sent_ids
 from moe_ops.comm import Comm, library_call
 from moe_ops.errors import MoEInputError
 from moe_ops.indexing import pad_rows, take
@@ -74,37 +76,54 @@ def _torch_npu() -> ModuleType:
     return libraries.load("torch_npu")
 
 
-def _group_ep(group: dist.ProcessGroup, rank: int) -> str:
-    """MC2's ``group_ep``: the HCCL communicator name of ``group`` (the test simulator names its gloo groups)."""
+_mc2_groups: dict[tuple[str, object], dist.ProcessGroup] = {}
+
+
+def _mc2_group(comm: Comm) -> dist.ProcessGroup:
+    """The process group the MC2 ops of ``comm``'s calls run on: one of the same ranks, made on the first
+    call for them alone. "The EP communication domain allows no other operator" (CANN,
+    mc2/moe_distribute_dispatch_v2/docs/aclnnMoeDistributeDispatchV2.md, 约束说明 9), and the ops agree on
+    ``comm``'s group before every call; vllm-ascend likewise keeps a separate "mc2" group
+    (vllm_ascend/distributed/parallel_state.py). Every rank of the group makes it at the same call."""
+    key = (comm.group_name, comm.group)
+    if key not in _mc2_groups:
+        ranks = dist.get_process_group_ranks(comm.group)
+        _mc2_groups[key] = library_call("torch.distributed.new_group", comm, dist.new_group, ranks, use_local_synchronization=True)
+    return _mc2_groups[key]
+
+
+def _group_ep(comm: Comm) -> str:
+    """MC2's ``group_ep``: the HCCL communicator name of :func:`_mc2_group` (the test simulator names its gloo groups)."""
+    group = _mc2_group(comm)
     simulated = getattr(_torch_npu(), "simulated_comm_name", None)
     if simulated is not None:
-        return simulated(group, rank)
-    return group._get_backend(torch.device("npu")).get_hccl_comm_name(rank)
+        return simulated(group, comm.rank)
+    return group._get_backend(torch.device("npu")).get_hccl_comm_name(comm.rank)
 
 
-def _limits(version: int) -> Limits:
-    """The documented limits of op ``version`` on this SoC (the test simulator may relax them)."""
-    npu = _torch_npu()
-    simulated = getattr(npu, "simulated_limits", None)
-    if simulated is not None:
-        return simulated(version)
-    return TABLE[(soc_of(npu.npu.get_device_name()), version)]
+def _wire_width(handle: list[Tensor]) -> int:
+    """The width of the rows the dispatch that made ``handle`` sent (its last tensor's shape records it)."""
+    return handle[8].shape[1]
 
 
 @dataclass(frozen=True)
 class _Call:
-    """The MC2 view of one op call: the group, the routing sizes and the op version."""
+    """The MC2 view of one op call: the group, the routing sizes, the op version and the SoC."""
 
     comm: Comm
     num_experts: int
     top_k: int
     max_tokens: int  #: Tmax, agreed by every rank
     version: int  #: 2: dispatch_v2 / combine_v2; 1: dispatch / combine
+    soc: str  #: "A2" or "A3"
+    hierarchy: bool  #: A2's hierarchy algorithm (limits.a2_hierarchy)
 
     @classmethod
     def of(cls, comm: Comm, num_experts: int, top_k: int, max_tokens: int) -> _Call:
-        version = 2 if hasattr(_torch_npu(), "npu_moe_distribute_dispatch_v2") else 1
-        return cls(comm, num_experts, top_k, max_tokens, version)
+        npu = _torch_npu()
+        version = 2 if hasattr(npu, "npu_moe_distribute_dispatch_v2") else 1
+        soc = soc_of(npu.npu.get_device_name())
+        return cls(comm, num_experts, top_k, max_tokens, version, soc, soc == "A2" and a2_hierarchy())
 
     @classmethod
     def from_handle(cls, comm: Comm, handle: list[Tensor]) -> _Call:
@@ -134,82 +153,93 @@ class _Call:
         if self.max_tokens == 0:  # no rank has a token: no MC2 call is made
             return None
         shape = Shape(self.max_tokens, width, self.top_k, self.num_experts, self.comm.world_size)
-        return _limits(self.version).check(shape, what)
+        return TABLE[(self.soc, self.version, self.hierarchy)].check(shape, what)
 
     def _common(self, num_tokens: int, ids: Tensor) -> dict[str, object]:
         """The arguments dispatch and combine share, for a rank with ``num_tokens`` routes ``ids``."""
-        assert self.comm.group is not None
-        routes = pad_rows(ids, self.batch(num_tokens), -1)
+        batch = self.batch(num_tokens)
+        routes = pad_rows(ids, batch, -1)
         kwargs: dict[str, object] = dict(
             expert_ids=sent_ids(routes, self.num_experts),
-            group_ep=_group_ep(self.comm.group, self.comm.rank),
+            group_ep=_group_ep(self.comm),
             ep_world_size=self.comm.world_size,
             ep_rank_id=self.comm.rank,
             moe_expert_num=self.num_experts,
             global_bs=0 if self.version == 2 else self.max_tokens * self.comm.world_size,
         )
-        if self.version == 2:
+        if self.version == 2 and self.soc == "A3":  # the routes: a token with none active takes no part
             kwargs["x_active_mask"] = routes >= 0
+        elif self.version == 2:  # A2's tiling takes a token mask [BS] only (true before false)
+            kwargs["x_active_mask"] = torch.arange(batch, device=ids.device) < num_tokens
         return kwargs
 
     def dispatch(self, wire: Wire, x: Tensor, ids: Tensor, weights: Tensor | None, quant_mode: int) -> tuple[Received, Tensor, list[Tensor]]:
         """Send this rank's tokens ``x [T, H]`` with routes ``ids [T, K]``: the decoded ``expand_x`` rows,
-        ``expert_token_nums`` (cumulative) and the opaque handle."""
+        ``expert_token_nums`` (cumulative) and MC2's handle (``expand_scales`` as int32)."""
         ops, batch = _torch_npu(), self.batch(x.shape[0])
         keys = self.comm.rank * self.max_tokens + torch.arange(batch, device=x.device)  # batch <= Tmax
         rows = wire.encode(pad_rows(x, batch), keys, pad_rows(ids, batch, -1), None if weights is None else pad_rows(weights, batch))
         op = ops.npu_moe_distribute_dispatch_v2 if self.version == 2 else ops.npu_moe_distribute_dispatch
-        expand_x, scales, assist, ends, ep_counts, tp_counts, _ = library_call(
-            f"torch_npu.{op.__name__}", self.comm, op, x=rows, **self._common(x.shape[0], ids), quant_mode=quant_mode,
-            expert_token_nums_type=0,
+        kwargs = self._common(x.shape[0], ids)
+        if self.hierarchy:  # the A2 hierarchy tiling requires expert_scales; ones: the weights ride in the rows
+            kwargs["expert_scales"] = torch.ones(batch, self.top_k, dtype=torch.float32, device=x.device)
+        expand_x, scales, assist, ends, ep_counts, tp_counts, expand_scales = library_call(
+            f"torch_npu.{op.__name__}", self.comm, op, x=rows, **kwargs, quant_mode=quant_mode, expert_token_nums_type=0,
         )
-        return wire.decode(expand_x, scales if quant_mode else None, x.dtype), ends, [assist, ep_counts, tp_counts]
+        if expand_scales is None:  # A3 returns None where it has no expand_scales (torch_npu's documentation)
+            expand_scales = x.new_empty(0, dtype=torch.float32)
+        mc2_handle = [assist, ep_counts, tp_counts, expand_scales.view(torch.int32)]
+        return wire.decode(expand_x, scales if quant_mode else None, x.dtype), ends, mc2_handle
 
-    def combine(self, rows: Tensor, ids: Tensor, mc2_handle: list[Tensor]) -> Tensor:
-        """Sum the ``expand_x``-ordered ``rows [A, H]`` back per source token: ``[T, H]`` (a view)."""
+    def combine(self, rows: Tensor, ids: Tensor, mc2_handle: list[Tensor], width: int) -> Tensor:
+        """Sum the ``expand_x``-ordered ``rows [A, H]`` (sent ``width`` columns wide) back per source token: ``[T, H]``."""
         num_tokens, ops = ids.shape[0], _torch_npu()
-        assist, ep_counts, tp_counts = mc2_handle
+        assist, ep_counts, tp_counts, expand_scales = mc2_handle
         op, assist_name = (
             (ops.npu_moe_distribute_combine_v2, "assist_info_for_combine")
             if self.version == 2
             else (ops.npu_moe_distribute_combine, "expand_idx")
         )
+        kwargs = self._common(num_tokens, ids)
+        if self.hierarchy:  # the hierarchy combine weights each row by the dispatch's expand_scales
+            kwargs["expand_scales"] = expand_scales.view(torch.float32)
         out = library_call(
             f"torch_npu.{op.__name__}", self.comm, op,
-            expand_x=_pad_columns(rows, round_up(rows.shape[1], WIDTH_MULTIPLE)),
+            expand_x=_pad_columns(rows, width),
             ep_send_counts=ep_counts,
             tp_send_counts=tp_counts,
             expert_scales=torch.ones(self.batch(num_tokens), self.top_k, dtype=torch.float32, device=rows.device),
             **{assist_name: assist},
-            **self._common(num_tokens, ids),
+            **kwargs,
         )
-        return out[:num_tokens, : rows.shape[1]]
+        # combine_v2 writes only the rows of tokens with an active route (mc2/moe_distribute_combine_v2/
+        # op_kernel/moe_distribute_combine_v2.h, LocalWindowCopy) into an uninitialised output
+        # (op_plugin/ops/opapi/MoeDistributeCombineKernelV2OpApi.cpp): a token without routes gets zeros here
+        return torch.where((ids >= 0).any(dim=1, keepdim=True), out[:num_tokens, : rows.shape[1]], 0)
 
     def handle_shapes(self, num_tokens: int) -> list[tuple[int, ...]]:
-        """Shapes of MC2's handle tensors, as torch_npu's meta functions give them (no TP, no expert_scales)."""
-        batch = self.batch(num_tokens)
+        """Shapes of MC2's handle tensors, as torch_npu's meta functions give them (no TP; ``expert_scales``
+        in A2 hierarchy mode only)."""
+        batch, world = self.batch(num_tokens), self.comm.world_size
         assist = (max(batch * self.top_k, self.rows * 128),) if self.version == 2 else (batch * self.top_k,)
-        return [assist, (self.comm.world_size * self.num_local,), (0,)]
+        recv_counts = world * self.num_local
+        if self.hierarchy:
+            recv_counts += self.max_tokens * world * 2 * self.top_k * (world // 8)
+        return [assist, (recv_counts,), (0,), (self.rows if self.hierarchy else 0,)]
 
 
 def _pad_columns(rows: Tensor, width: int) -> Tensor:
     return rows if rows.shape[1] == width else torch.cat([rows, rows.new_zeros(rows.shape[0], width - rows.shape[1])], 1)
 
 
-def _nothing_sent(call: _Call, x: Tensor, weights: Tensor, ids: Tensor, capacity: int) -> DispatchOutputs:
+def _nothing_sent(call: _Call, x: Tensor, weights: Tensor, ids: Tensor, capacity: int, wire: Wire) -> DispatchOutputs:
     """Dispatch where no rank has a token (``Tmax = 0``): an empty layout, no MC2 call."""
     num_local = call.num_local
     handle = [ids, ids.new_full((num_local, capacity), -1), ids.new_empty(0), ids.new_empty(0)]
     handle += [x.new_zeros(shape, dtype=torch.int32) for shape in call.handle_shapes(ids.shape[0])]
+    handle.append(ids.new_empty(0, wire.width))
     counts = x.new_zeros(num_local, dtype=torch.int32)
     return DispatchOutputs(x.new_zeros(num_local, capacity, x.shape[1]), weights.new_zeros(num_local, capacity), counts, counts.clone(), handle)
-
-
-_WIDTHS = {  # columns MC2 moves for the rows of combine and the backward passes, hidden size H, top-k K
-    "expert_out": lambda hidden, top_k: round_up(hidden, WIDTH_MULTIPLE),  # combine
-    "grad_recv_x": lambda hidden, top_k: round_up(hidden + 2 * top_k, WIDTH_MULTIPLE),  # dispatch backward: + weight gradients
-    "grad_out": lambda hidden, top_k: Wire(hidden, top_k).width,  # combine backward: a dispatch of grad_out
-}
 
 
 class Mc2Backend(Backend):
@@ -231,7 +261,17 @@ class Mc2Backend(Backend):
     def check_rows(self, name: str, rows: Tensor, handle: list[Tensor], comm: Comm) -> None:
         call = _Call.from_handle(comm, handle)
         op = {"expert_out": "combine", "grad_recv_x": "dispatch backward", "grad_out": "combine backward"}[name]
-        _raise(call.check(_WIDTHS[name](rows.shape[-1], call.top_k), rows.dtype, op))
+        if name == "grad_out":  # combine's backward is a dispatch of grad_out, in its own row format
+            _raise(call.check(Wire(rows.shape[-1], call.top_k).width, rows.dtype, op))
+            return
+        # combine and dispatch's backward send rows back as wide as the dispatch's (one H per pair)
+        columns, width = rows.shape[-1] + (2 * call.top_k if name == "grad_recv_x" else 0), _wire_width(handle)
+        if columns > width:
+            raise MoEInputError(
+                f"backend 'mc2': {op} sends {columns} columns per row, but its dispatch's rows were {width} wide "
+                "(a combine moves rows of its dispatch's width): the hidden size may not grow between dispatch and combine"
+            )
+        _raise(call.check(width, rows.dtype, op))
 
     def dispatch(self, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, plan: DispatchPlan, peers: Peers) -> DispatchOutputs:
         top_k = topk_idx.shape[1]
@@ -240,11 +280,11 @@ class Mc2Backend(Backend):
         ids = route_ids(topk_idx, plan.num_experts)
         num_local, capacity = plan.num_local_experts, plan.capacity
         if call.max_tokens == 0:
-            return _nothing_sent(call, x, topk_weights, ids, capacity)
+            return _nothing_sent(call, x, topk_weights, ids, capacity, wire)
         received, ends, mc2_handle = call.dispatch(wire, x, ids, topk_weights, self.quant_mode)
         placed = place(received, ends, plan.comm.rank, num_local, capacity)
         route_weights = received.weights.gather(1, placed.row_k.clamp(min=0).unsqueeze(1)).squeeze(1)
-        handle = [ids, placed.slot_row, placed.row_slot, placed.row_k, *mc2_handle]
+        handle = [ids, placed.slot_row, placed.row_slot, placed.row_k, *mc2_handle, ids.new_empty(0, wire.width)]
         return DispatchOutputs(
             take(received.tokens, placed.slot_row),
             take(route_weights, placed.slot_row),
@@ -255,18 +295,18 @@ class Mc2Backend(Backend):
 
     def combine(self, expert_out: Tensor, recv_weights: Tensor, handle: list[Tensor], comm: Comm) -> Tensor:
         call = _Call.from_handle(comm, handle)
-        ids, _, row_slot, _, *mc2_handle = handle
+        ids, _, row_slot, _, *mc2_handle, wire = handle
         if call.max_tokens == 0:
             return expert_out.new_zeros(ids.shape[0], expert_out.shape[-1])
         rows = stage.reduce(expert_out.flatten(0, 1), row_slot.unsqueeze(1), recv_weights.flatten())
-        return call.combine(rows, ids, mc2_handle).contiguous()
+        return call.combine(rows, ids, mc2_handle, wire.shape[1])
 
     def dispatch_backward(
         self, grad_recv_x: Tensor, grad_recv_weights: Tensor, handle: list[Tensor], comm: Comm
     ) -> tuple[Tensor, Tensor]:
         call = _Call.from_handle(comm, handle)
         hidden, top_k = grad_recv_x.shape[-1], call.top_k
-        ids, _, row_slot, row_k, *mc2_handle = handle
+        ids, _, row_slot, row_k, *mc2_handle, wire = handle
         if call.max_tokens == 0:
             return grad_recv_x.new_zeros(ids.shape[0], hidden), grad_recv_weights.new_zeros(ids.shape)
         # Each row: its gradient, then its weight gradient as a hi + lo pair in columns k and K + k
@@ -277,7 +317,7 @@ class Mc2Backend(Backend):
         k = row_k.clamp(min=0).unsqueeze(1)
         weight_columns = hi.new_zeros(row_k.shape[0], 2 * top_k).scatter_(1, k, hi).scatter_(1, k + top_k, lo)
         rows = torch.cat([stage.reduce(grad_recv_x.flatten(0, 1), row_slot.unsqueeze(1), None), weight_columns], 1)
-        out = call.combine(rows, ids, mc2_handle)
+        out = call.combine(rows, ids, mc2_handle, wire.shape[1])
         grad_weights = out[:, hidden : hidden + top_k].float() + out[:, hidden + top_k :].float()
         return out[:, :hidden].contiguous(), grad_weights.to(grad_recv_weights.dtype)
 
@@ -293,7 +333,7 @@ class Mc2Backend(Backend):
         return stage.expand_grad(received.tokens, expert_out, recv_weights, placed.row_slot.unsqueeze(1), placed.slot_row)
 
     def handle_len(self, kind: Kind) -> int:
-        return 7
+        return 9
 
     def fake_handle(self, x: Tensor, topk_idx: Tensor, rows_shape: tuple[int, ...], plan: DispatchPlan) -> list[Tensor]:
         num_tokens, top_k = topk_idx.shape
@@ -304,6 +344,7 @@ class Mc2Backend(Backend):
             int64_like(topk_idx, (call.rows,)),
             int64_like(topk_idx, (call.rows,)),
             *(topk_idx.new_empty(s, dtype=torch.int32) for s in call.handle_shapes(num_tokens)),
+            int64_like(topk_idx, (0, Wire(x.shape[1], top_k, quantized=self.quant_mode == 2).width)),
         ]
 
 

@@ -2,9 +2,10 @@
 checked by the ``mc2`` backend before it calls them, so that a call out of range fails with a clear
 :class:`moe_ops.MoEInputError` instead of a device error, a hang or silent corruption.
 
-Numbers from the torch_npu / CANN operator documentation (default ``comm_alg``, no shared experts, no
-TP domain): batch ``BS`` per rank, hidden size ``H`` of the rows on the wire, top-k ``K``, experts ``E``,
-EP size ``W``, local experts ``L = E / W``, and the ``HCCL_BUFFSIZE`` (MB, default 200) each call needs.
+Numbers from the CANN operators' tiling (which rejects a call out of range) and documentation (no
+``comm_alg``, no shared experts, no TP domain): batch ``BS`` per rank, hidden size ``H`` of the rows on the
+wire, top-k ``K``, experts ``E``, EP size ``W``, local experts ``L = E / W``, and the ``HCCL_BUFFSIZE`` (MB,
+default 200) each call needs; :data:`TABLE` names the files.
 """
 
 from __future__ import annotations
@@ -46,14 +47,14 @@ def _a3_v1_buffer(s: Shape) -> int:
     return 2 * _MB + 2 * s.batch * 2 * (s.hidden + 128) * (s.world * s.local_experts + s.top_k + 1)
 
 
-def _a2_v2_buffer(s: Shape) -> int:
-    """A2, fullmesh: ``BS W min(L, K) H 4 + 4 MB``."""
-    return s.batch * s.world * min(s.local_experts, s.top_k) * s.hidden * 4 + 4 * _MB
-
-
-def _a2_v1_buffer(s: Shape) -> int:
-    """A2: ``2 (BS W min(L, K) H 2 + 2 MB)``."""
+def _a2_fullmesh_buffer(s: Shape) -> int:
+    """A2, fullmesh (v1 and v2): ``2 (BS W min(L, K) H 2 + 2 MB)``."""
     return 2 * (s.batch * s.world * min(s.local_experts, s.top_k) * s.hidden * 2 + 2 * _MB)
+
+
+def _a2_hierarchy_buffer(s: Shape) -> int:
+    """A2, hierarchy (v1 and v2): ``E BS (2H + 4 Align8(K) 4) + 4 MB + 100 MB``."""
+    return s.experts * s.batch * (2 * s.hidden + 4 * round_up(s.top_k, 8) * 4) + 104 * _MB
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,8 @@ class Limits:
         if self.max_local_experts is not None and s.local_experts > self.max_local_experts:
             found.append(f"{s.local_experts} local experts, more than {self.max_local_experts}")
         if s.world not in self.worlds:
-            sizes = f"{self.worlds.start}..{self.worlds.stop - 1}" if isinstance(self.worlds, range) else sorted(self.worlds)
+            sizes = sorted(self.worlds) if isinstance(self.worlds, frozenset) else f"{self.worlds.start}..{self.worlds[-1]}"
+            sizes = f"{sizes} in steps of {self.worlds.step}" if isinstance(self.worlds, range) and self.worlds.step > 1 else sizes
             found.append(f"EP size {s.world} not among the supported sizes {sizes}")
         need, have = self.buffer_bytes(s), hccl_buffsize_mb() * _MB
         if have < need:
@@ -108,15 +110,29 @@ def hccl_buffsize_mb() -> int:
 
 
 _A3_V1_WORLDS = frozenset({8, 16, 32, 64, 128, 144, 256, 288})
-_A2_V2_WORLDS = frozenset({2, 3, 4, 5, 6, 7, 8, 16, 32, 64, 128, 192, 256, 384})
 
-#: (SoC, op version) -> limits; SoC "A2" is Atlas A2 (Ascend910B), "A3" Atlas A3 (Ascend910_93).
-TABLE: dict[tuple[str, int], Limits] = {
-    ("A3", 2): Limits("Atlas A3 (dispatch_v2)", 512, (1024, 8192), 1, 16, 1024, None, range(2, 769), _a3_v2_buffer),
-    ("A3", 1): Limits("Atlas A3 (dispatch v1)", 512, (7168, 7168), 1, 8, 512, None, _A3_V1_WORLDS, _a3_v1_buffer),
-    ("A2", 2): Limits("Atlas A2 (dispatch_v2)", 256, (32, 7168), 32, 16, 1024, 24, _A2_V2_WORLDS, _a2_v2_buffer),
-    ("A2", 1): Limits("Atlas A2 (dispatch v1)", 256, (32, 7168), 32, 16, 512, 24, frozenset({16, 32, 64}), _a2_v1_buffer),
+#: (SoC, op version, A2 hierarchy mode) -> limits; SoC "A2" is Atlas A2 (Ascend910B), "A3" Atlas A3 (Ascend910_93).
+#: From the tiling functions of CANN's ops-transformer (hicann/ops-transformer c29bc10, 2025-11-15; the A2
+#: hierarchy EP bound of 64 from a later revision of the same file), which reject what they do not take:
+#: mc2/moe_distribute_dispatch_v2/op_host/op_tiling/moe_distribute_dispatch_v2_tiling.cpp (A3: CheckAttrs,
+#: CheckTensorShape; A2: MoeDistributeDispatchA2CheckAttrAndSetTiling / CheckShapeAndSetTiling) and
+#: mc2/moe_distribute_dispatch/op_host/op_tiling/moe_distribute_dispatch_tiling.cpp (v1); HCCL_BUFFSIZE from
+#: mc2/moe_distribute_dispatch_v2/docs/aclnnMoeDistributeDispatchV2.md and aclnnMoeDistributeDispatch.md.
+TABLE: dict[tuple[str, int, bool], Limits] = {
+    ("A3", 2, False): Limits("Atlas A3 (dispatch_v2)", 512, (1024, 8192), 1, 16, 1024, None, range(2, 769), _a3_v2_buffer),
+    ("A3", 1, False): Limits("Atlas A3 (dispatch v1)", 512, (7168, 7168), 1, 8, 512, None, _A3_V1_WORLDS, _a3_v1_buffer),
+    ("A2", 2, False): Limits("Atlas A2 (dispatch_v2, fullmesh)", 256, (32, 7168), 32, 16, 512, 24, range(8, 257, 8), _a2_fullmesh_buffer),
+    ("A2", 2, True): Limits("Atlas A2 (dispatch_v2, hierarchy)", 256, (32, 10240), 32, 16, 512, None, range(8, 65, 8), _a2_hierarchy_buffer),
+    ("A2", 1, False): Limits("Atlas A2 (dispatch v1, fullmesh)", 256, (32, 7168), 32, 16, 512, 24, range(8, 257, 8), _a2_fullmesh_buffer),
+    ("A2", 1, True): Limits("Atlas A2 (dispatch v1, hierarchy)", 256, (32, 7168), 32, 16, 512, None, range(8, 257, 8), _a2_hierarchy_buffer),
 }
+
+
+def a2_hierarchy() -> bool:
+    """Whether A2's MC2 ops run their hierarchy algorithm: without ``comm_alg`` (the backend passes none) the
+    tiling reads ``HCCL_INTRA_PCIE_ENABLE=1`` and ``HCCL_INTRA_ROCE_ENABLE=0`` (moe_distribute_dispatch_v2_tiling.cpp,
+    MoeDistributeDispatchA2CheckCommAlg; moe_distribute_dispatch_tiling.cpp, MoeDistributeDispatchA2IsLayered)."""
+    return os.environ.get("HCCL_INTRA_PCIE_ENABLE") == "1" and os.environ.get("HCCL_INTRA_ROCE_ENABLE") == "0"
 
 
 def soc_of(device_name: str) -> str:

@@ -1,9 +1,11 @@
-"""What the parts of the DeepEP simulator share: its error, the checks every rank agrees on, and the
-exchanges over the gloo group that stand in for DeepEP's NVLink and RDMA traffic."""
+"""What the parts of the DeepEP simulator share: its error, the checks every rank agrees on, the state of
+one simulated process, and the exchanges over the gloo group that stand in for DeepEP's NVLink and RDMA
+traffic."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,8 +15,17 @@ from torch import Tensor
 
 from moe_ops.packing import RowFormat, round_up
 
-ALIGNMENT = 128  # bytes: buffer sizes are multiples of this
-created: list[tuple[int, int, bool]] = []  # (nvl bytes, rdma bytes, low-latency) of each Buffer made in this process
+ALIGNMENT = 128  # bytes: buffer sizes are multiples of this (NUM_BUFFER_ALIGNMENT_BYTES, csrc/kernels/configs.cuh)
+
+
+@dataclasses.dataclass
+class Process:
+    """One simulated process: whether NVSHMEM was initialised in it (once per process), and what happened to
+    its buffers, in order (``"made normal"``, ``"made low-latency"``, ``"made normal+low-latency"``,
+    ``"destroyed ..."``)."""
+
+    nvshmem: bool = False
+    log: list[str] = dataclasses.field(default_factory=list)
 
 
 def align(num_bytes: int) -> int:

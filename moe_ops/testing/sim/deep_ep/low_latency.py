@@ -20,8 +20,9 @@ from moe_ops.testing.sim.deep_ep.common import (
     require,
 )
 
-LOW_LATENCY_HIDDEN = (2048, 2560, 4096, 5120, 6144, 7168, 8192)
-LOW_LATENCY_MAX_TOP_K = 11
+# SWITCH_HIDDEN, csrc/kernels/launch.cuh (3072 since 73b6ea4): any other hidden asserts "Unsupported hidden"
+LOW_LATENCY_HIDDEN = (2048, 2560, 3072, 4096, 5120, 6144, 7168, 8192)
+LOW_LATENCY_MAX_TOP_K = 11  # kNumMaxTopK, csrc/kernels/internode_ll.cu, dispatch
 BLOCK_BITS = 32
 
 
@@ -34,6 +35,8 @@ class LowLatencyMode:
     num_rdma_bytes: int
     num_qps_per_rank: int
     low_latency_mode: bool
+    nvshmem_qp_depth: int
+    destroyed: bool
     _dirty: bool
     _low_latency_outputs: list[Tensor | None]
     _low_latency_calls: int
@@ -48,18 +51,29 @@ class LowLatencyMode:
 
 
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
+        require(not self.destroyed, "the buffer was destroyed")  # deep_ep/buffer.py, Buffer.destroy: runtime = None
+        # csrc/deep_ep.cpp, Buffer::clean_low_latency_buffer
         require(self.low_latency_mode, "clean_low_latency_buffer on a buffer not in low-latency mode")
         self._dirty = False
 
     def _low_latency_checks(self, max_tokens: int, hidden: int, num_experts: int) -> None:
         """Host-side checks of every low-latency kernel."""
         world = self.group_size
+        require(not self.destroyed, "the buffer was destroyed")  # deep_ep/buffer.py, Buffer.destroy: runtime = None
+        # csrc/deep_ep.cpp, Buffer::low_latency_dispatch / low_latency_combine
         require(self.low_latency_mode, "low-latency kernels need low_latency_mode=True")
-        require(not self._dirty, "low-latency kernel after normal-mode kernels without clean_low_latency_buffer")
         require(num_experts % world == 0, "num_experts must be a multiple of the group size")
+        # deep_ep/buffer.py, Buffer.clean_low_latency_buffer: "after running the normal dispatch/combine, you
+        # must run this function before executing any low-latency kernel"
+        require(not self._dirty, "low-latency kernel after normal-mode kernels without clean_low_latency_buffer")
+        # deep_ep/buffer.py, Buffer.__init__: "the low-latency mode requires that this number equals to the
+        # number of local experts" (csrc/kernels/internode_ll.cu, dispatch: num_rc_per_pe >= num_local_experts)
         require(self.num_qps_per_rank == num_experts // world, "num_qps_per_rank must equal the local expert count")
         require(hidden in LOW_LATENCY_HIDDEN, f"hidden size {hidden} is not one the kernels are built for")
+        # deep_ep/buffer.py, Buffer.low_latency_dispatch / low_latency_combine (since d981409)
+        require(self.nvshmem_qp_depth >= (max_tokens + 1) * 2, f"NVSHMEM_QP_DEPTH {self.nvshmem_qp_depth} < (Tmax + 1) * 2 for Tmax {max_tokens}")
         needed = self.get_low_latency_rdma_size_hint(max_tokens, hidden, world, num_experts)
+        # csrc/deep_ep.cpp, Buffer::low_latency_dispatch: layout.total_bytes <= num_rdma_bytes
         require(self.num_rdma_bytes >= needed, f"RDMA buffer of {self.num_rdma_bytes} bytes, this call needs {needed}")
 
     def _next_low_latency_buffer(self, max_tokens: int, hidden: int, num_experts: int) -> int:
@@ -86,10 +100,13 @@ class LowLatencyMode:
         num_local, hidden = num_experts // world, x.shape[1]
         with checks(self.group):
             require(not (use_fp8 or return_recv_hook), "only BF16 without receive hooks is simulated")
+            # csrc/deep_ep.cpp, Buffer::low_latency_dispatch (host asserts)
             require(x.dim() == 2 and x.is_contiguous() and x.dtype == torch.bfloat16, "x must be a contiguous [T, H] bf16 tensor")
             check_tensor("topk_idx", topk_idx, (x.shape[0], topk_idx.shape[1]), torch.int64)
-            require(topk_idx.shape[1] <= LOW_LATENCY_MAX_TOP_K, f"top-k {topk_idx.shape[1]} > {LOW_LATENCY_MAX_TOP_K}")
             require(x.shape[0] <= max_tokens, f"{x.shape[0]} tokens > num_max_dispatch_tokens_per_rank={max_tokens}")
+            require(world * max_tokens % 4 == 0, "TMA requires the number of tokens (num_ranks * Tmax) to be multiple of 4")
+            # csrc/kernels/internode_ll.cu, dispatch (host side)
+            require(topk_idx.shape[1] <= LOW_LATENCY_MAX_TOP_K, f"top-k {topk_idx.shape[1]} > {LOW_LATENCY_MAX_TOP_K}")
             self._low_latency_checks(max_tokens, hidden, num_experts)
         which = self._next_low_latency_buffer(max_tokens, hidden, num_experts)
 
@@ -140,6 +157,8 @@ class LowLatencyMode:
         num_tokens, top_k = topk_idx.shape
         with checks(self.group):
             require(not (use_logfmt or zero_copy or return_recv_hook or out is not None), "only the plain combine is simulated")
+            # csrc/deep_ep.cpp, Buffer::low_latency_combine (host asserts)
+            require(num_tokens <= max_tokens, f"{num_tokens} tokens > num_max_dispatch_tokens_per_rank={max_tokens}")
             check_tensor("x", x, (num_local, world * max_tokens, hidden), torch.bfloat16)
             check_tensor("src_info", src_info, (num_local, world * max_tokens), torch.int32)
             check_tensor("layout_range", layout_range, (num_local, world), torch.int64)

@@ -20,9 +20,13 @@ from moe_ops.testing.sim.deep_ep.common import (
     require,
 )
 
-INTRANODE_RANKS = (2, 4, 8)
-CONFIG_RANKS = (2, 4, 8, 16, 24, 32, 64, 128, 144, 160)  # where get_*_config has a recommendation
+INTRANODE_RANKS = (2, 4, 8)  # SWITCH_RANKS, csrc/kernels/launch.cuh
+# deep_ep/buffer.py, Buffer.get_dispatch_config / get_combine_config: the group sizes with a recommendation
+CONFIG_RANKS = (2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 144, 160)
 TOKEN_META_BYTES = 2048  # per queued token: source index, up to 128 top-k ids and weights, scales
+# csrc/kernels/intranode.cu, dispatch (SM90 build): a token is staged in a per-warp TMA buffer of
+# kNumTMABytesPerWarp bytes, in two halves plus an 8-byte mbarrier (a device trap beyond)
+TMA_BYTES_PER_WARP = 8192
 
 
 class Config:
@@ -44,11 +48,6 @@ class Config:
         """NVLink buffer bytes for tokens of ``hidden_bytes``: per channel and rank, a queue of tokens."""
         queues = self.num_sms // 2 * min(num_ranks, 8)
         return align(queues * (self.num_max_nvl_chunked_recv_tokens * (hidden_bytes + TOKEN_META_BYTES) + 16))
-
-    def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
-        """0 within a node (the only case simulated)."""
-        require(num_ranks <= 8, "internode normal mode is not simulated")
-        return 0
 
 
 def _channel_of_tokens(num_tokens: int, num_channels: int) -> Tensor:
@@ -73,11 +72,12 @@ class NormalMode:
     rank: int
     num_nvl_bytes: int
     low_latency_mode: bool
+    destroyed: bool
     _dirty: bool
 
     @classmethod
     def set_num_sms(cls, new_num_sms: int) -> None:
-        require(new_num_sms % 2 == 0, "the SM count must be even")
+        require(new_num_sms % 2 == 0, "the SM count must be even")  # deep_ep/buffer.py, Buffer.set_num_sms
         cls.num_sms = new_num_sms
 
     @classmethod
@@ -94,12 +94,19 @@ class NormalMode:
     def _normal_call(self, x: Tensor, config: Config | None, combine: bool) -> Config:
         """Checks of every normal-mode kernel; returns the config it runs with."""
         world = self.group_size
+        require(not self.destroyed, "the buffer was destroyed")  # deep_ep/buffer.py, Buffer.destroy: runtime = None
         require(world in INTRANODE_RANKS, f"normal-mode kernels run on 2, 4 or 8 ranks within a node, not {world}")
         config = config or (self.get_combine_config(world) if combine else self.get_dispatch_config(world))
+        # csrc/deep_ep.cpp, Buffer::intranode_dispatch / intranode_combine (host asserts)
         require(config.num_sms % 2 == 0, "the SM count must be even")
         require(x.dim() == 2 and x.is_contiguous() and x.dtype == torch.bfloat16, "x must be a contiguous [N, H] bf16 tensor")
         hidden_bytes = x.shape[1] * x.element_size()
         require(hidden_bytes % 16 == 0, f"hidden size {x.shape[1]} is not a whole number of 16-byte chunks")
+        if not combine:  # csrc/kernels/intranode.cu, dispatch: hidden_int4 % 2 == 0 and half_hidden_bytes + 8 <= 8192
+            require(
+                hidden_bytes % 32 == 0 and hidden_bytes // 2 + 8 <= TMA_BYTES_PER_WARP,
+                f"hidden size {x.shape[1]} does not fit the dispatch kernel's TMA staging buffer (a device trap)",
+            )
         needed = config.get_nvl_buffer_size_hint(hidden_bytes, world)
         require(self.num_nvl_bytes >= needed, f"NVLink buffer of {self.num_nvl_bytes} bytes, this call needs {needed}")
         self._dirty = self.low_latency_mode
@@ -110,6 +117,8 @@ class NormalMode:
         allocate_on_comm_stream: bool = False,
     ) -> tuple[Tensor, None, Tensor, Tensor, EventOverlap]:
         """``(tokens per rank [W] int32, None, tokens per expert [E] int32, is_token_in_rank [T, W] bool, event)``."""
+        require(not self.destroyed, "the buffer was destroyed")  # deep_ep/buffer.py, Buffer.destroy: runtime = None
+        # csrc/deep_ep.cpp, Buffer::get_dispatch_layout (host asserts; the int64 type is topk_idx_t's default)
         require(topk_idx.dim() == 2 and topk_idx.is_contiguous() and topk_idx.dtype == torch.int64, "topk_idx must be [T, K] int64")
         world = self.group_size
         valid = topk_idx >= 0
@@ -133,6 +142,7 @@ class NormalMode:
         with checks(self.group):
             config = self._normal_call(x, config, combine=False)
             require(expert_alignment == 1, "expert_alignment other than 1 is not simulated")
+            # csrc/deep_ep.cpp, Buffer::intranode_dispatch (host asserts on the layout and the top-k tensors)
             require(topk_idx is not None and topk_weights is not None, "dispatch without top-k is not simulated")
             require(all(t is not None for t in (num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert)), "dispatch needs the layout")
             num_tokens, top_k = topk_idx.shape
@@ -191,6 +201,7 @@ class NormalMode:
         world, me = self.group_size, self.rank
         with checks(self.group):
             config = self._normal_call(x, config, combine=False)
+            # deep_ep/buffer.py, Buffer.dispatch (cached mode) and csrc/deep_ep.cpp, Buffer::intranode_dispatch
             require(no_top_k, "cached dispatch takes no top-k")
             rank_prefix, channel_prefix, _, recv_src_idx, in_rank, _ = handle
             num_channels = config.num_sms // 2
@@ -222,6 +233,7 @@ class NormalMode:
         with checks(self.group):
             config = self._normal_call(x, config, combine=True)
             require(bias is None, "bias is not simulated")
+            # csrc/deep_ep.cpp, Buffer::intranode_combine (host asserts on the handle and topk_weights)
             rank_prefix, _, recv_channel_prefix, src_idx, _, send_head = handle  # the receive-side channel prefix
             num_channels = config.num_sms // 2
             check_tensor("rank_prefix_matrix", rank_prefix, (world, world), torch.int32)

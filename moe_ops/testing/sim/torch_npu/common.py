@@ -22,16 +22,22 @@ class Call:
 @dataclasses.dataclass
 class _State:
     tamper: Tamper | None = None
+    soc: str = "A3"  #: the SoC the simulator stands for: "A2" (Atlas A2) or "A3" (Atlas A3)
     calls: list[Call] = dataclasses.field(default_factory=list)
 
 
 _state = _State()
 
 
-def reset(tamper: Tamper | None = None) -> None:
-    """Forget the recorded calls; apply ``tamper`` from now on."""
+def reset(tamper: Tamper | None = None, soc: str = "A3") -> None:
+    """Forget the recorded calls; apply ``tamper`` from now on, as SoC ``soc``."""
     global _state
-    _state = _State(tamper)
+    _state = _State(tamper, soc)
+
+
+def soc() -> str:
+    """The SoC the simulator stands for."""
+    return _state.soc
 
 
 def calls() -> list[Call]:

@@ -1,10 +1,13 @@
 """torch_npu's MC2 ops simulated on CPU over a gloo group: ``npu_moe_distribute_dispatch_v2`` /
 ``npu_moe_distribute_combine_v2`` and their v1 forms, with the documented routing, shapes and checks
-(what is modelled and what is not: :mod:`moe_ops.testing.sim.torch_npu`)."""
+(what is modelled and what is not: :mod:`moe_ops.testing.sim.torch_npu`). Paths below are in CANN's
+ops-transformer unless they name torch_npu's op-plugin; ``DISPATCH_V2`` and ``DISPATCH_V1`` are the
+dispatch ops' tiling files (combine's repeat the same checks)."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import torch
@@ -12,11 +15,13 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.distributed_c10d import _resolve_process_group
 
-from moe_ops.testing.sim.torch_npu.common import enter, require
+from moe_ops.testing.sim.torch_npu.common import enter, require, soc
 
 PREFIX = "sim-hccl:"  # the simulated HCCL communicator name of a group is PREFIX + its name
 _MAGIC = 0x4D4332  # "MC2": first value of a simulated assist_info_for_combine
-_HEADER = 4  # magic, checksum of the group's routes, filled rows, A
+_HEADER = 3  # magic, filled rows, A
+DISPATCH_V2 = "mc2/moe_distribute_dispatch_v2/op_host/op_tiling/moe_distribute_dispatch_v2_tiling.cpp"
+DISPATCH_V1 = "mc2/moe_distribute_dispatch/op_host/op_tiling/moe_distribute_dispatch_tiling.cpp"
 
 
 def comm_name(group: dist.ProcessGroup, rank: int) -> str:
@@ -77,8 +82,8 @@ class _Group:
         active = _active(args["x_active_mask"], ids.shape)
         peers = _gather(group, (ids.shape[0], global_bs, args["moe_expert_num"], ids.shape[1], x.shape[1], bool(active.all())))
         batches = [p[0] for p in peers]
+        # aclnnMoeDistributeDispatchV2.md, 约束说明 3: the same globalBs, moeExpertNum, ... on every rank
         require(len({p[1:5] for p in peers}) == 1, f"ranks disagree on global_bs, moe_expert_num, K or H: {peers}")
-        require(all(0 < b <= 512 for b in batches), f"a BS outside (0, 512]: {batches}")
         if global_bs == 0:
             require(len(set(batches)) == 1, f"global_bs=0 but the ranks' BS differ: {batches}")
         else:
@@ -88,29 +93,73 @@ class _Group:
         return cls(group, world, rank, num_local, active, (global_bs or ids.shape[0] * world) * min(num_local, ids.shape[1]))
 
 
+def _hierarchy() -> bool:
+    """A2's hierarchy algorithm, chosen without ``comm_alg`` by HCCL_INTRA_PCIE_ENABLE=1 and HCCL_INTRA_ROCE_ENABLE=0
+    (DISPATCH_V2, MoeDistributeDispatchA2CheckCommAlg; DISPATCH_V1, MoeDistributeDispatchA2IsLayered)."""
+    pcie, roce = os.environ.get("HCCL_INTRA_PCIE_ENABLE"), os.environ.get("HCCL_INTRA_ROCE_ENABLE")
+    return soc() == "A2" and pcie == "1" and roce == "0"
+
+
+def _tiling_problem(version: int, bs: int, h: int, k: int, experts: int, world: int) -> str | None:
+    """What the SoC's tiling rejects in a call's sizes (``None``: nothing)."""
+    if soc() == "A3" and version == 2:  # DISPATCH_V2, CheckAttrs / CheckTensorShape (A3)
+        return _first(
+            (2 <= world <= 768, f"epWorldSize {world} outside [2, 768]"),
+            (0 < bs <= 512, f"BS {bs} outside (0, 512]"),
+            (1024 <= h <= 8192, f"H {h} outside [1024, 8192]"),
+            (0 < experts <= 1024, f"moeExpertNum {experts} outside (0, 1024]"),
+            (0 < k <= min(16, experts), f"K {k} outside (0, min(16, moeExpertNum)]"),
+        )
+    if soc() == "A3":  # DISPATCH_V1, CheckAttrs / CheckTensorShape (A3)
+        return _first(
+            (world % 8 == 0 and (256 % world == 0 or world % 144 == 0) and world <= 288,
+             f"epWorldSize {world} not in [8, 16, 32, 64, 128, 144, 256, 288]"),
+            (0 < bs <= 512, f"BS {bs} outside (0, 512]"),
+            (h == 7168, f"H {h}: only 7168"),
+            (0 < experts <= 512, f"moeExpertNum {experts} outside (0, 512]"),
+            (0 < k <= 8, f"K {k} outside (0, 8]"),
+        )
+    layered = _hierarchy()  # A2: MoeDistributeDispatchA2CheckAttrAndSetTiling / CheckShapeAndSetTiling
+    max_world = 64 if layered and version == 2 else 256  # MAX_EP_WORLD_SIZE_A2(_LAYERED)
+    max_h = 10240 if layered and version == 2 else 7168  # (LAYERED_)MAX_HIDDEN_SIZE_A2
+    return _first(
+        (0 < world <= max_world and world % 8 == 0, f"epWorldSize {world} not a multiple of 8 in (0, {max_world}]"),
+        (0 < experts <= 512, f"moeExpertNum {experts} outside (0, 512]"),
+        (layered or experts // world <= 24, f"{experts // world} experts per rank, more than 24 (fullmesh)"),
+        (0 < h <= max_h and h % 32 == 0, f"H {h} not a multiple of 32 in (0, {max_h}]"),
+        (0 < bs <= 256, f"BS {bs} outside (0, 256]"),
+        (0 < k <= 16, f"K {k} outside (0, 16]"),
+    )
+
+
 def _input_problem(args: dict[str, Any], version: int, x: Tensor, world: int, rank: int) -> str | None:
-    """What this rank's arguments break of the documented rules, if anything."""
+    """What this rank's arguments break of the tiling's and the documentation's rules, if anything."""
     experts, ids, mask = args["moe_expert_num"], args["expert_ids"], args["x_active_mask"]
     if args["ep_world_size"] != world or args["ep_rank_id"] != rank:
         return "ep_world_size / ep_rank_id are not the group's"
-    if not (0 < experts <= 1024 and experts % world == 0):
-        return f"moe_expert_num={experts} not in (0, 1024] or not divisible by {world}"
-    if x.dim() != 2 or x.dtype not in (torch.bfloat16, torch.float16):
+    if x.dim() != 2 or x.dtype not in (torch.bfloat16, torch.float16):  # CheckTensorDataType
         return f"token rows must be 2-D bf16/fp16, got {x.dtype} of shape {tuple(x.shape)}"
-    if ids.dim() != 2 or ids.dtype != torch.int32 or not 0 < ids.shape[1] <= min(16, experts):
-        return "expert_ids must be [BS, K] int32, 0 < K <= min(16, E)"
-    if not bool(((ids >= 0) & (ids < experts)).all()):
+    if ids.dim() != 2 or ids.dtype != torch.int32:
+        return "expert_ids must be [BS, K] int32"
+    if experts % world:
+        return f"moe_expert_num={experts} not divisible by {world}"
+    problem = _tiling_problem(version, ids.shape[0], x.shape[1], ids.shape[1], experts, world)
+    if problem is not None:
+        return f"{soc()} tiling: {problem}"
+    if not bool(((ids >= 0) & (ids < experts)).all()):  # aclnnMoeDistributeDispatchV2.md: ids in [0, moeExpertNum)
         return "expert_ids outside [0, moe_expert_num)"
     ordered = ids.sort(dim=1).values
     if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
         return "an expert id repeats within a row of expert_ids"
     if mask is None:
         return None
-    if version == 1:
+    if version == 1:  # aclnnMoeDistributeDispatch.md: xActiveMask reserved, pass null
         return "x_active_mask is a reserved argument of the v1 ops"
-    if mask.dtype != torch.bool or tuple(mask.shape) not in ((ids.shape[0],), tuple(ids.shape)):
+    if soc() == "A2" and mask.dim() != 1:  # DISPATCH_V2, MoeDistributeDispatchA2CheckShapeAndSetTiling
+        return "When xActiveMask is not null, it needs to be one-dimensional (A2)"
+    if mask.dtype != torch.bool or tuple(mask.shape) not in ((ids.shape[0],), tuple(ids.shape)):  # CheckTensorDim
         return "x_active_mask must be bool [BS] or [BS, K]"
-    if mask.dim() == 1 and bool((mask[1:] & ~mask[:-1]).any()):
+    if mask.dim() == 1 and bool((mask[1:] & ~mask[:-1]).any()):  # aclnnMoeDistributeDispatchV2.md
         return "a 1-D x_active_mask must hold every true before every false"
     return None
 
@@ -143,6 +192,8 @@ def _dispatch(version: int, args: dict[str, Any]) -> tuple[Tensor, ...]:
     _agree(g.group, _first(
         (quant_mode in (0, 2) and count_type in (0, 1), f"quant_mode={quant_mode} / expert_token_nums_type={count_type} not modelled"),
         (expert_scales is None or _weights_like(expert_scales, ids), "expert_scales must be float32 [BS, K]"),
+        # DISPATCH_V2, MoeDistributeDispatchA2CheckShapeAndSetTiling: isLayered && expertScales == nullptr
+        (not (_hierarchy() and version == 2 and expert_scales is None), "expertScales is null (A2 hierarchy needs it)"),
     ))
     payload, dequant = x, torch.zeros(x.shape[0])
     if quant_mode == 2:  # per-row dynamic int8: x * 127 / max|x|, scale max|x| / 127 travels along
@@ -165,10 +216,10 @@ def _dispatch(version: int, args: dict[str, Any]) -> tuple[Tensor, ...]:
     per_expert_source = torch.bincount(mine[:, 1] * g.world + src, minlength=g.num_local * g.world)
     counts = per_expert_source.view(g.num_local, g.world).sum(1)
     ep_recv_counts = torch.cumsum(per_expert_source, 0).to(torch.int32)
-    if expert_scales is not None:  # documented size on A2/A3 with expert_scales: extra, unused here
+    if expert_scales is not None:  # op-plugin meta (npu_moe_distribute_dispatch(_v2)_meta): extra, unused here
         extra = (args["global_bs"] or ids.shape[0] * g.world) * 2 * ids.shape[1] * (g.world // 8)
         ep_recv_counts = torch.cat([ep_recv_counts, ep_recv_counts.new_zeros(extra)])
-    handle = _assist(mine, _checksum(table), g.rows, ids.shape) if version == 2 else _expand_idx(table, g.rank, ids.shape)
+    handle = _assist(mine, g.rows, ids.shape) if version == 2 else _expand_idx(table, g.rank, ids.shape)
     return (
         expand_x,
         dynamic_scales,
@@ -195,15 +246,10 @@ def _route_table(routes: list[tuple[Tensor, Tensor]], num_local: int) -> Tensor:
     return table[torch.sort(key, stable=True).indices]
 
 
-def _checksum(table: Tensor) -> int:
-    """The same number on every rank for one dispatch's routes (tells the handles of two dispatches apart)."""
-    return int((table.flatten() * torch.arange(1, table.numel() + 1)).sum() % (2**31 - 1))
-
-
-def _assist(mine: Tensor, checksum: int, rows: int, ids_shape: torch.Size) -> Tensor:
+def _assist(mine: Tensor, rows: int, ids_shape: torch.Size) -> Tensor:
     """This module's ``assist_info_for_combine``: a header, then (source rank, token, k) of each row."""
     out = torch.zeros(max(ids_shape[0] * ids_shape[1], rows * 128), dtype=torch.int32)
-    out[:_HEADER] = torch.tensor([_MAGIC, checksum, mine.shape[0], rows])
+    out[:_HEADER] = torch.tensor([_MAGIC, mine.shape[0], rows])
     out[_HEADER : _HEADER + 3 * mine.shape[0]] = mine[:, 2:].flatten().to(torch.int32)
     return out
 
@@ -222,32 +268,27 @@ def _expand_idx(table: Tensor, rank: int, ids_shape: torch.Size) -> Tensor:
 def _combine(version: int, args: dict[str, Any], handle_name: str) -> Tensor:
     """Combine (v2 or v1; ``handle_name`` is the argument holding the dispatch's handle): ``[BS, H]``."""
     _reject_unmodelled(args, _UNMODELLED)
-    expand_x, ids, scales = args["expand_x"], args["expert_ids"], args["expert_scales"]
+    expand_x, ids, scales, expand_scales = args["expand_x"], args["expert_ids"], args["expert_scales"], args["expand_scales"]
     g = _Group.check(args, version, expand_x)
+    layered = _hierarchy()
     _agree(g.group, _first(
         (isinstance(scales, Tensor) and _weights_like(scales, ids), "expert_scales must be float32 [BS, K]"),
         (expand_x.shape[0] == g.rows, f"expand_x has {expand_x.shape[0]} rows, its dispatch returned A={g.rows}"),
+        # mc2/moe_distribute_combine/op_kernel/moe_distribute_combine_a2_layered.h reads expandScales per row
+        (not layered or (isinstance(expand_scales, Tensor) and expand_scales.shape == (g.rows,)), "expand_scales [A] missing (A2 hierarchy)"),
     ))
-    peers = _gather(g.group, (expand_x, args[handle_name], args["ep_send_counts"]))
-    sent = [int(c[g.world * g.num_local - 1]) if c.numel() >= g.world * g.num_local else -1 for _, _, c in peers]
+    peers = _gather(g.group, (expand_x, args[handle_name], args["ep_send_counts"], expand_scales))
+    sent = [int(c[g.world * g.num_local - 1]) if c.numel() >= g.world * g.num_local else -1 for _, _, c, _ in peers]
     rows = torch.stack([p[0] for p in peers])  # [W, A, H]
-    if version == 2:
-        headers = [h[:_HEADER].tolist() for _, h, _ in peers]
-        require(
-            all(h[0] == _MAGIC and h[1] == headers[0][1] and h[2] == n for h, n in zip(headers, sent, strict=True)),
-            "assist_info_for_combine / ep_send_counts are not the handle of one npu_moe_distribute_dispatch_v2",
-        )
+    if version == 2:  # rows go where assist_info_for_combine says: nothing else is checked (MC2 documents it as opaque)
+        _agree(g.group, None if int(args[handle_name][0]) == _MAGIC else "assist_info_for_combine is no dispatch_v2 output")
         records = torch.cat([
             torch.cat([torch.stack([torch.full((n,), dest), torch.arange(n)], 1), h[_HEADER : _HEADER + 3 * n].long().view(-1, 3)], 1)
-            for dest, ((_, h, _), n) in enumerate(zip(peers, sent, strict=True))
+            for dest, ((_, h, _, _), n) in enumerate(zip(peers, sent, strict=True))
         ])  # (dest, row, source rank, token, k)
         records = records[records[:, 2] == g.rank]
         dest, row, tok, k = records[:, 0], records[:, 1], records[:, 3], records[:, 4]
-        arrived = torch.zeros(ids.shape, dtype=torch.int64)
-        if bool((tok < ids.shape[0]).all()):
-            arrived.index_put_((tok, k), torch.ones_like(tok), accumulate=True)
-        matches = torch.equal(arrived, g.active.long()) and bool((ids[tok, k] // g.num_local == dest).all())
-        _agree(g.group, None if matches else "x_active_mask / expert_ids differ from the dispatch that made the handle")
+        _agree(g.group, None if bool((tok < ids.shape[0]).all()) else "a row addresses a token past BS (writes outside xOut)")
     else:
         index = args[handle_name]
         shaped = index.dtype == torch.int32 and index.shape == (ids.numel(),)
@@ -256,7 +297,11 @@ def _combine(version: int, args: dict[str, Any], handle_name: str) -> Tensor:
         dest, row = ids[tok, k].long() // g.num_local, index[tok * ids.shape[1] + k].long()
         inside = bool(((row >= 0) & (row < torch.tensor(sent)[dest])).all())
         _agree(g.group, None if inside else "expand_idx points outside the rows its dispatch sent")
-    out = torch.zeros(ids.shape[0], expand_x.shape[1]).index_add_(0, tok, scales[tok, k].unsqueeze(1) * rows[dest, row].float())
+    weight = torch.stack([p[3] for p in peers])[dest, row] if layered else scales[tok, k]  # the hierarchy weights by expand_scales
+    out = torch.zeros(ids.shape[0], expand_x.shape[1]).index_add_(0, tok, weight.unsqueeze(1) * rows[dest, row].float())
+    # combine_v2 writes the rows of tokens with an active route only (moe_distribute_combine_v2.h, LocalWindowCopy)
+    # into an output allocated uninitialised (op-plugin, MoeDistributeCombineKernelV2OpApi.cpp): NaN here
+    out[~g.active.any(dim=1)] = float("nan")
     return out.to(expand_x.dtype)
 
 
