@@ -4,7 +4,8 @@ installed as ``deep_ep`` in the workers only): the conformance suite, compiled e
 limits as clear errors, the buffer's life cycle, and deliberate mapping mistakes that must be caught.
 
 Group sizes: ``deepep`` runs DeepEP's intranode normal kernels, built for 2, 4 and 8 ranks, so it is
-checked at W = 2 and 4 (both layouts) and must refuse W = 1 and 3; ``deepep_ll`` (padded only) at
+checked at W = 2 and 4 (ragged, padded, and ragged bounded by ``max_recv_rows``, the two static ones through
+DeepEP's ``num_worst_tokens``) and must refuse W = 1 and 3; ``deepep_ll`` (padded only) at
 W = 1…4. Shapes are ones DeepEP takes: bf16 tokens; normal-mode hidden sizes multiples of 16 (its
 intranode dispatch's TMA staging); low-latency hidden sizes from DeepEP's compiled list (2048, 3072) and
 ``W * max_tokens_per_rank`` a multiple of 4. Every world call installs a fresh simulator, i.e. a fresh
@@ -54,7 +55,7 @@ def bf16_problem(tokens: list[int], hidden: int, num_experts: int, top_k: int, *
 @pytest.mark.parametrize("size", NORMAL_SIZES)
 def test_normal_property(world, size: int) -> None:
     @settings(max_examples=EXAMPLES[size])
-    @given(problem=problems(size, max_tokens=24, max_experts=32, hidden_sizes=NORMAL_HIDDEN, dtypes=(torch.bfloat16,), layouts=("ragged", "padded")))
+    @given(problem=problems(size, max_tokens=24, max_experts=32, hidden_sizes=NORMAL_HIDDEN, dtypes=(torch.bfloat16,), layouts=("ragged", "padded", "bounded")))
     def check(problem: Problem) -> None:
         conformance.check_world(world(size), problem, "deepep")
 
@@ -73,17 +74,28 @@ def test_low_latency_property(world, size: int) -> None:
 
 
 EDGE_CASES = [("deepep", size, layout) for size in NORMAL_SIZES for layout in ("ragged", "padded")] + [
-    ("deepep_ll", size, "padded") for size in LOW_LATENCY_SIZES
-]
+    ("deepep", 2, "bounded")
+] + [("deepep_ll", size, "padded") for size in LOW_LATENCY_SIZES]
+
+
+def _static(layout: str, max_tokens_per_rank: int, capacity: int | None, max_recv_rows: int) -> dict[str, object]:
+    """The keyword arguments of ``layout``'s fixed problems: padded with a capacity, bounded by
+    ``max_recv_rows`` (fewer rows than some routes need: the bound drops), ragged none."""
+    if layout == "padded":
+        return padded(max_tokens_per_rank, capacity)
+    if layout == "bounded":
+        return dict(max_tokens_per_rank=max_tokens_per_rank, max_recv_rows=max_recv_rows)
+    return {}
 
 
 @pytest.mark.parametrize(("backend", "size", "layout"), EDGE_CASES)
 def test_edge_cases(world, backend: str, size: int, layout: str) -> None:
     """A rank with no tokens, everything to one rank's experts or one expert, all masked; capacity 3
-    drops in the padded layout (DeepEP's low-latency arrival order must not decide which)."""
+    drops in the padded layout (DeepEP's low-latency arrival order must not decide which), 10 rows in
+    the bounded one."""
     hidden = LL_HIDDEN if backend == "deepep_ll" else 16
     tokens = [13, 0, 9, 1][:size]
-    kw = padded(LL_BOUND, 3) if layout == "padded" else {}
+    kw = _static(layout, LL_BOUND, 3, 10)
     for pattern in ("one_rank", "one_expert", "all_masked", "uniform"):
         problem = bf16_problem(tokens, hidden, 4 * size, 2, pattern=pattern, mask_fraction=0.3, seed=3, **kw)
         conformance.check_world(world(size), problem, backend)
@@ -97,18 +109,18 @@ def test_triton_local_stage(interpreted_worlds, backend: str, layout: str) -> No
     conformance.check_world(set_up(interpreted_worlds, INSTALL)(2), problem, backend)
 
 
-COMPILED = [("deepep", 2, "ragged"), ("deepep", 2, "padded"), ("deepep_ll", 2, "padded")]
+COMPILED = [("deepep", 2, "ragged"), ("deepep", 2, "padded"), ("deepep", 2, "bounded"), ("deepep_ll", 2, "padded")]
 
 
 @pytest.mark.parametrize(("backend", "size", "layout"), COMPILED)
 def test_compiled_equals_eager(world, backend: str, size: int, layout: str) -> None:
     hidden = LL_HIDDEN if backend == "deepep_ll" else 32
-    kw = padded(12, 5) if layout == "padded" else {}
+    kw = _static(layout, 12, 5, 24)
     problem = bf16_problem([12, 0, 9, 7][:size], hidden, 4 * size, 3, mask_fraction=0.2, seed=9, **kw)
     conformance.check_world(world(size), problem, backend, compiled=True)
 
 
-OPCHECKS = [("deepep", "ragged"), ("deepep", "padded"), ("deepep_ll", "padded")]
+OPCHECKS = [("deepep", "ragged"), ("deepep", "padded"), ("deepep", "bounded"), ("deepep_ll", "padded")]
 
 
 @pytest.mark.parametrize(("backend", "layout"), OPCHECKS)
@@ -117,7 +129,7 @@ def test_opcheck(world, backend: str, layout: str) -> None:
     The low-latency handle holds DeepEP's arrival-order ``src_info`` and ``layout_range``, which differ
     from call to call by design, so its dispatch skips opcheck's check that two runs return equal tensors."""
     hidden = LL_HIDDEN if backend == "deepep_ll" else 16
-    kw = padded(20, 5) if layout == "padded" else {}
+    kw = _static(layout, 20, 5, 40)
     checks = ("test_schema", "test_autograd_registration", "test_faketensor") if backend == "deepep_ll" else None
     problem = bf16_problem([20, 9], hidden, 8, 3, mask_fraction=0.2, seed=2, **kw)
     world(2).run(conformance.opcheck_task, problem, backend, checks)

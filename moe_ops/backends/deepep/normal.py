@@ -8,8 +8,10 @@ expert-major, exactly as the ``collective`` backend does after its all-to-all.
 
 * Ragged layout: DeepEP waits on the host for the received counts (inside the op) and returns the
   per-expert counts as a Python list, whose sum is ``N``; the fake kernel returns unbacked sizes.
-* Padded layout: ``num_worst_tokens = W * max_tokens_per_rank`` sizes the receive buffers for the worst
-  case, so DeepEP does not wait on the host; rows past the real count carry id -1 and are never read.
+* Padded and bounded layouts (``max_recv_rows``): ``num_worst_tokens = W * max_tokens_per_rank`` sizes
+  the receive buffers for the worst case, so DeepEP does not wait on the host (intranode only, as
+  DeepEP's ``num_worst_tokens``); rows past the real count carry id -1 (DeepEP's intranode dispatch
+  cleans them) and are never read.
 
 Combine: the expert rank reduces each received token's rows (weights applied, float32 accumulation,
 rounded once to ``expert_out.dtype``) and ``Buffer.combine`` sums those partial rows per source token.
@@ -20,7 +22,7 @@ Handle: ``[ids [T, K] int64, row_src [N] or [L, C] int64, route_row [M, K] int64
 six handle tensors ``rank_prefix_matrix [W, W]``, ``channel_prefix_matrix [W, S/2]``,
 ``recv_channel_prefix_matrix [W, S/2]``, ``recv_src_idx [M]`` (int32), ``is_token_in_rank [T, W]`` (bool),
 ``send_head [T, W]`` (int32), with ``M`` the received tokens (ragged, data-dependent) or
-``num_worst_tokens`` (padded) and ``S`` :data:`moe_ops.config.deepep_num_sms`.
+``num_worst_tokens`` (padded, bounded) and ``S`` :data:`moe_ops.config.deepep_num_sms`.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ def _deepep_handle(handle: list[Tensor]) -> tuple[Tensor, ...]:
 class DeepEPBackend(runtime.DeepEPBase):
     name = "deepep"
     mode = "normal"
-    layouts = frozenset({"ragged", "padded"})
+    layouts = frozenset({"ragged", "padded", "bounded"})
 
     def check_rows(self, name: str, rows: Tensor, handle: list[Tensor], comm: Comm) -> None:
         super().check_rows(name, rows, handle, comm)
