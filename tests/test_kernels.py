@@ -56,6 +56,11 @@ CASES = {
     "no tokens": dict(tokens=[0], hidden=8, experts=4, top_k=2),
     "int32 ids, out of range": dict(tokens=[30], hidden=8, experts=4, top_k=2, out_of_range=True, id_dtype="int32"),
     "many experts, prefix loops": dict(tokens=[280], hidden=4, experts=256, top_k=8),
+    "bounded, drops": dict(tokens=[70], hidden=24, experts=8, top_k=4, max_recv_rows=150, max_tokens_per_rank=70),
+    "bounded past the worst case": dict(tokens=[40], hidden=24, experts=8, top_k=2, max_recv_rows=200, max_tokens_per_rank=40),
+    "pad_multiple 8": dict(tokens=[70], hidden=24, experts=8, top_k=4, pad_multiple=8),
+    "bounded, pad_multiple 4, drops": dict(tokens=[70], hidden=24, experts=8, top_k=4, pad_multiple=4, max_recv_rows=132, max_tokens_per_rank=70),
+    "no tokens, bounded, pad_multiple 2": dict(tokens=[0], hidden=8, experts=4, top_k=2, pad_multiple=2, max_recv_rows=12, max_tokens_per_rank=1),
 }
 
 

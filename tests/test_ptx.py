@@ -18,7 +18,7 @@ from moe_ops.stage.kernels import layout, reduce  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
 INT64_POINTERS = {"idx_ptr", "ids_ptr", "peers_ptr", "route_row_ptr", "row_src_ptr", "src_index_ptr"}
-INT32_POINTERS = {"rank_ptr", "chunk_base_ptr", "counts_ptr", "start_ptr", "limit_ptr", "dropped_ptr", "meta_ptr"}
+INT32_POINTERS = {"rank_ptr", "chunk_base_ptr", "counts_ptr", "totals_ptr", "dropped_ptr", "meta_ptr"}
 ALIGNED = {"x_stride", "src_stride", "token_stride", "row_stride", "hidden", "payload_cols", "row_bytes",
            "meta_offset", "weights_offset", "bound", "capacity"}  # what run-time specialization finds 16-aligned
 
@@ -37,11 +37,19 @@ def ptx(fn: triton.JITFunction, constexprs: dict[str, object]) -> str:
     return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned), target=HOPPER).asm["ptx"]
 
 
+LAYOUT = dict(BINS=256, K_BLOCK=8, H_BLOCK=1024, P_BLOCK=128)
+SMALL = dict(LAYOUT, R_BLOCK=512, E_BLOCK=16)
 KERNELS = {
     "put_tokens": (put._put_tokens, dict(ROWS=8, BLOCK=2048, K_BLOCK=8), "st.global.v4"),
     "put_rows": (put._put_rows, dict(HAS_META=True, ROWS=8, BLOCK=2048, META_BLOCK=8), "st.global.v4"),
-    "scatter_rows": (layout._scatter_rows, dict(CHUNK=128, BINS=256, K_BLOCK=8, H_BLOCK=1024), "st.global.v4"),
-    "dispatch_small": (layout._dispatch_small, dict(PADDED=True, K_BLOCK=8, H_BLOCK=1024, R_BLOCK=512, E_BLOCK=16, P_BLOCK=128), "st.global.v4"),
+    "scatter_rows": (layout._scatter_rows, dict(LAYOUT, PADDED=True, PAD=False, BOUNDED=False, ZERO=False, CHUNK=128), "st.global.v4"),
+    "scatter_rows, bounded, pad_multiple, zero padding": (
+        layout._scatter_rows, dict(LAYOUT, PADDED=False, PAD=True, BOUNDED=True, ZERO=True, CHUNK=128), "st.global.v4"
+    ),
+    "dispatch_small": (layout._dispatch_small, dict(SMALL, PADDED=True, PAD=False, BOUNDED=False, ZERO=False), "st.global.v4"),
+    "dispatch_small, bounded, pad_multiple, zero padding": (
+        layout._dispatch_small, dict(SMALL, PADDED=False, PAD=True, BOUNDED=True, ZERO=True), "st.global.v4"
+    ),
     "reduce_rows": (reduce._reduce_rows, dict(HAS_WEIGHTS=True, UNIQUE=False, ACC=tl.float32, K_BLOCK=8, H_BLOCK=1024), "ld.global.v4"),
 }
 

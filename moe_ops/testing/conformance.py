@@ -177,8 +177,11 @@ def assert_rank_matches(problem: Problem, rank: int, ours: RankResult, ref: Rank
     assert ours.tokens_per_expert.dtype == torch.int32 and ours.dropped.dtype == torch.int32, ctx
     assert ours.recv_x.shape == ref.recv_x.shape, f"recv_x shape {tuple(ours.recv_x.shape)} != {tuple(ref.recv_x.shape)} ({ctx})"
     assert ours.recv_x.dtype == problem.xs[rank].dtype, ctx
-    rows = routed_rows(ref)  # padding rows' content is unspecified unless zero_padding
+    rows = routed_rows(ref)
     assert torch.equal(ours.recv_x[rows], ref.recv_x[rows]), f"recv_x rows differ ({ctx})"
+    # the pipeline records autograd, so zero_padding is on: padding rows are zero (else garbage, NaN
+    # included, would reach the experts' weight gradients through their zero-weighted rows)
+    assert not ours.recv_x[~rows].any(), f"padding rows of recv_x are not zero ({ctx})"
     if problem.kind == "ragged" and problem.pad_multiple == 1:
         assert bool(rows.all()), f"a ragged layout without pad_multiple has no padding rows ({ctx})"
     assert torch.equal(ours.recv_weights, ref.recv_weights), f"recv_weights differ (0 on padding rows) ({ctx})"

@@ -32,7 +32,6 @@ from torch import Tensor
 
 from moe_ops.plan import RowLayout
 from moe_ops.stage.kernels import bins_for, block_size, k_block, unit_columns
-from moe_ops.stage.plain import group_rows
 
 CHUNK = 128  # routes ranked per program by one CHUNK x CHUNK comparison
 FILL_BLOCK = 1024  # padding slots reset per program
@@ -40,7 +39,8 @@ SCATTER_H_BLOCK = 1024  # hidden elements per scatter program (tools/bench.py --
 SCATTER_WARPS = 4
 SMALL_ROUTES = 2048  # up to this many routes, one launch (_dispatch_small) does all of dispatch
 SMALL_R_BLOCK = 512  # routes compared per step there
-SMALL_E_BLOCK = 16  # experts counted per bookkeeping program there
+SMALL_E_BLOCK = 16  # experts counted per bookkeeping program there (padded layout)
+P_BLOCK = 128  # padding rows written per step
 
 
 @triton.jit
@@ -114,44 +114,168 @@ def _write_routes(
 
 
 @triton.jit
+def _groups(totals, bins, num_local, pad_multiple, max_rows, PAD: tl.constexpr, BOUNDED: tl.constexpr):
+    """:func:`moe_ops.stage.plain.group_rows` over the route counts ``totals [BINS]`` of every expert:
+    ``(first row, rows, kept routes)`` of each expert's group, as ``[BINS]`` vectors."""
+    group = totals
+    if PAD:
+        group = (tl.maximum(totals, 1) + pad_multiple - 1) // pad_multiple * pad_multiple
+    group = tl.where(bins < num_local, group, 0)
+    start = tl.cumsum(group, axis=0) - group
+    if BOUNDED:
+        group = tl.minimum(tl.maximum(max_rows - start, 0), group)
+    return start, group, tl.minimum(totals, group)
+
+
+@triton.jit
+def _pick(values, bins, key):
+    """``values[key]`` per lane of ``key`` (a gather from the register vector ``values [BINS]``)."""
+    return tl.sum(tl.where(bins[None, :] == key[:, None], values[None, :], 0), axis=1)
+
+
+@triton.jit
+def _blank_rows(lo, hi, hidden, recv_x_ptr, recv_weights_ptr, row_src_ptr,
+                ZERO: tl.constexpr, H_BLOCK: tl.constexpr, P_BLOCK: tl.constexpr):
+    """Padding rows ``[lo, hi)``: row_src -1 and weight 0 (hidden block 0); with ``ZERO`` this program's
+    hidden block of ``recv_x`` zero."""
+    cols = tl.program_id(1) * H_BLOCK + tl.arange(0, H_BLOCK)
+    for p0 in range(lo, hi, P_BLOCK):
+        r = p0 + tl.arange(0, P_BLOCK)
+        inside = r < hi
+        if tl.program_id(1) == 0:
+            tl.store(row_src_ptr + r, tl.full([P_BLOCK], -1, tl.int64), mask=inside)
+            tl.store(recv_weights_ptr + r, tl.zeros([P_BLOCK], tl.float32).to(recv_weights_ptr.dtype.element_ty), mask=inside)
+        if ZERO:
+            tl.store(recv_x_ptr + r[:, None].to(tl.int64) * hidden + cols[None, :],
+                     tl.zeros([P_BLOCK, H_BLOCK], tl.float32).to(recv_x_ptr.dtype.element_ty),
+                     mask=inside[:, None] & (cols[None, :] < hidden))
+
+
+@triton.jit
+def _expert_rows(e, routes, start, group, kept, used, num_local, max_rows, hidden,
+                 recv_x_ptr, recv_weights_ptr, row_src_ptr, counts_ptr, dropped_ptr,
+                 BOUNDED: tl.constexpr, ZERO: tl.constexpr, H_BLOCK: tl.constexpr, P_BLOCK: tl.constexpr):
+    """Expert ``e``'s bookkeeping in a ragged or bounded layout, from its ``routes``, first row ``start``,
+    rows ``group`` and ``kept`` routes (scalars; ``used``: the rows of every group): its count and drops,
+    its padding rows, and (bounded) its share of the rows past the last group."""
+    if tl.program_id(1) == 0:
+        tl.store(counts_ptr + e, group)
+        tl.store(dropped_ptr + e, routes - kept)
+    _blank_rows(start + kept, start + group, hidden, recv_x_ptr, recv_weights_ptr, row_src_ptr, ZERO, H_BLOCK, P_BLOCK)
+    if BOUNDED:
+        share = tl.cdiv(max_rows - used, num_local)
+        lo = used + e * share
+        _blank_rows(lo, tl.minimum(lo + share, max_rows), hidden, recv_x_ptr, recv_weights_ptr, row_src_ptr, ZERO, H_BLOCK, P_BLOCK)
+
+
+@triton.jit
 def _scatter_rows(
-    tokens_ptr, token_stride, weights_ptr, ids_ptr, rank_ptr, chunk_base_ptr, start_ptr, limit_ptr,
-    top_k, hidden, num_local, capacity,
-    recv_x_ptr, recv_weights_ptr, route_row_ptr, row_src_ptr,
+    tokens_ptr, token_stride, weights_ptr, ids_ptr, rank_ptr, chunk_base_ptr, totals_ptr,
+    num_tokens, top_k, hidden, num_local, capacity, pad_multiple, max_rows,
+    recv_x_ptr, recv_weights_ptr, route_row_ptr, row_src_ptr, counts_ptr, dropped_ptr,
     CHUNK: tl.constexpr, BINS: tl.constexpr, K_BLOCK: tl.constexpr, H_BLOCK: tl.constexpr,
+    PADDED: tl.constexpr, PAD: tl.constexpr, BOUNDED: tl.constexpr, ZERO: tl.constexpr, P_BLOCK: tl.constexpr,
 ):
-    """Program (j, b): source row j, hidden block b. Every program of row j computes its routes' rows
-    (a few loads); block 0 records them, every block copies its slice of the row to each of them."""
-    j = tl.program_id(0).to(tl.int64)
-    k = tl.arange(0, K_BLOCK)
-    route = j * top_k + k
-    in_row = k < top_k
-    key = _valid_keys(ids_ptr, route, in_row, num_local, -1)
-    valid = key >= 0
-    pos = tl.load(chunk_base_ptr + (route // CHUNK) * BINS + key, mask=valid, other=0) + tl.load(rank_ptr + route, mask=valid, other=0)
-    if capacity >= 0:  # padded: slot pos of expert key, if it fits
-        keep = valid & (pos < capacity)
-        row = key.to(tl.int64) * capacity + pos
-    else:  # ragged, bounded: the expert's first row + pos, among its kept rows
-        keep = valid & (pos < tl.load(limit_ptr + key, mask=valid, other=0))
-        row = (tl.load(start_ptr + key, mask=valid, other=0) + pos).to(tl.int64)
-    _write_routes(tokens_ptr, token_stride, weights_ptr, j, route, in_row, keep, row, hidden,
-                  recv_x_ptr, recv_weights_ptr, route_row_ptr, row_src_ptr, K_BLOCK, H_BLOCK)
+    """Program (j, b), ``j < num_tokens``: source row j, hidden block b. Every program of row j computes
+    its routes' rows (a few loads; ragged and bounded: the groups from every expert's count); block 0
+    records them, every block copies its slice of the row to each of them. Ragged and bounded layouts:
+    program (num_tokens + e, b) does expert e's bookkeeping (:func:`_expert_rows`)."""
+    j = tl.program_id(0)
+    bins = tl.arange(0, BINS)
+    if not PADDED:
+        totals = tl.load(totals_ptr + bins, mask=bins < num_local, other=0)
+        start_v, group_v, kept_v = _groups(totals, bins, num_local, pad_multiple, max_rows, PAD, BOUNDED)
+    if j < num_tokens:
+        row_j = j.to(tl.int64)
+        k = tl.arange(0, K_BLOCK)
+        route = row_j * top_k + k
+        in_row = k < top_k
+        key = _valid_keys(ids_ptr, route, in_row, num_local, -1)
+        valid = key >= 0
+        pos = tl.load(chunk_base_ptr + (route // CHUNK) * BINS + key, mask=valid, other=0) + tl.load(rank_ptr + route, mask=valid, other=0)
+        if PADDED:  # slot pos of expert key, if it fits
+            keep = valid & (pos < capacity)
+            row = key.to(tl.int64) * capacity + pos
+        else:  # the expert's first row + pos, among its kept routes
+            keep = valid & (pos < _pick(kept_v, bins, key))
+            row = (_pick(start_v, bins, key) + pos).to(tl.int64)
+        _write_routes(tokens_ptr, token_stride, weights_ptr, row_j, route, in_row, keep, row, hidden,
+                      recv_x_ptr, recv_weights_ptr, route_row_ptr, row_src_ptr, K_BLOCK, H_BLOCK)
+    elif not PADDED:
+        e = j - num_tokens
+        here = bins == e
+        _expert_rows(e, tl.sum(tl.where(here, totals, 0)), tl.sum(tl.where(here, start_v, 0)), tl.sum(tl.where(here, group_v, 0)),
+                     tl.sum(tl.where(here, kept_v, 0)), tl.sum(group_v), num_local, max_rows, hidden,
+                     recv_x_ptr, recv_weights_ptr, row_src_ptr, counts_ptr, dropped_ptr, BOUNDED, ZERO, H_BLOCK, P_BLOCK)
+
+
+@triton.jit
+def _route_counts(ids_ptr, num_routes, num_local, BINS: tl.constexpr, R_BLOCK: tl.constexpr):
+    """``[BINS]``: the routes to each expert, over all ``num_routes`` routes."""
+    bins = tl.arange(0, BINS)
+    totals = tl.zeros([BINS], tl.int32)
+    for r0 in range(0, num_routes, R_BLOCK):
+        r = r0 + tl.arange(0, R_BLOCK)
+        key = _valid_keys(ids_ptr, r, r < num_routes, num_local, num_local)
+        valid = key < num_local  # count invalid routes in bin 0, then take them out again
+        totals += tl.histogram(tl.where(valid, key, 0), BINS) - tl.where(bins == 0, tl.sum((~valid).to(tl.int32), axis=0), 0)
+    return totals
+
+
+@triton.jit
+def _small_expert_rows(e, ids_ptr, num_routes, num_local, max_rows, hidden,
+                       recv_x_ptr, recv_weights_ptr, row_src_ptr, counts_ptr, dropped_ptr,
+                       totals, start_v, group_v, kept_v, bins,
+                       PAD: tl.constexpr, BOUNDED: tl.constexpr, ZERO: tl.constexpr,
+                       H_BLOCK: tl.constexpr, R_BLOCK: tl.constexpr, P_BLOCK: tl.constexpr):
+    """Expert ``e``'s bookkeeping in ``_dispatch_small`` (ragged, bounded): with ``pad_multiple`` from the
+    groups of every expert (``totals``, ``start_v``, ``group_v``, ``kept_v``), else counted over every route."""
+    if PAD:
+        here = bins == e
+        routes = tl.sum(tl.where(here, totals, 0))
+        start = tl.sum(tl.where(here, start_v, 0))
+        group = tl.sum(tl.where(here, group_v, 0))
+        kept = tl.sum(tl.where(here, kept_v, 0))
+        used = tl.sum(group_v)
+    else:  # one row per route
+        routes = tl.zeros([], tl.int32)
+        start = tl.zeros([], tl.int32)
+        used = tl.zeros([], tl.int32)
+        for r0 in range(0, num_routes, R_BLOCK):
+            r = r0 + tl.arange(0, R_BLOCK)
+            other = _valid_keys(ids_ptr, r, r < num_routes, num_local, -1)
+            routes += tl.sum((other == e).to(tl.int32))
+            start += tl.sum(((other >= 0) & (other < e)).to(tl.int32))
+            used += tl.sum((other >= 0).to(tl.int32))
+        group = routes
+        if BOUNDED:
+            group = tl.minimum(tl.maximum(max_rows - start, 0), routes)
+            used = tl.minimum(used, max_rows)
+        kept = group
+    _expert_rows(e, routes, start, group, kept, used, num_local, max_rows, hidden,
+                 recv_x_ptr, recv_weights_ptr, row_src_ptr, counts_ptr, dropped_ptr, BOUNDED, ZERO, H_BLOCK, P_BLOCK)
 
 
 @triton.jit
 def _dispatch_small(
-    tokens_ptr, token_stride, weights_ptr, ids_ptr, num_tokens, top_k, hidden, num_local, capacity,
+    tokens_ptr, token_stride, weights_ptr, ids_ptr, num_tokens, top_k, hidden, num_local, capacity, pad_multiple, max_rows,
     recv_x_ptr, recv_weights_ptr, route_row_ptr, row_src_ptr, counts_ptr, dropped_ptr,
-    PADDED: tl.constexpr, K_BLOCK: tl.constexpr, H_BLOCK: tl.constexpr, R_BLOCK: tl.constexpr,
-    E_BLOCK: tl.constexpr, P_BLOCK: tl.constexpr,
+    PADDED: tl.constexpr, PAD: tl.constexpr, BOUNDED: tl.constexpr, ZERO: tl.constexpr, BINS: tl.constexpr,
+    K_BLOCK: tl.constexpr, H_BLOCK: tl.constexpr, R_BLOCK: tl.constexpr, E_BLOCK: tl.constexpr, P_BLOCK: tl.constexpr,
 ):
     """All of dispatch in one launch, for few routes. Program (j, b) with ``j < num_tokens``: source row j,
     hidden block b; it finds its routes' positions by comparing them with every route (no workspace, no
-    prefix pass). Program (num_tokens + e, 0): experts ``[e*E_BLOCK, (e+1)*E_BLOCK)``, whose counts it
-    writes, resetting the slots they leave unused (padded layout)."""
+    prefix pass; with ``pad_multiple``, the groups from a histogram of every route). Padded layout:
+    program (num_tokens + e, 0) counts experts ``[e*E_BLOCK, (e+1)*E_BLOCK)`` and resets the slots they
+    leave unused; ragged and bounded: program (num_tokens + e, b) does expert e's bookkeeping."""
     j = tl.program_id(0)
     num_routes = num_tokens * top_k
+    bins = tl.arange(0, BINS)
+    totals = tl.zeros([BINS], tl.int32)  # with pad_multiple: every expert's routes, and its group
+    start_v, group_v, kept_v = totals, totals, totals
+    if PAD:
+        totals = _route_counts(ids_ptr, num_routes, num_local, BINS, R_BLOCK)
+        start_v, group_v, kept_v = _groups(totals, bins, num_local, pad_multiple, max_rows, PAD, BOUNDED)
     if j < num_tokens:
         row_j = j.to(tl.int64)
         k = tl.arange(0, K_BLOCK)
@@ -159,22 +283,31 @@ def _dispatch_small(
         in_row = k < top_k
         key = _valid_keys(ids_ptr, route, in_row, num_local, -1)
         pos = tl.zeros([K_BLOCK], tl.int32)  # equal keys among earlier routes
-        start = tl.zeros([K_BLOCK], tl.int32)  # ragged: routes to smaller experts
+        start = tl.zeros([K_BLOCK], tl.int32)  # ragged, bounded: routes to smaller experts
         for r0 in range(0, num_routes, R_BLOCK):
             r = r0 + tl.arange(0, R_BLOCK)
             other = _valid_keys(ids_ptr, r, r < num_routes, num_local, -2)  # -2 matches no key
             pos += tl.sum(((other[None, :] == key[:, None]) & (r[None, :] < route[:, None])).to(tl.int32), axis=1)
-            if not PADDED:
+            if not PADDED and not PAD:
                 start += tl.sum(((other[None, :] < key[:, None]) & (other[None, :] >= 0)).to(tl.int32), axis=1)
         valid = key >= 0
         if PADDED:
             keep = valid & (pos < capacity)
             row = key.to(tl.int64) * capacity + pos
         else:
-            keep = valid
+            if PAD:
+                start = _pick(start_v, bins, key)
             row = (start + pos).to(tl.int64)
+            keep = valid
+            if BOUNDED:  # the groups' rows past max_rows are cut
+                keep = valid & (row < max_rows)
         _write_routes(tokens_ptr, token_stride, weights_ptr, row_j, route, in_row, keep, row, hidden,
                       recv_x_ptr, recv_weights_ptr, route_row_ptr, row_src_ptr, K_BLOCK, H_BLOCK)
+    elif not PADDED:
+        _small_expert_rows(j - num_tokens, ids_ptr, num_routes, num_local, max_rows, hidden,
+                           recv_x_ptr, recv_weights_ptr, row_src_ptr, counts_ptr, dropped_ptr,
+                           totals, start_v, group_v, kept_v, bins,
+                           PAD, BOUNDED, ZERO, H_BLOCK, R_BLOCK, P_BLOCK)
     elif tl.program_id(1) == 0:
         e = (j - num_tokens) * E_BLOCK + tl.arange(0, E_BLOCK)
         total = tl.zeros([E_BLOCK], tl.int32)
@@ -182,18 +315,15 @@ def _dispatch_small(
             r = r0 + tl.arange(0, R_BLOCK)
             other = _valid_keys(ids_ptr, r, r < num_routes, num_local, -1)
             total += tl.sum((other[None, :] == e[:, None]).to(tl.int32), axis=1)
-        kept = total
-        if PADDED:
-            kept = tl.minimum(total, capacity)
+        kept = tl.minimum(total, capacity)
         tl.store(counts_ptr + e, kept, mask=e < num_local)
         tl.store(dropped_ptr + e, total - kept, mask=e < num_local)
-        if PADDED:
-            for p0 in range(0, capacity, P_BLOCK):
-                p = p0 + tl.arange(0, P_BLOCK)
-                unused = (e[:, None] < num_local) & (p[None, :] >= kept[:, None]) & (p[None, :] < capacity)
-                slot = e[:, None].to(tl.int64) * capacity + p[None, :]
-                tl.store(row_src_ptr + slot, tl.full([E_BLOCK, P_BLOCK], -1, tl.int64), mask=unused)
-                tl.store(recv_weights_ptr + slot, tl.zeros([E_BLOCK, P_BLOCK], tl.float32).to(recv_weights_ptr.dtype.element_ty), mask=unused)
+        for p0 in range(0, capacity, P_BLOCK):
+            p = p0 + tl.arange(0, P_BLOCK)
+            unused = (e[:, None] < num_local) & (p[None, :] >= kept[:, None]) & (p[None, :] < capacity)
+            slot = e[:, None].to(tl.int64) * capacity + p[None, :]
+            tl.store(row_src_ptr + slot, tl.full([E_BLOCK, P_BLOCK], -1, tl.int64), mask=unused)
+            tl.store(recv_weights_ptr + slot, tl.zeros([E_BLOCK, P_BLOCK], tl.float32).to(recv_weights_ptr.dtype.element_ty), mask=unused)
 
 
 def dispatch_rows(
@@ -210,86 +340,69 @@ def dispatch_rows(
     (anything outside ``[0, num_local)`` is masked), laid out as ``rows`` says. Returns ``(recv_x,
     recv_weights, tokens_per_expert, dropped, route_row, row_src)`` in the layouts of docs/contract.md;
     padding rows of ``recv_x`` are left unwritten unless ``rows.zero_padding``. ``num_routes`` (the valid
-    routes, where the caller knows them) saves the ragged layout's device-to-host read. Up to ``SMALL_ROUTES`` routes take one launch (``_dispatch_small``),
-    more take three.
+    routes, where the caller knows them) saves the ragged layout's device-to-host read (unless
+    ``pad_multiple`` pads its groups). Up to ``SMALL_ROUTES`` routes take one launch
+    (``_dispatch_small``), more take three. Nothing else runs on the device but the allocations.
     """
     m, top_k = ids.shape
     hidden, device = tokens.shape[1], tokens.device
     assert unit_columns(tokens) and weights.is_contiguous() and ids.is_contiguous()
-    padded = rows.kind == "padded"
-    capacity, zero_padding = rows.capacity, rows.zero_padding
-    grouped = rows.kind == "bounded" or rows.pad_multiple > 1  # rows' starts need every expert's count
+    kind, capacity, max_rows = rows.kind, rows.capacity, rows.max_rows
+    padded, bounded = kind == "padded", kind == "bounded"
+    pad = 1 if padded else rows.pad_multiple
+    all_routes = m * top_k
+    # The ragged layout's row count is read back to the host only after every kernel is queued: the rows
+    # are laid out in room for every route (and every group's padding; the caller's count where it knows
+    # it and nothing is padded), then cut to the count.
+    if padded:
+        rows_shape: tuple[int, ...] = (num_local, capacity)
+    elif bounded:
+        rows_shape = (max_rows,)
+    elif pad > 1:  # each group its routes rounded up; pad rows for an expert with none
+        rows_shape = (all_routes + num_local * pad,)
+    else:
+        rows_shape = (all_routes if num_routes is None else num_routes,)
+    cut = kind == "ragged" and (pad > 1 or num_routes is None)
+    recv_x = (torch.zeros if rows.zero_padding and padded else torch.empty)(*rows_shape, hidden, dtype=tokens.dtype, device=device)
+    recv_weights = torch.empty(rows_shape, dtype=weights.dtype, device=device)
+    row_src = torch.empty(rows_shape, dtype=torch.int64, device=device)
     counts = torch.empty(num_local, dtype=torch.int32, device=device)
     dropped = torch.empty_like(counts)
     route_row = torch.empty(m, top_k, dtype=torch.int64, device=device)
     h_block = block_size(hidden, SCATTER_H_BLOCK)
     h_blocks = max(1, triton.cdiv(hidden, h_block))
-    # The ragged layout's row count is read back to the host only after every kernel is queued: the rows
-    # are laid out in room for every route (the caller's count where it knows it) and cut to the count.
-    if (m * top_k <= SMALL_ROUTES or not m) and not grouped:
-        rows_shape: tuple[int, ...] = (num_local, capacity) if padded else (m * top_k if num_routes is None else num_routes,)
-        recv_x, recv_weights, row_src = _layout_buffers(rows_shape, hidden, tokens.dtype, weights.dtype, device, zero_padding and padded)
-        if m or num_local:
-            _dispatch_small[(m + triton.cdiv(num_local, SMALL_E_BLOCK), h_blocks)](
-                tokens, tokens.stride(0), weights, ids, m, top_k, hidden, num_local, capacity if padded else 0,
-                recv_x, recv_weights, route_row, row_src, counts, dropped,
-                PADDED=padded, K_BLOCK=k_block(top_k), H_BLOCK=h_block, R_BLOCK=SMALL_R_BLOCK,
-                E_BLOCK=SMALL_E_BLOCK, P_BLOCK=128, num_warps=SCATTER_WARPS,
-            )
-        if padded or num_routes is not None:
-            return recv_x, recv_weights, counts, dropped, route_row, row_src
-        n = int(counts.sum())
-        return recv_x[:n], recv_weights[:n], counts, dropped, route_row, row_src[:n]
-    all_routes = m * top_k
-    num_chunks = triton.cdiv(all_routes, CHUNK)
     bins = bins_for(num_local)
-    slots = num_local * capacity if padded else 0
-    # one int32 workspace: per-route ranks, chunk histograms, per-chunk bases
-    work = torch.empty(all_routes + 2 * num_chunks * bins, dtype=torch.int32, device=device)
-    rank, hist, chunk_base = work.split([all_routes, num_chunks * bins, num_chunks * bins])
-    row_src = torch.empty(slots, dtype=torch.int64, device=device)
-    recv_weights = torch.empty(slots, dtype=weights.dtype, device=device)
-    grid = max(num_chunks, triton.cdiv(slots, FILL_BLOCK))
-    _chunk_ranks[(grid,)](ids, all_routes, num_chunks, num_local, rank, hist, row_src, recv_weights, slots,
-                          CHUNK=CHUNK, BINS=bins, FILL_BLOCK=FILL_BLOCK)
-    experts = min(bins, 32)
-    _expert_prefix[(bins // experts,)](hist, num_chunks, num_local, capacity if padded else -1, chunk_base, counts, dropped,
-                                       BINS=bins, EXPERTS=experts, ROWS=max(1, 8192 // experts))
-    if padded:
-        rows_shape: tuple[int, ...] = (num_local, capacity)
-        recv_x = (torch.zeros if zero_padding else torch.empty)(*rows_shape, hidden, dtype=tokens.dtype, device=device)
-        start = limit = counts  # unused
-    elif not grouped:  # ragged: expert e's rows start where the counts before it end
-        limit = counts
-        start = torch.cumsum(counts, 0, dtype=torch.int32) - counts
-        rows_shape = (all_routes if num_routes is None else num_routes,)
-        recv_x, recv_weights, row_src = _layout_buffers(rows_shape, hidden, tokens.dtype, weights.dtype, device, False)
-    else:  # bounded, or pad_multiple: groups of rows; padding rows are -1 / 0 (and zero in recv_x with zero_padding)
-        start, tokens_per_expert = group_rows(counts, rows)
-        limit = counts.minimum(tokens_per_expert)
-        dropped = counts - limit
-        counts = tokens_per_expert
-        total = rows.max_rows if rows.kind == "bounded" else int(counts.sum())
-        rows_shape = (total,)
-        recv_x = (torch.zeros if zero_padding else torch.empty)(total, hidden, dtype=tokens.dtype, device=device)
-        recv_weights = torch.zeros(total, dtype=weights.dtype, device=device)
-        row_src = torch.full((total,), -1, dtype=torch.int64, device=device)
-    _scatter_rows[(m, h_blocks)](
-        tokens, tokens.stride(0), weights, ids, rank, chunk_base, start, limit,
-        top_k, hidden, num_local, capacity if padded else -1,
-        recv_x, recv_weights, route_row, row_src,
-        CHUNK=CHUNK, BINS=bins, K_BLOCK=k_block(top_k), H_BLOCK=h_block, num_warps=SCATTER_WARPS,
-    )
-    if rows.kind == "ragged" and not grouped and num_routes is None:
+    flags = dict(PADDED=padded, PAD=pad > 1, BOUNDED=bounded, ZERO=rows.zero_padding and not padded, K_BLOCK=k_block(top_k),
+                 H_BLOCK=h_block, P_BLOCK=P_BLOCK, num_warps=SCATTER_WARPS)
+    bookkeeping = triton.cdiv(num_local, SMALL_E_BLOCK) if padded else num_local
+    if all_routes <= SMALL_ROUTES or not m:
+        _dispatch_small[(m + bookkeeping, h_blocks)](
+            tokens, tokens.stride(0), weights, ids, m, top_k, hidden, num_local, capacity, pad, max_rows,
+            recv_x, recv_weights, route_row, row_src, counts, dropped,
+            BINS=bins, R_BLOCK=SMALL_R_BLOCK, E_BLOCK=SMALL_E_BLOCK, **flags,
+        )
+    else:
+        num_chunks = triton.cdiv(all_routes, CHUNK)
+        slots = num_local * capacity if padded else 0
+        # one int32 workspace: per-route ranks, chunk histograms, per-chunk bases, per-expert routes
+        work = torch.empty(all_routes + 2 * num_chunks * bins + num_local, dtype=torch.int32, device=device)
+        rank, hist, chunk_base, totals = work.split([all_routes, num_chunks * bins, num_chunks * bins, num_local])
+        _chunk_ranks[(max(num_chunks, triton.cdiv(slots, FILL_BLOCK)),)](
+            ids, all_routes, num_chunks, num_local, rank, hist, row_src, recv_weights, slots,
+            CHUNK=CHUNK, BINS=bins, FILL_BLOCK=FILL_BLOCK,
+        )
+        experts = min(bins, 32)
+        _expert_prefix[(bins // experts,)](hist, num_chunks, num_local, capacity if padded else -1, chunk_base,
+                                           counts if padded else totals, dropped, BINS=bins, EXPERTS=experts, ROWS=max(1, 8192 // experts))
+        _scatter_rows[(m + (0 if padded else num_local), h_blocks)](
+            tokens, tokens.stride(0), weights, ids, rank, chunk_base, totals,
+            m, top_k, hidden, num_local, capacity, pad, max_rows,
+            recv_x, recv_weights, route_row, row_src, counts, dropped,
+            CHUNK=CHUNK, BINS=bins, **flags,
+        )
+    if cut:
         n = int(counts.sum())
         return recv_x[:n], recv_weights[:n], counts, dropped, route_row, row_src[:n]
-    return recv_x, recv_weights.view(rows_shape), counts, dropped, route_row, row_src.view(rows_shape)
+    return recv_x, recv_weights, counts, dropped, route_row, row_src
 
 
-def _layout_buffers(
-    rows_shape: tuple[int, ...], hidden: int, dtype: torch.dtype, weight_dtype: torch.dtype, device: torch.device, zero: bool
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(recv_x [*rows_shape, H], recv_weights [*rows_shape], row_src [*rows_shape] int64)``, uninitialised
-    (``recv_x`` zero with ``zero``)."""
-    recv_x = (torch.zeros if zero else torch.empty)(*rows_shape, hidden, dtype=dtype, device=device)
-    return recv_x, torch.empty(rows_shape, dtype=weight_dtype, device=device), torch.empty(rows_shape, dtype=torch.int64, device=device)
