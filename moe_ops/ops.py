@@ -289,6 +289,7 @@ class _DispatchFunction(torch.autograd.Function):
         out = below_autograd(dispatch, _dispatch, (x, topk_idx, topk_weights, expert_map, log2phy), options)
         recv_x, recv_weights, counts, dropped, handle_tensors = out
         ctx.mark_non_differentiable(counts, dropped)
+        ctx.set_materialize_grads(False)  # no zeros for the integer outputs; backward fills what it needs
         ctx.save_for_backward(*handle_tensors)
         ctx.comm = {"group_name": options.get("group_name", ""), "backend": options.get("backend", "auto")}
         ctx.recv_meta = (recv_x.shape, recv_x.dtype, recv_weights.shape, recv_weights.dtype)

@@ -23,6 +23,8 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 LIBRARY = torch.library.Library("moe", "DEF")
 
 Kernel = Callable[..., Any]
+#: each op's real kernel (what ``CompositeExplicitAutograd`` runs), by overload
+KERNELS: dict[torch._ops.OpOverload, Kernel] = {}
 
 
 def _plain(args: Sequence[object]) -> bool:
@@ -55,7 +57,9 @@ def define(schema: str, kernel: Kernel, fake: Kernel, autograd: Kernel) -> torch
     LIBRARY.impl(name, kernel, "CompositeExplicitAutograd")
     torch.library.register_fake(f"moe::{name}", fake, lib=LIBRARY)
     LIBRARY.impl(name, autograd, "Autograd")
-    return getattr(torch.ops.moe, name).default
+    op = getattr(torch.ops.moe, name).default
+    KERNELS[op] = kernel
+    return op
 
 
 def needs_grad(*tensors: Tensor | None) -> bool:

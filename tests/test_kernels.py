@@ -92,6 +92,38 @@ def _small_routes(rank: int, limit: int | None) -> int:
     return previous
 
 
+#: per call: (Triton launches, host reads, at most this many allocations, at most this many other aten ops)
+CALL_STRUCTURE = {
+    "dispatch, ragged": (1, 1, 7, 5),
+    "dispatch, ragged, pad_multiple": (1, 1, 7, 5),
+    "dispatch, bounded": (1, 0, 7, 0),
+    "dispatch, padded": (1, 0, 7, 0),
+    "combine": (1, 0, 1, 2),
+    "step, ragged": (4, 1, 12, 12),
+    "step, bounded": (4, 0, 12, 8),
+}
+
+
+def test_call_structure(world) -> None:
+    """What one call does, counted (moe_ops.testing.call_counts), not timed: one launch per op (three for a
+    dispatch past SMALL_ROUTES routes), a host read only where the ragged layout needs its row count,
+    and no more allocations or other aten ops than today (a whole-buffer fill or an extra copy fails)."""
+    from moe_ops.testing.call_counts import structure_task
+
+    counts = world(1).run(structure_task)[0]
+    assert counts.keys() == CALL_STRUCTURE.keys()
+    for name, (launches, reads, allocations, other) in CALL_STRUCTURE.items():
+        got = counts[name]
+        assert (got["launches"], got["host_reads"]) == (launches, reads), (name, got)
+        assert got["allocations"] <= allocations and got["other_ops"] <= other, (name, got)
+    default = world(1).run(_small_routes, 0)[0]
+    try:
+        many = world(1).run(structure_task)[0]
+    finally:
+        world(1).run(_small_routes, default)
+    assert many["dispatch, bounded"]["launches"] == 3 and many["dispatch, bounded"]["host_reads"] == 0, many
+
+
 @pytest.mark.parametrize("layout", ["ragged", "padded"])
 def test_opcheck(world, layout: str) -> None:
     """opcheck through the Triton kernels, a batch of no tokens included (its gradients come strided)."""

@@ -54,10 +54,9 @@ class AllGatherBackend(Backend):
         self, grad_recv_x: Tensor, grad_recv_weights: Tensor, handle: list[Tensor], comm: Comm
     ) -> tuple[Tensor, Tensor]:
         own_slot, _, route_row = handle
-        grad_tokens = stage.reduce(grad_recv_x.flatten(0, -2), route_row, None).float()
-        grad_weights = stage.gather_routes(grad_recv_weights.reshape(-1), route_row).float()
+        grad_tokens, grad_weights = stage.dispatch_grad(grad_recv_x.flatten(0, -2), grad_recv_weights.reshape(-1), route_row)
         hidden = grad_tokens.shape[1]
-        summed = reduce_scatter(comm, "moe.dispatch_backward reduce_scatter", torch.cat([grad_tokens, grad_weights], 1))
+        summed = reduce_scatter(comm, "moe.dispatch_backward reduce_scatter", torch.cat([grad_tokens.float(), grad_weights.float()], 1))
         mine = summed[: own_slot.shape[0]]
         return mine[:, :hidden].to(grad_recv_x.dtype, copy=True), mine[:, hidden:].to(grad_recv_weights.dtype, copy=True)
 

@@ -31,8 +31,7 @@ class LocalBackend(Backend):
         self, grad_recv_x: Tensor, grad_recv_weights: Tensor, handle: list[Tensor], comm: Comm
     ) -> tuple[Tensor, Tensor]:
         route_row, _ = handle
-        grad_x = stage.reduce(grad_recv_x.flatten(0, -2), route_row, None, ragged=grad_recv_x.dim() == 2)
-        return grad_x, stage.gather_routes(grad_recv_weights.reshape(-1), route_row)
+        return stage.dispatch_grad(grad_recv_x.flatten(0, -2), grad_recv_weights.reshape(-1), route_row, ragged=grad_recv_x.dim() == 2)
 
     def combine_backward(
         self, grad_out: Tensor, expert_out: Tensor, recv_weights: Tensor, handle: list[Tensor], comm: Comm

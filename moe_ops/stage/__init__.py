@@ -83,6 +83,17 @@ def reduce(rows: Tensor, route_row: Tensor, row_weights: Tensor | None, unique: 
     return plain.reduce(rows, route_row, row_weights, unique)
 
 
+def dispatch_grad(grad_rows: Tensor, grad_row_weights: Tensor, route_row: Tensor, ragged: bool = False) -> tuple[Tensor, Tensor]:
+    """Dispatch's backward on the layout rows: ``grad_rows [R, H]`` summed per token (``[M, H]``, as
+    :func:`reduce` without weights) and ``grad_row_weights [R]`` gathered per route (``[M, K]``, 0 where
+    ``route_row`` is -1); on Triton one launch does both."""
+    if use_triton(grad_rows) and not (ragged and use_npu(grad_rows)):
+        from moe_ops.stage.kernels import reduce as kernels
+
+        return kernels.dispatch_grad(grad_rows, grad_row_weights, route_row)
+    return reduce(grad_rows, route_row, None, ragged=ragged), gather_routes(grad_row_weights, route_row)
+
+
 def expand_grad(grad_tokens: Tensor, expert_out: Tensor, recv_weights: Tensor, route_row: Tensor, row_src: Tensor) -> tuple[Tensor, Tensor]:
     """Combine's backward on the layout rows: ``(grad_expert_out, grad_recv_weights)``, 0 on padding rows."""
     if use_triton(expert_out):
@@ -96,5 +107,5 @@ def expand_grad(grad_tokens: Tensor, expert_out: Tensor, recv_weights: Tensor, r
 
 gather_routes = plain.gather_routes  # one gather: the same everywhere
 
-__all__ = ["ExpertLayout", "LocalDispatch", "dispatch_rows", "expand_grad", "expert_layout", "gather_routes", "reduce",
+__all__ = ["ExpertLayout", "LocalDispatch", "dispatch_grad", "dispatch_rows", "expand_grad", "expert_layout", "gather_routes", "reduce",
            "use_npu", "use_triton"]

@@ -101,8 +101,7 @@ class DeepEPBackend(runtime.DeepEPBase):
     ) -> tuple[Tensor, Tensor]:
         buffer, _, combine_config = runtime.normal_buffer(comm, grad_recv_x.shape[-1])
         route_row = handle[2]
-        grad_tokens = stage.reduce(grad_recv_x.flatten(0, -2), route_row, None)
-        grad_weights = stage.gather_routes(grad_recv_weights.reshape(-1), route_row)
+        grad_tokens, grad_weights = stage.dispatch_grad(grad_recv_x.flatten(0, -2), grad_recv_weights.reshape(-1), route_row)
         grad_x, grad_topk_weights, _ = buffer.combine(
             grad_tokens, handle=_deepep_handle(handle), topk_weights=grad_weights, config=combine_config
         )

@@ -134,10 +134,12 @@ class SymmBackend(Backend):
     ) -> tuple[Tensor, Tensor]:
         send_slot, _, route_row, back_index = handle
         bound = route_row.shape[0] // comm.world_size
-        grad_tokens = stage.reduce(grad_recv_x.flatten(0, -2), route_row, None, ragged=grad_recv_x.dim() == 2)
+        grad_tokens, grad_weights = stage.dispatch_grad(
+            grad_recv_x.flatten(0, -2), grad_recv_weights.reshape(-1), route_row, ragged=grad_recv_x.dim() == 2
+        )
         meta_format = RowFormat(((send_slot.shape[1], grad_recv_weights.dtype),))
         meta = meta_format.empty(route_row.shape[0], grad_recv_x.device)
-        meta_format.views(meta)[0].copy_(stage.gather_routes(grad_recv_weights.reshape(-1), route_row))
+        meta_format.views(meta)[0].copy_(grad_weights)
         back, received = _send_rows(comm, grad_tokens, back_index, bound, meta)
         grad_x = stage.reduce(back, send_slot, None, unique=True)
         return grad_x, take_columns(meta_format.views(received)[0], send_slot)

@@ -4,7 +4,8 @@ one program, sums accumulate in float32 (float64 for float64), deterministic, no
 
 * ``_reduce_rows``: ``out[j] = sum_k w[r] * rows[r]`` over ``r = route_row[j, k] >= 0`` — combine,
   dispatch's backward, and a multi-rank backend's pre-reduce and source-side sum (``UNIQUE`` skips a
-  row repeated within ``route_row[j]``).
+  row repeated within ``route_row[j]``); with ``GATHER`` it also writes ``picked[j, k] = values[r]``
+  (dispatch's backward: the routes' weight gradients in the same launch).
 * ``_expand_grad``: combine's backward, token-major: a program reads ``grad_tokens[j]`` once and, for
   each of its rows, writes ``w[r] * grad_tokens[j]`` and accumulates ``<grad_tokens[j], expert_out[r]>``;
   programs past the tokens write the zeros of the padding rows (``row_src`` -1).
@@ -36,12 +37,18 @@ def _route_rows(route_row_ptr, j, top_k, UNIQUE: tl.constexpr, K_BLOCK: tl.const
 
 @triton.jit
 def _reduce_rows(
-    rows_ptr, row_stride, route_row_ptr, weights_ptr, out_ptr,
+    rows_ptr, row_stride, route_row_ptr, weights_ptr, out_ptr, values_ptr, picked_ptr,
     top_k, hidden,
-    HAS_WEIGHTS: tl.constexpr, UNIQUE: tl.constexpr, ACC: tl.constexpr, K_BLOCK: tl.constexpr, H_BLOCK: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr, UNIQUE: tl.constexpr, GATHER: tl.constexpr,
+    ACC: tl.constexpr, K_BLOCK: tl.constexpr, H_BLOCK: tl.constexpr,
 ):
     j = tl.program_id(0).to(tl.int64)
     row, valid = _route_rows(route_row_ptr, j, top_k, UNIQUE, K_BLOCK)
+    if GATHER:
+        if tl.program_id(1) == 0:
+            k = tl.arange(0, K_BLOCK)
+            value = tl.load(values_ptr + row, mask=valid, other=0)
+            tl.store(picked_ptr + j * top_k + k, value.to(picked_ptr.dtype.element_ty), mask=k < top_k)
     if HAS_WEIGHTS:
         scale = tl.load(weights_ptr + row, mask=valid, other=0).to(ACC)
     else:
@@ -88,23 +95,39 @@ def _acc(dtype: torch.dtype) -> tl.dtype:
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def reduce(rows: Tensor, route_row: Tensor, row_weights: Tensor | None, unique: bool = False) -> Tensor:
-    """Triton twin of ``plain.reduce`` (``unique``: count a row repeated in ``route_row[j]`` once).
-    ``rows [R, H]`` (rows may be strided), ``route_row [M, K]``, ``row_weights [R]`` or ``None``."""
+def _launch_reduce(
+    rows: Tensor, route_row: Tensor, row_weights: Tensor | None, unique: bool, values: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
     m, top_k = route_row.shape
     hidden = rows.shape[1]
     if not unit_columns(rows):
         rows = rows.contiguous()
     route_row = route_row.contiguous()
     out = torch.empty(m, hidden, dtype=rows.dtype, device=rows.device)
+    picked = None if values is None else torch.empty(m, top_k, dtype=values.dtype, device=values.device)
     h_block = block_size(hidden, REDUCE_H_BLOCK)
-    if m and hidden:
-        _reduce_rows[(m, triton.cdiv(hidden, h_block))](
-            rows, rows.stride(0), route_row, rows if row_weights is None else row_weights, out, top_k, hidden,
-            HAS_WEIGHTS=row_weights is not None, UNIQUE=unique, ACC=_acc(rows.dtype),
+    if m and (hidden or values is not None):
+        _reduce_rows[(m, max(triton.cdiv(hidden, h_block), 1))](
+            rows, rows.stride(0), route_row, rows if row_weights is None else row_weights, out,
+            rows if values is None else values.contiguous(), out if picked is None else picked, top_k, hidden,
+            HAS_WEIGHTS=row_weights is not None, UNIQUE=unique, GATHER=values is not None, ACC=_acc(rows.dtype),
             K_BLOCK=k_block(top_k), H_BLOCK=h_block, num_warps=REDUCE_WARPS,
         )
-    return out
+    return out, picked
+
+
+def reduce(rows: Tensor, route_row: Tensor, row_weights: Tensor | None, unique: bool = False) -> Tensor:
+    """Triton twin of ``plain.reduce`` (``unique``: count a row repeated in ``route_row[j]`` once).
+    ``rows [R, H]`` (rows may be strided), ``route_row [M, K]``, ``row_weights [R]`` or ``None``."""
+    return _launch_reduce(rows, route_row, row_weights, unique, None)[0]
+
+
+def dispatch_grad(grad_rows: Tensor, grad_row_weights: Tensor, route_row: Tensor) -> tuple[Tensor, Tensor]:
+    """``moe_ops.stage.dispatch_grad`` in one launch: ``grad_rows [R, H]``, ``grad_row_weights [R]``,
+    ``route_row [M, K]`` give ``([M, H] in grad_rows.dtype, [M, K] in grad_row_weights.dtype)``."""
+    out, picked = _launch_reduce(grad_rows, route_row, None, False, grad_row_weights)
+    assert picked is not None
+    return out, picked
 
 
 PAD_ROWS = 16  # padding rows zeroed per program
