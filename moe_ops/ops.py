@@ -289,6 +289,8 @@ class _DispatchFunction(torch.autograd.Function):
         out = below_autograd(dispatch, _dispatch, (x, topk_idx, topk_weights, expert_map, log2phy), options)
         recv_x, recv_weights, counts, dropped, handle_tensors = out
         ctx.mark_non_differentiable(counts, dropped)
+        # rows of an input that needs no gradient need none either (no grouped-GEMM input gradient for them)
+        ctx.mark_non_differentiable(*(t for t, grad in ((recv_x, ctx.needs_input_grad[0]), (recv_weights, ctx.needs_input_grad[2])) if not grad))
         ctx.set_materialize_grads(False)  # no zeros for the integer outputs; backward fills what it needs
         ctx.save_for_backward(*handle_tensors)
         ctx.comm = {"group_name": options.get("group_name", ""), "backend": options.get("backend", "auto")}

@@ -18,7 +18,7 @@ from moe_ops.stage.kernels import layout, reduce  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
 INT64_POINTERS = {"idx_ptr", "ids_ptr", "peers_ptr", "route_row_ptr", "row_src_ptr", "src_index_ptr"}
-INT32_POINTERS = {"rank_ptr", "chunk_base_ptr", "counts_ptr", "totals_ptr", "dropped_ptr", "meta_ptr"}
+INT32_POINTERS = {"rank_ptr", "chunk_base_ptr", "counts_ptr", "groups_ptr", "dropped_ptr", "meta_ptr"}
 ALIGNED = {"x_stride", "src_stride", "token_stride", "row_stride", "hidden", "payload_cols", "row_bytes",
            "meta_offset", "weights_offset", "bound", "capacity"}  # what run-time specialization finds 16-aligned
 
@@ -50,7 +50,10 @@ KERNELS = {
     "dispatch_small, bounded, pad_multiple, zero padding": (
         layout._dispatch_small, dict(SMALL, PADDED=False, PAD=True, BOUNDED=True, ZERO=True), "st.global.v4"
     ),
-    "reduce_rows": (reduce._reduce_rows, dict(HAS_WEIGHTS=True, UNIQUE=False, ACC=tl.float32, K_BLOCK=8, H_BLOCK=1024), "ld.global.v4"),
+    "reduce_rows": (reduce._reduce_rows, dict(HAS_WEIGHTS=True, UNIQUE=False, GATHER=False, ACC=tl.float32, K_BLOCK=8, H_BLOCK=1024), "ld.global.v4"),
+    "reduce_rows, gathering (dispatch's backward)": (
+        reduce._reduce_rows, dict(HAS_WEIGHTS=False, UNIQUE=False, GATHER=True, ACC=tl.float32, K_BLOCK=8, H_BLOCK=1024), "ld.global.v4"
+    ),
 }
 
 

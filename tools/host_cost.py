@@ -116,7 +116,7 @@ def block_step_costs(device: torch.device, tokens: int, hidden: int, experts: in
     ours = MoEBlock(hidden, 2 * hidden, top_k, dispatcher, device=device, dtype=dtype)
     plain = PlainMoEBlock(hidden, 2 * hidden, top_k, moe_ops.Dispatcher(experts), device=device, dtype=dtype)
     plain.load_state_dict(ours.state_dict())
-    x = torch.randn(tokens, hidden, device=device, dtype=dtype)
+    x = torch.randn(tokens, hidden, device=device, dtype=dtype, requires_grad=True)  # as inside a model
     costs = []
     for block in (ours, plain):
         loss = torch.compile(lambda x, block=block: F.mse_loss(block(x).float(), x.float()), fullgraph=True)

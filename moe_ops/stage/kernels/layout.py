@@ -1,26 +1,26 @@
 """Routing metadata and the dispatch permute as Triton kernels, without a sort of the routes.
 
 Up to ``SMALL_ROUTES`` routes (decode), one launch does it all: ``_dispatch_small`` has a program per
-(source row, hidden block) that finds its routes' positions by comparing them with every route, and a
-program per block of experts that counts them (and resets their unused padded slots). Beyond that, three:
+(source row, hidden block) that finds its routes' positions by comparing them with every route (with
+``pad_multiple``, the groups' starts from a histogram of every route), and bookkeeping programs that
+count the routes of each expert and write its padding rows. Beyond that, three launches (padded layout)
+or four:
 
 1. ``_chunk_ranks``: routes in chunks of ``CHUNK``; each program ranks its routes among the equal ids
    before them in the chunk (a ``CHUNK x CHUNK`` comparison) and writes the chunk's histogram.
 2. ``_expert_prefix``: a program per block of experts turns the histograms into each expert's total
-   and, per chunk, the rows earlier chunks took in that expert (exclusive prefix over chunks); it
-   writes ``tokens_per_expert`` and ``dropped``.
-3. ``_scatter_rows``: a program per (source row, hidden block) computes the row's layout rows (the
-   ragged and bounded layouts' expert starts come from the counts, through
-   :func:`moe_ops.stage.plain.group_rows`, which also applies ``pad_multiple`` and the row bound) and
-   copies its block to each of them; block 0 records the maps and weights. Every source row is read
-   once, every layout row written once, in 16-byte vectors where the row stride allows.
-
-The one-launch path serves the ragged layout without ``pad_multiple`` and the padded one; the bounded
-layout and ``pad_multiple`` take the three launches (their rows' starts need every expert's count first).
+   and, per chunk, the rows earlier chunks took in that expert (exclusive prefix over chunks).
+3. ``_expert_groups`` (ragged and bounded layouts): one program computes every expert's group of rows
+   from the totals, as :func:`moe_ops.stage.plain.group_rows` does (``pad_multiple``, the row bound).
+4. ``_scatter_rows``: a program per (source row, hidden block) computes the row's layout rows and copies
+   its block to each of them; block 0 records the maps and weights. Every source row is read once, every
+   layout row written once, in 16-byte vectors where the row stride allows. Programs past the rows
+   write each expert's count, drops and padding rows (zero in ``recv_x`` only with ``zero_padding``).
 
 A route's position inside its expert is (rows earlier chunks took) + (its rank in the chunk), so rows
 follow the routes' flat order, as the contract requires, and the result equals
-``plain.expert_layout`` + ``plain.expand`` exactly.
+``plain.expert_layout`` + ``plain.expand`` exactly. No aten op runs on the device but the allocations;
+the ragged layout reads its row count back only after every launch is queued.
 """
 
 from __future__ import annotations
@@ -169,22 +169,33 @@ def _expert_rows(e, routes, start, group, kept, used, num_local, max_rows, hidde
 
 
 @triton.jit
+def _expert_groups(groups_ptr, num_local, pad_multiple, max_rows,
+                   BINS: tl.constexpr, PAD: tl.constexpr, BOUNDED: tl.constexpr):
+    """One program, ragged and bounded layouts: every expert's group of rows from its routes (``groups``
+    ``[3*BINS : 4*BINS)``, written by ``_expert_prefix``): first row, rows and kept routes at ``[0, BINS)``,
+    ``[BINS, 2*BINS)``, ``[2*BINS, 3*BINS)``, and the rows of every group at ``4*BINS``."""
+    bins = tl.arange(0, BINS)
+    totals = tl.load(groups_ptr + 3 * BINS + bins, mask=bins < num_local, other=0)
+    start, group, kept = _groups(totals, bins, num_local, pad_multiple, max_rows, PAD, BOUNDED)
+    tl.store(groups_ptr + bins, start)
+    tl.store(groups_ptr + BINS + bins, group)
+    tl.store(groups_ptr + 2 * BINS + bins, kept)
+    tl.store(groups_ptr + 4 * BINS, tl.sum(group))
+
+
+@triton.jit
 def _scatter_rows(
-    tokens_ptr, token_stride, weights_ptr, ids_ptr, rank_ptr, chunk_base_ptr, totals_ptr,
-    num_tokens, top_k, hidden, num_local, capacity, pad_multiple, max_rows,
+    tokens_ptr, token_stride, weights_ptr, ids_ptr, rank_ptr, chunk_base_ptr, groups_ptr,
+    num_tokens, top_k, hidden, num_local, capacity, max_rows,
     recv_x_ptr, recv_weights_ptr, route_row_ptr, row_src_ptr, counts_ptr, dropped_ptr,
     CHUNK: tl.constexpr, BINS: tl.constexpr, K_BLOCK: tl.constexpr, H_BLOCK: tl.constexpr,
     PADDED: tl.constexpr, PAD: tl.constexpr, BOUNDED: tl.constexpr, ZERO: tl.constexpr, P_BLOCK: tl.constexpr,
 ):
     """Program (j, b), ``j < num_tokens``: source row j, hidden block b. Every program of row j computes
-    its routes' rows (a few loads; ragged and bounded: the groups from every expert's count); block 0
-    records them, every block copies its slice of the row to each of them. Ragged and bounded layouts:
-    program (num_tokens + e, b) does expert e's bookkeeping (:func:`_expert_rows`)."""
+    its routes' rows (a few loads); block 0 records them, every block copies its slice of the row to each
+    of them. Ragged and bounded layouts: program (num_tokens + e, b) does expert e's bookkeeping
+    (:func:`_expert_rows`) from the groups ``_expert_groups`` wrote."""
     j = tl.program_id(0)
-    bins = tl.arange(0, BINS)
-    if not PADDED:
-        totals = tl.load(totals_ptr + bins, mask=bins < num_local, other=0)
-        start_v, group_v, kept_v = _groups(totals, bins, num_local, pad_multiple, max_rows, PAD, BOUNDED)
     if j < num_tokens:
         row_j = j.to(tl.int64)
         k = tl.arange(0, K_BLOCK)
@@ -197,15 +208,14 @@ def _scatter_rows(
             keep = valid & (pos < capacity)
             row = key.to(tl.int64) * capacity + pos
         else:  # the expert's first row + pos, among its kept routes
-            keep = valid & (pos < _pick(kept_v, bins, key))
-            row = (_pick(start_v, bins, key) + pos).to(tl.int64)
+            keep = valid & (pos < tl.load(groups_ptr + 2 * BINS + key, mask=valid, other=0))
+            row = (tl.load(groups_ptr + key, mask=valid, other=0) + pos).to(tl.int64)
         _write_routes(tokens_ptr, token_stride, weights_ptr, row_j, route, in_row, keep, row, hidden,
                       recv_x_ptr, recv_weights_ptr, route_row_ptr, row_src_ptr, K_BLOCK, H_BLOCK)
     elif not PADDED:
         e = j - num_tokens
-        here = bins == e
-        _expert_rows(e, tl.sum(tl.where(here, totals, 0)), tl.sum(tl.where(here, start_v, 0)), tl.sum(tl.where(here, group_v, 0)),
-                     tl.sum(tl.where(here, kept_v, 0)), tl.sum(group_v), num_local, max_rows, hidden,
+        _expert_rows(e, tl.load(groups_ptr + 3 * BINS + e), tl.load(groups_ptr + e), tl.load(groups_ptr + BINS + e),
+                     tl.load(groups_ptr + 2 * BINS + e), tl.load(groups_ptr + 4 * BINS), num_local, max_rows, hidden,
                      recv_x_ptr, recv_weights_ptr, row_src_ptr, counts_ptr, dropped_ptr, BOUNDED, ZERO, H_BLOCK, P_BLOCK)
 
 
@@ -342,7 +352,8 @@ def dispatch_rows(
     padding rows of ``recv_x`` are left unwritten unless ``rows.zero_padding``. ``num_routes`` (the valid
     routes, where the caller knows them) saves the ragged layout's device-to-host read (unless
     ``pad_multiple`` pads its groups). Up to ``SMALL_ROUTES`` routes take one launch
-    (``_dispatch_small``), more take three. Nothing else runs on the device but the allocations.
+    (``_dispatch_small``), more take three (padded) or four. Nothing else runs on the device but the
+    allocations.
     """
     m, top_k = ids.shape
     hidden, device = tokens.shape[1], tokens.device
@@ -384,19 +395,21 @@ def dispatch_rows(
     else:
         num_chunks = triton.cdiv(all_routes, CHUNK)
         slots = num_local * capacity if padded else 0
-        # one int32 workspace: per-route ranks, chunk histograms, per-chunk bases, per-expert routes
-        work = torch.empty(all_routes + 2 * num_chunks * bins + num_local, dtype=torch.int32, device=device)
-        rank, hist, chunk_base, totals = work.split([all_routes, num_chunks * bins, num_chunks * bins, num_local])
+        # one int32 workspace: per-route ranks, chunk histograms, per-chunk bases, the experts' groups
+        work = torch.empty(all_routes + 2 * num_chunks * bins + 4 * bins + 1, dtype=torch.int32, device=device)
+        rank, hist, chunk_base, groups = work.split([all_routes, num_chunks * bins, num_chunks * bins, 4 * bins + 1])
         _chunk_ranks[(max(num_chunks, triton.cdiv(slots, FILL_BLOCK)),)](
             ids, all_routes, num_chunks, num_local, rank, hist, row_src, recv_weights, slots,
             CHUNK=CHUNK, BINS=bins, FILL_BLOCK=FILL_BLOCK,
         )
         experts = min(bins, 32)
         _expert_prefix[(bins // experts,)](hist, num_chunks, num_local, capacity if padded else -1, chunk_base,
-                                           counts if padded else totals, dropped, BINS=bins, EXPERTS=experts, ROWS=max(1, 8192 // experts))
+                                           counts if padded else groups[3 * bins:], dropped, BINS=bins, EXPERTS=experts, ROWS=max(1, 8192 // experts))
+        if not padded:
+            _expert_groups[(1,)](groups, num_local, pad, max_rows, BINS=bins, PAD=pad > 1, BOUNDED=bounded)
         _scatter_rows[(m + (0 if padded else num_local), h_blocks)](
-            tokens, tokens.stride(0), weights, ids, rank, chunk_base, totals,
-            m, top_k, hidden, num_local, capacity, pad, max_rows,
+            tokens, tokens.stride(0), weights, ids, rank, chunk_base, groups,
+            m, top_k, hidden, num_local, capacity, max_rows,
             recv_x, recv_weights, route_row, row_src, counts, dropped,
             CHUNK=CHUNK, BINS=bins, **flags,
         )
