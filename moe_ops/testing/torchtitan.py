@@ -164,8 +164,8 @@ def global_mean(value: torch.Tensor) -> float:
 
 
 def train(model: torch.nn.Module, data: list[Batch], lr: float = 3e-4, step_done: Callable[[], None] | None = None) -> list[float]:
-    """torchtitan's step without its trainer, once per batch: forward, loss, backward, AdamW (after each,
-    ``step_done``: a timer's synchronize). The global mean loss of each step."""
+    """torchtitan's step without its trainer, once per batch: forward, loss, backward, AdamW, then
+    ``step_done`` (a timer). The global mean loss of each step."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     losses = []
     for tokens, labels in data:
@@ -173,9 +173,9 @@ def train(model: torch.nn.Module, data: list[Batch], lr: float = 3e-4, step_done
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+        losses.append(global_mean(loss))
         if step_done is not None:
             step_done()
-        losses.append(global_mean(loss))
     return losses
 
 
