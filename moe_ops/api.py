@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 import moe_ops.ops  # noqa: F401  (registers torch.ops.moe.*)
+from moe_ops import validation
 from moe_ops.comm import Group, comm_for, group_name_of, group_size_of
 from moe_ops.errors import MoEInputError
 from moe_ops.plan import Layout
@@ -94,7 +95,8 @@ class Dispatcher:
     """Holds the group, expert count and layout of one MoE layer, so calls read ``d.dispatch(x, idx, w)``
     (the arguments as :func:`dispatch` takes them).
 
-    Build it outside compiled code: it resolves the group once (size, rank, local experts).
+    Build it outside compiled code: it resolves the group once (size, rank, local experts) and checks the
+    options that need no tensor (``MoEInputError``, as dispatch would raise them).
     """
 
     def __init__(
@@ -111,8 +113,7 @@ class Dispatcher:
         zero_padding: bool | None = None,
     ) -> None:
         comm = comm_for(group_name_of(group))
-        if num_experts % comm.world_size:
-            raise MoEInputError(f"num_experts={num_experts} is not divisible by the group size {comm.world_size}")
+        validation.check_options(num_experts, comm.world_size, layout, capacity, max_tokens_per_rank, max_recv_rows, pad_multiple)
         if layout == "padded" and capacity is None and max_tokens_per_rank is None:
             raise MoEInputError("layout='padded' needs a static bound: max_tokens_per_rank and/or capacity")
         self.num_experts = num_experts

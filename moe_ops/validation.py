@@ -61,6 +61,21 @@ def check_dispatch(
         raise MoEInputError(
             f"topk_weights has shape {tuple(topk_weights.shape)} but topk_idx has {tuple(topk_idx.shape)}"
         )
+    check_options(num_experts, world_size, layout, capacity, max_tokens_per_rank, max_recv_rows, pad_multiple)
+    if max_tokens_per_rank is not None and x.shape[0] > max_tokens_per_rank:
+        raise MoEInputError(f"x has {x.shape[0]} tokens, more than max_tokens_per_rank={max_tokens_per_rank}")
+
+
+def check_options(
+    num_experts: int,
+    world_size: int,
+    layout: str,
+    capacity: int | None,
+    max_tokens_per_rank: int | None,
+    max_recv_rows: int | None,
+    pad_multiple: int,
+) -> None:
+    """The checks of dispatch's options that need no tensor (``Dispatcher`` runs them when built)."""
     if num_experts < 1:
         raise MoEInputError(f"num_experts must be >= 1, got {num_experts}")
     if num_experts % world_size:
@@ -83,8 +98,6 @@ def check_dispatch(
         raise MoEInputError(f"capacity must be >= 0 (None: the worst case, which never drops), got {capacity}")
     if max_tokens_per_rank is not None and max_tokens_per_rank < 0:
         raise MoEInputError(f"max_tokens_per_rank must be >= 0 (None: x's token count), got {max_tokens_per_rank}")
-    if max_tokens_per_rank is not None and x.shape[0] > max_tokens_per_rank:
-        raise MoEInputError(f"x has {x.shape[0]} tokens, more than max_tokens_per_rank={max_tokens_per_rank}")
 
 
 def check_placement(expert_map: object, log2phy: object, num_experts: int, world_size: int, device: torch.device) -> None:

@@ -6,6 +6,8 @@ module imports its own.
   (imports Megatron-Core);
 * :mod:`.nemo_automodel`: NeMo Automodel's ``MoEFlexTokenDispatcher``, ``TokenDispatcherConfig`` and
   ``install()`` (imports NeMo only in ``install``);
+* :mod:`.torchtitan`: torchtitan's ``MoEOpsTokenDispatcher`` and the ``--override.imports`` overrides
+  that put it (and SAC saving the ops) in place (imports torchtitan);
 * :mod:`.vllm_ascend`: vllm-ascend's ``MoETokenDispatcher``;
 * :mod:`.transformers`: HuggingFace transformers' ``ep_implementation="moe_ops"`` (imports transformers);
 * :mod:`.common`: what the adapters share.

@@ -1,6 +1,6 @@
 """What the framework adapters share (imports no framework): expert placement checks, the unweighted
 combine Megatron-style experts need, host-side counts, the one place where per-expert row alignment is
-mapped, and reversible replacement of the names a framework module looks up."""
+mapped, the transport check, and reversible replacement of the names a framework module looks up."""
 
 from __future__ import annotations
 
@@ -82,9 +82,14 @@ class Patches:
         self.undo()
 
 
+def check_transport(backend: str) -> None:
+    """``backend`` must be ``"auto"`` or a registered moe_ops transport (``MoEInputError`` otherwise)."""
+    if backend != "auto" and backend not in backends.available():
+        raise MoEInputError(f"backend={backend!r} is not a moe_ops transport; choose 'auto' or one of: {', '.join(backends.available())}")
+
+
 def bind_transport(cls: type, backend: str) -> type:
     """A subclass of ``cls`` whose class attribute ``transport`` is the moe_ops backend ``backend``: what a
     framework constructs (with its own constructor signature) when an install chose that transport."""
-    if backend != "auto" and backend not in backends.available():
-        raise MoEInputError(f"backend={backend!r} is not a moe_ops transport; choose 'auto' or one of: {', '.join(backends.available())}")
+    check_transport(backend)
     return type(cls.__name__, (cls,), {"transport": backend, "__module__": cls.__module__, "__doc__": cls.__doc__})
