@@ -6,6 +6,7 @@ side by side in one run, with the memory floor measured in the same run.
     python3 tools/bench.py --sweep               # also try kernel block shapes
     python3 tools/bench.py --collective          # also the collective backend at W = 1 over NCCL
     python3 tools/bench.py --host [--device cpu] [--world 2]   # host cost per call against plain torch (tools/host_cost.py)
+    python3 tools/bench.py --block 8192,2048,768,128,8           # one MoE block's training step against plain torch
 
 The floor of a step is the bytes it must move (each input row read once, each output row written
 once) over the copy bandwidth measured here (a large device-to-device copy, bytes read + written).
@@ -279,6 +280,16 @@ def host(device: torch.device, world: int) -> int:
     return 0
 
 
+def block(device: torch.device, tokens: int, hidden: int, ffn: int, experts: int, top_k: int) -> int:
+    """One MoE block's training step per step (``tools/host_cost.py``), ragged and ``max_recv_rows``, eager
+    and compiled, against the same block in plain torch: a layer of the model at its real shape."""
+    import host_cost  # tools/ is this script's folder
+
+    print(f"MoE block step, {device}, torch {torch.__version__}, T={tokens} H={hidden} F={ffn} E={experts} K={top_k}, bf16, W = 1")
+    host_cost.report(host_cost.block_step_costs(device, tokens, hidden, experts, top_k, ffn, ("ragged", "max_recv_rows"), ("eager", "compiled")))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", action="append", default=[], help="T,H,E,K (repeatable); default: the issue-4 table")
@@ -290,9 +301,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", action="store_true", help="host cost per call against plain torch, then exit")
     parser.add_argument("--device", default="cuda", help="--host: cpu or cuda")
     parser.add_argument("--world", type=int, default=1, help="--host on cpu: also the collective backend over gloo at this W")
+    parser.add_argument("--block", help="T,H,F,E,K: one MoE block's training step (eager, compiled) against plain torch, then exit")
     args = parser.parse_args(argv)
     if args.host:
         return host(torch.device(args.device), args.world)
+    if args.block:
+        return block(torch.device(args.device), *(int(v) for v in args.block.split(",")))
     device, dtype = torch.device("cuda"), getattr(torch, args.dtype)
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(device)

@@ -107,21 +107,39 @@ class PlainMoEBlock(MoEBlock):
         return plain_combine(out, row_w, token, x.shape[0])
 
 
-def block_step_costs(device: torch.device, tokens: int, hidden: int, experts: int, top_k: int) -> dict[str, tuple[float, float]]:
-    """``{"compiled MoE block step": (moe_ops us, plain torch us)}``: forward and backward of a compiled
-    block (moe_ops: the ragged layout with ``max_recv_rows``, no host read)."""
+def block_step_costs(
+    device: torch.device, tokens: int, hidden: int, experts: int, top_k: int, ffn: int | None = None,
+    layouts: tuple[str, ...] = ("max_recv_rows",), modes: tuple[str, ...] = ("compiled",),
+) -> dict[str, tuple[float, float]]:
+    """``{"<mode> MoE block, forward + backward, <layout>": (moe_ops us, plain torch us)}`` per training
+    step (back-to-back steps) of one block (expert hidden ``ffn``, default ``2 * hidden``): moe_ops in the
+    ragged layout (``"ragged"``: a host read per step) or with ``max_recv_rows`` (no host read), eager or
+    compiled (``fullgraph=True``), against the same block in plain torch (argsort, grouped GEMM,
+    ``index_add``) in the same mode. The input carries a gradient, as inside a model."""
     torch.manual_seed(0)
     dtype = torch.bfloat16
-    dispatcher = moe_ops.Dispatcher(experts, max_recv_rows=tokens * top_k, max_tokens_per_rank=tokens)
-    ours = MoEBlock(hidden, 2 * hidden, top_k, dispatcher, device=device, dtype=dtype)
-    plain = PlainMoEBlock(hidden, 2 * hidden, top_k, moe_ops.Dispatcher(experts), device=device, dtype=dtype)
-    plain.load_state_dict(ours.state_dict())
-    x = torch.randn(tokens, hidden, device=device, dtype=dtype, requires_grad=True)  # as inside a model
-    costs = []
-    for block in (ours, plain):
-        loss = torch.compile(lambda x, block=block: F.mse_loss(block(x).float(), x.float()), fullgraph=True)
-        costs.append(per_call_us(lambda loss=loss: loss(x).backward(), device, calls=50))
-    return {"compiled MoE block, forward + backward": (costs[0], costs[1])}
+    ffn = ffn or 2 * hidden
+    options = {"ragged": {}, "max_recv_rows": dict(max_recv_rows=tokens * top_k, max_tokens_per_rank=tokens)}
+    blocks = {layout: MoEBlock(hidden, ffn, top_k, moe_ops.Dispatcher(experts, **options[layout]), device=device, dtype=dtype)
+              for layout in layouts}
+    plain = PlainMoEBlock(hidden, ffn, top_k, moe_ops.Dispatcher(experts), device=device, dtype=dtype)
+    for block in blocks.values():
+        block.load_state_dict(plain.state_dict())
+    x = torch.randn(tokens, hidden, device=device, dtype=dtype, requires_grad=True)
+
+    def step_us(block: torch.nn.Module, mode: str) -> float:
+        def loss(x: torch.Tensor) -> torch.Tensor:
+            return F.mse_loss(block(x).float(), x.detach().float())
+
+        fn = torch.compile(loss, fullgraph=True) if mode == "compiled" else loss
+        return per_call_us(lambda: fn(x).backward(), device, calls=20)
+
+    costs = {}
+    for mode in modes:
+        baseline = step_us(plain, mode)
+        for layout, block in blocks.items():
+            costs[f"{mode} MoE block, forward + backward, {layout}"] = (step_us(block, mode), baseline)
+    return costs
 
 
 def collective_costs(rank: int, tokens: int, hidden: int, experts: int, top_k: int) -> dict[str, tuple[float, float]]:
@@ -152,7 +170,7 @@ def collective_costs(rank: int, tokens: int, hidden: int, experts: int, top_k: i
 
 def report(costs: dict[str, tuple[float, float]]) -> None:
     for name, (ours, plain) in costs.items():
-        print(f"  {name:42s} moe_ops {ours:8.1f} us   plain torch {plain:8.1f} us   ratio {ours / plain:5.2f}x", flush=True)
+        print(f"  {name:52s} moe_ops {ours:8.1f} us   plain torch {plain:8.1f} us   ratio {ours / plain:5.2f}x", flush=True)
 
 
 if __name__ == "__main__":  # the moe_ops on sys.path (e.g. an older checkout through PYTHONPATH), ops only
