@@ -12,8 +12,9 @@ of 8), with dispatch_v2 in its fullmesh and hierarchy modes and v1, and A3's v1 
 shapes are the v2 ones but for the v1 handle, covered by the W = 8 runs' handle checks in eager mode),
 and A2 or v1 below W = 8 other than their refusal.
 
-Example counts (2-core CI): Hypothesis draws EXAMPLES[W] padded problems per world size (T up to 24 per
-rank, E up to 32, bf16/fp16: MC2 moves 16-bit rows only).
+Both layouts MC2 takes (padded, and ragged bounded by ``max_recv_rows``) run through every test of the
+suite below. Example counts (2-core CI): Hypothesis draws EXAMPLES[W] problems per world size (T up to 24
+per rank, E up to 32, bf16/fp16: MC2 moves 16-bit rows only).
 """
 
 import re
@@ -58,10 +59,12 @@ def eight():
         yield w
 
 
-def mc2_problem(tokens: list[int], hidden: int, experts: int, top_k: int, **kw: object) -> Problem:
-    """A bf16 problem in the padded layout (the only one MC2 has), bound one above the largest T by default."""
+def mc2_problem(tokens: list[int], hidden: int, experts: int, top_k: int, max_recv_rows: int | None = None, **kw: object) -> Problem:
+    """A bf16 problem in the padded layout, or (``max_recv_rows``) the bounded one, bound one above the
+    largest T by default."""
     kw.setdefault("max_tokens_per_rank", max(tokens) + 1)
-    return make_problem(tokens, hidden, experts, top_k, layout="padded", dtype=torch.bfloat16, **kw)
+    layout = "padded" if max_recv_rows is None else "ragged"
+    return make_problem(tokens, hidden, experts, top_k, layout=layout, max_recv_rows=max_recv_rows, dtype=torch.bfloat16, **kw)
 
 
 @pytest.mark.parametrize("size", WORLD_SIZES)
@@ -69,21 +72,25 @@ def test_property(world, size: int) -> None:
     w = world(size)
 
     @settings(max_examples=EXAMPLES[size])
-    @given(problem=problems(world_size=size, max_tokens=24, max_experts=32, hidden_sizes=(HIDDEN, 1500), dtypes=HALF, layouts=("padded",)))
+    @given(problem=problems(world_size=size, max_tokens=24, max_experts=32, hidden_sizes=(HIDDEN, 1500), dtypes=HALF, layouts=("padded", "bounded")))
     def check(problem: Problem) -> None:
         conformance.check_world(w, problem, "mc2")
 
     check()
 
 
-@pytest.mark.parametrize("size", [2, 4])
-def test_edge_cases(world, size: int) -> None:
+@pytest.mark.parametrize(("size", "layout"), [(2, "padded"), (4, "padded"), (2, "bounded")])
+def test_edge_cases(world, size: int, layout: str) -> None:
     """No token anywhere (no MC2 call at all), one rank without tokens, everything masked (combine_v2
-    leaves those tokens' rows unwritten: NaN in the simulator, zeros from the backend), drops."""
+    leaves those tokens' rows unwritten: NaN in the simulator, zeros from the backend), drops (capacity 2;
+    bounded: 5 rows, and 8 rows in groups of 4)."""
     w = world(size)
-    conformance.check_world(w, mc2_problem([0] * size, HIDDEN, 2 * size, 2, max_tokens_per_rank=0), "mc2")
-    for pattern in ("all_masked", "one_expert", "one_rank"):
-        conformance.check_world(w, mc2_problem([7, 0, 5, 1][:size], HIDDEN, 2 * size, 2, pattern=pattern, capacity=2, seed=4), "mc2")
+    static = [dict(capacity=2)] if layout == "padded" else [dict(max_recv_rows=5), dict(max_recv_rows=8, pad_multiple=4)]
+    for kw in static:
+        empty = {k: v for k, v in kw.items() if k != "capacity"}
+        conformance.check_world(w, mc2_problem([0] * size, HIDDEN, 2 * size, 2, max_tokens_per_rank=0, **empty), "mc2")
+        for pattern in ("all_masked", "one_expert", "one_rank"):
+            conformance.check_world(w, mc2_problem([7, 0, 5, 1][:size], HIDDEN, 2 * size, 2, pattern=pattern, seed=4, **kw), "mc2")
 
 
 def test_combine_v2_leaves_tokens_without_routes_unwritten(world) -> None:
@@ -94,15 +101,20 @@ def test_combine_v2_leaves_tokens_without_routes_unwritten(world) -> None:
         assert bool(raw.isnan().all()) and not out.any(), (raw, out)
 
 
-def test_compiled_equals_eager(world) -> None:
+STATIC = {"padded": dict(capacity=5), "bounded": dict(max_recv_rows=24, pad_multiple=2)}
+
+
+@pytest.mark.parametrize("layout", STATIC)
+def test_compiled_equals_eager(world, layout: str) -> None:
     """fullgraph=True, dynamic=True: our fake shapes against the real ones (v2, A3, W = 2)."""
-    problem = mc2_problem([12, 5], HIDDEN, 8, 3, capacity=5, mask_fraction=0.2, seed=9)
+    problem = mc2_problem([12, 5], HIDDEN, 8, 3, mask_fraction=0.2, seed=9, **STATIC[layout])
     conformance.check_world(world(2), problem, "mc2", compiled=True)
 
 
-def test_opcheck(world) -> None:
+@pytest.mark.parametrize("layout", STATIC)
+def test_opcheck(world, layout: str) -> None:
     """Fake kernels (ours, from torch_npu's meta shapes) against the real outputs, autograd registration."""
-    world(2).run(conformance.opcheck_task, mc2_problem([10, 6], HIDDEN, 8, 3, capacity=4, mask_fraction=0.2, seed=2), "mc2")
+    world(2).run(conformance.opcheck_task, mc2_problem([10, 6], HIDDEN, 8, 3, mask_fraction=0.2, seed=2, **STATIC[layout]), "mc2")
 
 
 # --- eight ranks: A2, and v1 -------------------------------------------------------------------------

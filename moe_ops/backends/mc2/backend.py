@@ -1,6 +1,7 @@
 """The ``mc2`` backend: expert parallelism on Ascend NPUs through torch_npu's fused MC2 ops,
 ``npu_moe_distribute_dispatch_v2`` / ``npu_moe_distribute_combine_v2`` (v1 ``npu_moe_distribute_dispatch``
-/ ``combine`` with ``expand_idx`` where v2 is missing). Padded layout only; inference and training
+/ ``combine`` with ``expand_idx`` where v2 is missing). Padded and bounded layouts (neither reads a size
+back to the host: MC2's ``expand_x`` has a static row count, the layout is built from it); inference and training
 (MC2 itself has no autograd: the backward passes are the same ops run the other way).
 
 Marshalling (one call; ``W`` ranks, ``L`` local experts, ``Tmax = max_tokens_per_rank``):
@@ -42,10 +43,10 @@ on the wire), K, E, W and HCCL_BUFFSIZE, checked before any call (at trace time 
 put in torch_npu's place through :mod:`moe_ops.libraries`), not on Ascend hardware; docs/backends.md
 lists what the simulator models and what it does not.
 
-Handle: ``[ids [T, K], slot_row [L, C], row_slot [A], row_k [A], assist_info (or expand_idx),
+Handle: ``[ids [T, K], slot_row [L, C] or [R], row_slot [A], row_k [A], assist_info (or expand_idx),
 ep_recv_counts, tp_recv_counts, expand_scales (float32 bits as int32; [0] outside A2 hierarchy mode),
-wire [0, H_w]]``; ``A = Tmax * W * min(L, K)`` rows of ``expand_x``, ``H_w`` the dispatch's row width
-(the last tensor holds no data).
+wire [0, H_w], rows [0, L, pad_multiple]]``; ``A = Tmax * W * min(L, K)`` rows of ``expand_x``, ``H_w``
+the dispatch's row width (the last two tensors hold no data: their shapes record the call).
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ from moe_ops.comm import Comm, library_call
 from moe_ops.errors import MoEInputError
 from moe_ops.indexing import pad_rows, take
 from moe_ops.packing import round_up
-from moe_ops.plan import DispatchPlan, Kind
+from moe_ops.plan import DispatchPlan, Kind, RowLayout
 
 _TOKEN_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -102,8 +103,21 @@ def _group_ep(comm: Comm) -> str:
 
 
 def _wire_width(handle: list[Tensor]) -> int:
-    """The width of the rows the dispatch that made ``handle`` sent (its last tensor's shape records it)."""
+    """The width of the rows the dispatch that made ``handle`` sent (its ``wire`` tensor's shape records it)."""
     return handle[8].shape[1]
+
+
+def _row_layout(handle: list[Tensor]) -> RowLayout:
+    """The layout the dispatch that made ``handle`` built (its ``slot_row`` and ``rows`` tensors' shapes)."""
+    slot_row, pad_multiple = handle[1], handle[9].shape[2]
+    if slot_row.dim() == 2:
+        return RowLayout("padded", capacity=slot_row.shape[1])
+    return RowLayout("bounded", max_rows=slot_row.shape[0], pad_multiple=pad_multiple)
+
+
+def _layout_tensor(ids: Tensor, num_local: int, rows: RowLayout) -> Tensor:
+    """``[0, L, pad_multiple]``: the handle's record of the layout's expert count and alignment."""
+    return ids.new_empty(0, num_local, rows.pad_multiple)
 
 
 @dataclass(frozen=True)
@@ -128,7 +142,7 @@ class _Call:
     @classmethod
     def from_handle(cls, comm: Comm, handle: list[Tensor]) -> _Call:
         """The call that made ``handle`` (``Tmax`` from the ``A = Tmax W min(L, K)`` rows it recorded)."""
-        top_k, num_local, rows = handle[0].shape[1], handle[1].shape[0], handle[2].shape[0]
+        top_k, num_local, rows = handle[0].shape[1], handle[9].shape[1], handle[2].shape[0]
         return cls.of(comm, num_local * comm.world_size, top_k, rows // (comm.world_size * min(num_local, top_k)))
 
     @property
@@ -232,19 +246,19 @@ def _pad_columns(rows: Tensor, width: int) -> Tensor:
     return rows if rows.shape[1] == width else torch.cat([rows, rows.new_zeros(rows.shape[0], width - rows.shape[1])], 1)
 
 
-def _nothing_sent(call: _Call, x: Tensor, weights: Tensor, ids: Tensor, capacity: int, wire: Wire) -> DispatchOutputs:
-    """Dispatch where no rank has a token (``Tmax = 0``): an empty layout, no MC2 call."""
-    num_local = call.num_local
-    handle = [ids, ids.new_full((num_local, capacity), -1), ids.new_empty(0), ids.new_empty(0)]
+def _nothing_sent(call: _Call, x: Tensor, weights: Tensor, ids: Tensor, rows: RowLayout, wire: Wire) -> DispatchOutputs:
+    """Dispatch where no rank has a token (``Tmax = 0``): an empty layout (padding rows only), no MC2 call."""
+    layout = stage.expert_layout(ids.new_empty(0, 1), call.num_local, rows)
+    handle = [ids, layout.row_src, ids.new_empty(0), ids.new_empty(0)]
     handle += [x.new_zeros(shape, dtype=torch.int32) for shape in call.handle_shapes(ids.shape[0])]
-    handle.append(ids.new_empty(0, wire.width))
-    counts = x.new_zeros(num_local, dtype=torch.int32)
-    return DispatchOutputs(x.new_zeros(num_local, capacity, x.shape[1]), weights.new_zeros(num_local, capacity), counts, counts.clone(), handle)
+    handle += [ids.new_empty(0, wire.width), _layout_tensor(ids, call.num_local, rows)]
+    shape = layout.row_src.shape
+    return DispatchOutputs(x.new_zeros(*shape, x.shape[1]), weights.new_zeros(shape), layout.tokens_per_expert, layout.dropped, handle)
 
 
 class Mc2Backend(Backend):
     name = "mc2"
-    layouts = frozenset({"padded"})
+    layouts = frozenset({"padded", "bounded"})
     multi_rank = True
     quant_mode: ClassVar[int] = 0  #: MC2's quant_mode for the forward dispatch
 
@@ -278,13 +292,14 @@ class Mc2Backend(Backend):
         call = _Call.of(plan.comm, plan.num_experts, top_k, plan.token_bound)
         wire = Wire(x.shape[1], top_k, quantized=self.quant_mode == 2)
         ids = route_ids(topk_idx, plan.num_experts)
-        num_local, capacity = plan.num_local_experts, plan.capacity
+        num_local = plan.num_local_experts
         if call.max_tokens == 0:
-            return _nothing_sent(call, x, topk_weights, ids, capacity, wire)
+            return _nothing_sent(call, x, topk_weights, ids, plan.rows, wire)
         received, ends, mc2_handle = call.dispatch(wire, x, ids, topk_weights, self.quant_mode)
-        placed = place(received, ends, plan.comm.rank, num_local, capacity)
+        placed = place(received, ends, plan.comm.rank, num_local, plan.rows)
         route_weights = received.weights.gather(1, placed.row_k.clamp(min=0).unsqueeze(1)).squeeze(1)
-        handle = [ids, placed.slot_row, placed.row_slot, placed.row_k, *mc2_handle, ids.new_empty(0, wire.width)]
+        handle = [ids, placed.slot_row, placed.row_slot, placed.row_k, *mc2_handle, ids.new_empty(0, wire.width),
+                  _layout_tensor(ids, num_local, plan.rows)]
         return DispatchOutputs(
             take(received.tokens, placed.slot_row),
             take(route_weights, placed.slot_row),
@@ -295,10 +310,10 @@ class Mc2Backend(Backend):
 
     def combine(self, expert_out: Tensor, recv_weights: Tensor, handle: list[Tensor], comm: Comm) -> Tensor:
         call = _Call.from_handle(comm, handle)
-        ids, _, row_slot, _, *mc2_handle, wire = handle
+        ids, _, row_slot, _, *mc2_handle, wire, _ = handle
         if call.max_tokens == 0:
             return expert_out.new_zeros(ids.shape[0], expert_out.shape[-1])
-        rows = stage.reduce(expert_out.flatten(0, 1), row_slot.unsqueeze(1), recv_weights.flatten())
+        rows = stage.reduce(expert_out.flatten(0, -2), row_slot.unsqueeze(1), recv_weights.flatten())
         return call.combine(rows, ids, mc2_handle, wire.shape[1])
 
     def dispatch_backward(
@@ -306,7 +321,7 @@ class Mc2Backend(Backend):
     ) -> tuple[Tensor, Tensor]:
         call = _Call.from_handle(comm, handle)
         hidden, top_k = grad_recv_x.shape[-1], call.top_k
-        ids, _, row_slot, row_k, *mc2_handle, wire = handle
+        ids, _, row_slot, row_k, *mc2_handle, wire, _ = handle
         if call.max_tokens == 0:
             return grad_recv_x.new_zeros(ids.shape[0], hidden), grad_recv_weights.new_zeros(ids.shape)
         # Each row: its gradient, then its weight gradient as a hi + lo pair in columns k and K + k
@@ -316,7 +331,7 @@ class Mc2Backend(Backend):
         lo = (grad_w - hi.float()).to(hi.dtype)
         k = row_k.clamp(min=0).unsqueeze(1)
         weight_columns = hi.new_zeros(row_k.shape[0], 2 * top_k).scatter_(1, k, hi).scatter_(1, k + top_k, lo)
-        rows = torch.cat([stage.reduce(grad_recv_x.flatten(0, 1), row_slot.unsqueeze(1), None), weight_columns], 1)
+        rows = torch.cat([stage.reduce(grad_recv_x.flatten(0, -2), row_slot.unsqueeze(1), None), weight_columns], 1)
         out = call.combine(rows, ids, mc2_handle, wire.shape[1])
         grad_weights = out[:, hidden : hidden + top_k].float() + out[:, hidden + top_k :].float()
         return out[:, :hidden].contiguous(), grad_weights.to(grad_recv_weights.dtype)
@@ -325,15 +340,15 @@ class Mc2Backend(Backend):
         self, grad_out: Tensor, expert_out: Tensor, recv_weights: Tensor, handle: list[Tensor], comm: Comm
     ) -> tuple[Tensor, Tensor]:
         call = _Call.from_handle(comm, handle)
-        ids, slot_row = handle[:2]
+        ids = handle[0]
         if call.max_tokens == 0:
             return torch.zeros_like(expert_out), torch.zeros_like(recv_weights)
         received, ends, _ = call.dispatch(Wire(grad_out.shape[1], call.top_k), grad_out, ids, None, quant_mode=0)
-        placed = place(received, ends, comm.rank, slot_row.shape[0], slot_row.shape[1])
+        placed = place(received, ends, comm.rank, call.num_local, _row_layout(handle))
         return stage.expand_grad(received.tokens, expert_out, recv_weights, placed.row_slot.unsqueeze(1), placed.slot_row)
 
     def handle_len(self, kind: Kind) -> int:
-        return 9
+        return 10
 
     def fake_handle(self, x: Tensor, topk_idx: Tensor, rows_shape: tuple[int, ...], plan: DispatchPlan) -> list[Tensor]:
         num_tokens, top_k = topk_idx.shape
@@ -345,6 +360,7 @@ class Mc2Backend(Backend):
             int64_like(topk_idx, (call.rows,)),
             *(topk_idx.new_empty(s, dtype=torch.int32) for s in call.handle_shapes(num_tokens)),
             int64_like(topk_idx, (0, Wire(x.shape[1], top_k, quantized=self.quant_mode == 2).width)),
+            int64_like(topk_idx, (0, plan.num_local_experts, plan.rows.pad_multiple)),
         ]
 
 

@@ -139,24 +139,25 @@ class Wire:
 
 
 class Placement(NamedTuple):
-    """Where the routes in ``expand_x`` go in the padded layout ``[L, C]`` (flat layout row ``e * C + i``)."""
+    """Where the routes in ``expand_x`` go in the layout: padded ``[L, C]`` (flat layout row ``e * C + i``)
+    or bounded ``[R]``."""
 
     row_slot: Tensor  #: [A] int64: layout row of each expand_x row; -1 if it holds no kept route
     row_k: Tensor  #: [A] int64: the k of the route an expand_x row holds; -1 if none
-    slot_row: Tensor  #: [L, C] int64: expand_x row of each layout row; -1 on padding
+    slot_row: Tensor  #: [L, C] or [R] int64: expand_x row of each layout row; -1 on padding
     tokens_per_expert: Tensor  #: [L] int32
     dropped: Tensor  #: [L] int32
 
 
-def place(received: Received, expert_ends: Tensor, rank: int, num_local: int, capacity: int) -> Placement:
-    """Lay out the routes of ``received``: ``expert_ends [L]`` is MC2's ``expert_token_nums`` as a
-    cumulative sum (rows ``[ends[e-1], ends[e])`` belong to local expert ``e``)."""
+def place(received: Received, expert_ends: Tensor, rank: int, num_local: int, layout_rows: RowLayout) -> Placement:
+    """Lay out the routes of ``received`` as ``layout_rows`` says (padded or bounded): ``expert_ends [L]`` is
+    MC2's ``expert_token_nums`` as a cumulative sum (rows ``[ends[e-1], ends[e])`` belong to local expert ``e``)."""
     rows = torch.arange(received.keys.shape[0], device=received.keys.device)
     expert = torch.searchsorted(expert_ends.long(), rows, right=True)  # L past the last filled row
     match = received.ids == (rank * num_local + expert).unsqueeze(1)
     valid = match.any(dim=1) & (expert < num_local)
     order = torch.sort(torch.where(valid, received.keys, torch.iinfo(torch.int64).max), stable=True).indices
-    layout = stage.expert_layout(torch.where(valid, expert, -1)[order].unsqueeze(1), num_local, RowLayout("padded", capacity))
+    layout = stage.expert_layout(torch.where(valid, expert, -1)[order].unsqueeze(1), num_local, layout_rows)
     row_slot = torch.empty_like(order).scatter_(0, order, layout.route_row[:, 0])
     slot_row = torch.where(layout.row_src >= 0, take(order, layout.row_src), -1)
     row_k = torch.where(valid, match.int().argmax(dim=1), -1)
