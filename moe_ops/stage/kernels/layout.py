@@ -51,6 +51,17 @@ def _valid_keys(ids_ptr, offs, mask, num_local, invalid):
 
 
 @triton.jit
+def _row_routes(ids_ptr, j, top_k, num_local, K_BLOCK: tl.constexpr):
+    """Source row ``j``'s routes: ``(j as int64, flat route index [K_BLOCK], lane in the row, expert key
+    or -1)``."""
+    row_j = j.to(tl.int64)
+    k = tl.arange(0, K_BLOCK)
+    route = row_j * top_k + k
+    in_row = k < top_k
+    return row_j, route, in_row, _valid_keys(ids_ptr, route, in_row, num_local, -1)
+
+
+@triton.jit
 def _chunk_ranks(
     ids_ptr, num_routes, num_chunks, num_local, rank_ptr, hist_ptr,
     fill_rows_ptr, fill_weights_ptr, num_fill,
@@ -197,11 +208,7 @@ def _scatter_rows(
     (:func:`_expert_rows`) from the groups ``_expert_groups`` wrote."""
     j = tl.program_id(0)
     if j < num_tokens:
-        row_j = j.to(tl.int64)
-        k = tl.arange(0, K_BLOCK)
-        route = row_j * top_k + k
-        in_row = k < top_k
-        key = _valid_keys(ids_ptr, route, in_row, num_local, -1)
+        row_j, route, in_row, key = _row_routes(ids_ptr, j, top_k, num_local, K_BLOCK)
         valid = key >= 0
         pos = tl.load(chunk_base_ptr + (route // CHUNK) * BINS + key, mask=valid, other=0) + tl.load(rank_ptr + route, mask=valid, other=0)
         if PADDED:  # slot pos of expert key, if it fits
@@ -287,11 +294,7 @@ def _dispatch_small(
         totals = _route_counts(ids_ptr, num_routes, num_local, BINS, R_BLOCK)
         start_v, group_v, kept_v = _groups(totals, bins, num_local, pad_multiple, max_rows, PAD, BOUNDED)
     if j < num_tokens:
-        row_j = j.to(tl.int64)
-        k = tl.arange(0, K_BLOCK)
-        route = row_j * top_k + k
-        in_row = k < top_k
-        key = _valid_keys(ids_ptr, route, in_row, num_local, -1)
+        row_j, route, in_row, key = _row_routes(ids_ptr, j, top_k, num_local, K_BLOCK)
         pos = tl.zeros([K_BLOCK], tl.int32)  # equal keys among earlier routes
         start = tl.zeros([K_BLOCK], tl.int32)  # ragged, bounded: routes to smaller experts
         for r0 in range(0, num_routes, R_BLOCK):
