@@ -66,7 +66,6 @@ from moe_ops.backends.mc2.wire import Received, Wire, place, route_ids, sent_ids
 from moe_ops.comm import Comm, library_call
 from moe_ops.errors import MoEInputError
 from moe_ops.indexing import pad_rows, take
-from moe_ops.packing import round_up
 from moe_ops.plan import DispatchPlan, Kind, RowLayout
 
 _TOKEN_DTYPES = (torch.bfloat16, torch.float16)
