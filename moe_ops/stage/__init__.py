@@ -87,7 +87,7 @@ def dispatch_grad(grad_rows: Tensor, grad_row_weights: Tensor, route_row: Tensor
     """Dispatch's backward on the layout rows: ``grad_rows [R, H]`` summed per token (``[M, H]``, as
     :func:`reduce` without weights) and ``grad_row_weights [R]`` gathered per route (``[M, K]``, 0 where
     ``route_row`` is -1); on Triton one launch does both."""
-    if use_triton(grad_rows) and not (ragged and use_npu(grad_rows)):
+    if use_triton(grad_rows):
         from moe_ops.stage.kernels import reduce as kernels
 
         return kernels.dispatch_grad(grad_rows, grad_row_weights, route_row)
