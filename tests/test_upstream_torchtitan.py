@@ -1,7 +1,7 @@
 """moe_ops inside the real torchtitan 0.3.0 (``torchtitan``, installed by tools/in-env.sh): its qwen3
 ``debugmodel_moe`` and deepseek_v3 ``debugmodel`` cut to 2 layers, on CPU over gloo at EP = 2 with FSDP,
 moe_ops put in as docs/integrations/torchtitan.md says (torchtitan's own ``apply_overrides`` with the
-``--override.imports`` entries), against torchtitan's ``AllToAllTokenDispatcher``:
+``--override.imports`` entries), against torchtitan's ``AllToAllTokenDispatcher`` (and once at EP = 1):
 
 * AdamW training: the losses of every step agree; with our SAC override each MoE layer runs our dispatch
   and combine kernels once per forward (none again in backward), without it they run again;
@@ -11,7 +11,8 @@ moe_ops put in as docs/integrations/torchtitan.md says (torchtitan's own ``apply
 * the overrides: the FP8/MXFP8 converters' dispatcher replaced at its ``pad_multiple``, bad options
   refused with ``MoEInputError`` when the override runs.
 
-One gloo world runs all of it (the session's ``worlds(2)``); the file takes about a minute on 2 cores.
+The session's gloo worlds run it (``worlds(2)``, and ``worlds(1)`` for EP = 1); the file takes about a
+minute on 2 cores.
 """
 
 import pytest
@@ -51,6 +52,19 @@ def test_losses_match_torchtitans_dispatcher(training, family: str) -> None:
     assert result["moe_ops"]["dispatchers"] == ["MoEOpsTokenDispatcher"]
     assert result["moe_ops"]["ac"] == "MoEOpsSelectiveAC.Config"
     assert result["torchtitan"]["calls"] == {}
+    torch.testing.assert_close(result["moe_ops"]["losses"], result["torchtitan"]["losses"], rtol=LOSS_RTOL, atol=0)
+
+
+@pytest.mark.multiproc
+def test_one_rank(worlds) -> None:
+    """EP = 1 (a one-rank world, no EP mesh: torchtitan never wires one): our override still replaces its
+    dispatcher, runs on this rank alone (here with ``max_recv_rows``; EP = 2 runs the plain ragged layout)
+    and trains with its losses."""
+    tokens, top_k = 2 * 32, 8  # batch x seq of train_task; qwen3's top 8
+    setups = {"torchtitan": tasks.Setup(), "moe_ops": tasks.ours(max_recv_rows=tokens * top_k, max_tokens_per_rank=tokens)}
+    result = worlds(1).run(tasks.train_task, "qwen3", setups, STEPS)[0]
+    assert result["moe_ops"]["dispatchers"] == ["MoEOpsTokenDispatcher"]
+    assert result["moe_ops"]["calls"]["dispatch"] > 0, result["moe_ops"]["calls"]
     torch.testing.assert_close(result["moe_ops"]["losses"], result["torchtitan"]["losses"], rtol=LOSS_RTOL, atol=0)
 
 
