@@ -29,7 +29,8 @@ from moe_ops import config
 from moe_ops.comm import Comm, all_gather, all_gather_strings
 from moe_ops.errors import MoEInputError
 
-_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.int32, torch.int64)
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.int32, torch.int64, torch.float8_e4m3fn,
+           torch.float8_e5m2, torch.int8)
 _agreed: set[tuple[object, ...]] = set()
 _names: dict[int, str] = {}  # codes of the strings and dtypes seen, to name a peer's value in errors
 

@@ -32,12 +32,20 @@ from moe_ops.plan import DispatchPlan, make_plan
 from moe_ops.registration import below_autograd, define, needs_grad
 
 DispatchReturn = tuple[Tensor, Tensor, Tensor, Tensor, list[Tensor]]
+QuantizedReturn = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[Tensor]]
 
-DISPATCH_SCHEMA = (
-    "dispatch(Tensor x, Tensor topk_idx, Tensor topk_weights, Tensor? expert_map=None, Tensor? log2phy=None, *, "
+_DISPATCH_OPTIONS = (
     "SymInt num_experts, str group_name='', int group_size=-1, str backend='auto', str layout='ragged', SymInt? capacity=None, "
-    "SymInt? max_tokens_per_rank=None, SymInt? max_recv_rows=None, SymInt pad_multiple=1, bool zero_padding=False) "
+    "SymInt? max_tokens_per_rank=None, SymInt? max_recv_rows=None, SymInt pad_multiple=1, bool zero_padding=False"
+)
+DISPATCH_SCHEMA = (
+    f"dispatch(Tensor x, Tensor topk_idx, Tensor topk_weights, Tensor? expert_map=None, Tensor? log2phy=None, *, {_DISPATCH_OPTIONS}) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor[])"
+)
+DISPATCH_QUANTIZED_SCHEMA = (
+    "dispatch_quantized(Tensor x, Tensor topk_idx, Tensor topk_weights, Tensor? x_scales=None, Tensor? expert_map=None, "
+    f"Tensor? log2phy=None, *, {_DISPATCH_OPTIONS}, str quant='', int quant_block=128, bool round_scale=False) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor[])"
 )
 _HANDLE_OPTIONS = "*, str group_name='', str backend='auto'"
 COMBINE_SCHEMA = f"combine(Tensor expert_out, Tensor recv_weights, Tensor[] handle, {_HANDLE_OPTIONS}) -> Tensor"
@@ -65,8 +73,16 @@ class DispatchOptions(NamedTuple):
     pad_multiple: int = 1
     zero_padding: bool = False
 
+class QuantOptions(NamedTuple):
+    """The keyword-only arguments ``moe.dispatch_quantized`` adds to dispatch's."""
+
+    quant: str = ""
+    quant_block: int = 128
+    round_scale: bool = False
+
+
 DISPATCH_FIELDS = ("backend", "layout", "num_experts", "hidden", "top_k", "dtype", "weight_dtype", "capacity",
-                   "max_tokens_per_rank", "max_recv_rows", "pad_multiple", "device", "expert_map", "log2phy")
+                   "max_tokens_per_rank", "max_recv_rows", "pad_multiple", "device", "expert_map", "log2phy", "scales")
 HANDLE_FIELDS = ("backend", "layout", "rows", "capacity", "hidden", "dtype", "top_k", "device")
 
 # --- dispatch -------------------------------------------------------------------------------------
@@ -74,18 +90,22 @@ HANDLE_FIELDS = ("backend", "layout", "rows", "capacity", "hidden", "dtype", "to
 
 def _plan_dispatch(
     x: Tensor, topk_idx: Tensor, topk_weights: Tensor, expert_map: Tensor | None, log2phy: Tensor | None, comm: Comm,
-    o: DispatchOptions,
+    o: DispatchOptions, x_scales: Tensor | None = None, q: QuantOptions | None = None,
 ) -> tuple[Backend, DispatchPlan]:
-    """Step 1 of a dispatch: metadata checks, the plan, the backend and its limits."""
+    """Step 1 of a dispatch: metadata checks, the plan, the backend and its limits (``q``: a quantized
+    dispatch's options)."""
     if o.group_size not in (-1, comm.world_size):
         raise MoEInputError(f"group_size={o.group_size}, but group {o.group_name!r} has {comm.world_size} ranks")
+    scales = None if q is None else validation.check_quantized(x, x_scales, q.quant, q.quant_block, q.round_scale)
     plan = make_plan(
         x, topk_idx, topk_weights, comm, num_experts=o.num_experts, layout=o.layout, capacity=o.capacity,
         max_tokens_per_rank=o.max_tokens_per_rank, max_recv_rows=o.max_recv_rows, pad_multiple=o.pad_multiple,
-        zero_padding=o.zero_padding,
+        zero_padding=o.zero_padding, scales=scales,
     )
     validation.check_placement(expert_map, log2phy, o.num_experts, comm.world_size, x.device)
     impl = backends.resolve(o.backend, x.device.type, comm.world_size, plan.kind)
+    if scales is not None and not impl.quantized:
+        raise MoEInputError(f"backend {impl.name!r} does not dispatch quantized rows (docs/backends.md: 'local', 'collective', 'allgather' do)")
     impl.check_dispatch(x, topk_idx, topk_weights, plan)
     return impl, plan
 
@@ -106,11 +126,20 @@ def _dispatch(
     rank ``r``, -1 where absent) replaces the contiguous placement. Returns ``(recv_x, recv_weights,
     tokens_per_expert [L] int32, dropped [L] int32, handle)``.
     """
-    o = DispatchOptions(**options)
+    out, tag = _run_dispatch(x, topk_idx, topk_weights, expert_map, log2phy, DispatchOptions(**options))
+    return out.recv_x, out.recv_weights, out.tokens_per_expert, out.dropped, [tag, *out.handle]
+
+
+def _run_dispatch(
+    x: Tensor, topk_idx: Tensor, topk_weights: Tensor, expert_map: Tensor | None, log2phy: Tensor | None, o: DispatchOptions,
+    x_scales: Tensor | None = None, q: QuantOptions | None = None,
+) -> tuple[DispatchOutputs, Tensor]:
+    """Steps 1 to 3 of a dispatch (see the module docstring); ``x_scales`` and ``q`` for a quantized one.
+    Returns the backend's outputs and the handle's tag."""
     comm = comm_for(o.group_name)
     handshake = Handshake.of(comm, "dispatch", DISPATCH_FIELDS, x.device)
     try:
-        impl, plan = _plan_dispatch(x, topk_idx, topk_weights, expert_map, log2phy, comm, o)
+        impl, plan = _plan_dispatch(x, topk_idx, topk_weights, expert_map, log2phy, comm, o, x_scales, q)
         impl.prepare(plan)
         if config.check_values:
             validation.check_values(topk_idx, topk_weights, o.num_experts if log2phy is None else log2phy.shape[0])
@@ -127,28 +156,74 @@ def _dispatch(
         signature = (
             impl.name, plan.kind, o.num_experts, x.shape[1], topk_idx.shape[1], x.dtype, topk_weights.dtype,
             plan.capacity, plan.token_bound if plan.static else -1, plan.rows.max_rows, plan.rows.pad_multiple,
-            x.device.type, expert_map is not None, log2phy is not None,
+            x.device.type, expert_map is not None, log2phy is not None, repr(plan.scales),
         )
         peers = handshake.agree(signature, plan.static, payload)
-    out = impl.dispatch(x, ids, topk_weights, plan, peers)
-    return out.recv_x, out.recv_weights, out.tokens_per_expert, out.dropped, [handle.tag(impl.name, plan.kind, x), *out.handle]
+    out = impl.dispatch(x, ids, topk_weights, plan, peers) if plan.scales is None else \
+        impl.dispatch(x, ids, topk_weights, plan, peers, x_scales)
+    return out, handle.tag(impl.name, plan.kind, x)
+
+
+def _fake_outputs(
+    x: Tensor, topk_idx: Tensor, topk_weights: Tensor, expert_map: Tensor | None, log2phy: Tensor | None, o: DispatchOptions,
+    x_scales: Tensor | None = None, q: QuantOptions | None = None,
+) -> tuple[DispatchOutputs, Tensor]:
+    """What :func:`_run_dispatch` returns, as empty tensors of the right shapes (rows of a ragged layout: an unbacked size)."""
+    impl, plan = _plan_dispatch(x, topk_idx, topk_weights, expert_map, log2phy, comm_for(o.group_name), o, x_scales, q)
+    rows = plan.rows_shape or (torch.library.get_ctx().new_dynamic_size(),)
+    counts = topk_idx.new_empty(plan.num_local_experts, dtype=torch.int32)
+    if plan.scales is None:
+        recv_x, recv_scales = x.new_empty(*rows, x.shape[1]), None
+    else:
+        dtype = x.dtype if plan.scales.quantize is None else plan.scales.quantize.dtype
+        recv_x = x.new_empty(*rows, x.shape[1], dtype=dtype)
+        recv_scales = x.new_empty(*rows, plan.scales.columns, dtype=torch.float32)
+    out = DispatchOutputs(recv_x, topk_weights.new_empty(rows), counts, torch.empty_like(counts),
+                          impl.fake_handle(x, topk_idx, rows, plan), recv_scales)
+    return out, handle.tag(impl.name, plan.kind, x)
 
 
 def _dispatch_fake(
     x: Tensor, topk_idx: Tensor, topk_weights: Tensor, expert_map: Tensor | None = None, log2phy: Tensor | None = None,
     **options: Any,
 ) -> DispatchReturn:
-    impl, plan = _plan_dispatch(x, topk_idx, topk_weights, expert_map, log2phy, comm_for(options.get("group_name", "")),
-                                DispatchOptions(**options))
-    rows = plan.rows_shape or (torch.library.get_ctx().new_dynamic_size(),)
-    counts = topk_idx.new_empty(plan.num_local_experts, dtype=torch.int32)
-    return (
-        x.new_empty(*rows, x.shape[1]),
-        topk_weights.new_empty(rows),
-        counts,
-        torch.empty_like(counts),
-        [handle.tag(impl.name, plan.kind, x), *impl.fake_handle(x, topk_idx, rows, plan)],
-    )
+    out, tag = _fake_outputs(x, topk_idx, topk_weights, expert_map, log2phy, DispatchOptions(**options))
+    return out.recv_x, out.recv_weights, out.tokens_per_expert, out.dropped, [tag, *out.handle]
+
+
+def _split_quant_options(options: dict[str, Any]) -> tuple[DispatchOptions, QuantOptions]:
+    q = QuantOptions(**{name: options.pop(name) for name in QuantOptions._fields if name in options})
+    return DispatchOptions(**options), q
+
+
+def _quantized_returns(out: DispatchOutputs, tag: Tensor) -> QuantizedReturn:
+    assert out.recv_scales is not None
+    return out.recv_x, out.recv_scales, out.recv_weights, out.tokens_per_expert, out.dropped, [tag, *out.handle]
+
+
+def _dispatch_quantized(
+    x: Tensor, topk_idx: Tensor, topk_weights: Tensor, x_scales: Tensor | None = None, expert_map: Tensor | None = None,
+    log2phy: Tensor | None = None, **options: Any,
+) -> QuantizedReturn:
+    """``moe::dispatch_quantized``: dispatch of quantized rows (docs/contract.md, "Quantized dispatch").
+
+    Either ``x`` is already quantized (float8_e4m3fn, float8_e5m2 or int8 ``[T, H]``) with float32
+    ``x_scales`` (``[T, ceil(H / 128)]`` or ``[T, 1]``), or ``quant`` (``"fp8_e4m3"``, ``"int8"``) quantizes
+    a bf16/fp16/fp32 ``x`` here (``quant_block`` 128 or 0: one scale per token; ``round_scale``: UE8M0
+    scales). Returns ``(recv_x, recv_scales, recv_weights, tokens_per_expert, dropped, handle)``:
+    ``recv_x`` quantized in dispatch's layout, ``recv_scales`` float32 with its rows (``[N, S]``,
+    ``[R, S]`` or ``[L, C, S]``); the rest as :func:`_dispatch` returns them.
+    """
+    o, q = _split_quant_options(dict(options))
+    return _quantized_returns(*_run_dispatch(x, topk_idx, topk_weights, expert_map, log2phy, o, x_scales, q))
+
+
+def _dispatch_quantized_fake(
+    x: Tensor, topk_idx: Tensor, topk_weights: Tensor, x_scales: Tensor | None = None, expert_map: Tensor | None = None,
+    log2phy: Tensor | None = None, **options: Any,
+) -> QuantizedReturn:
+    o, q = _split_quant_options(dict(options))
+    return _quantized_returns(*_fake_outputs(x, topk_idx, topk_weights, expert_map, log2phy, o, x_scales, q))
 
 
 # --- combine and the backward ops: checked against the handle -------------------------------------
@@ -319,6 +394,46 @@ def _dispatch_autograd(
     return below_autograd(dispatch, _dispatch, (x, topk_idx, topk_weights, expert_map, log2phy), options)
 
 
+class _QuantizedDispatchFunction(torch.autograd.Function):
+    """Autograd of ``moe::dispatch_quantized``: quantized rows and their scales carry no gradient; the
+    router's does (``recv_weights``), through ``moe::dispatch_backward`` with rows of no columns."""
+
+    @staticmethod
+    def forward(ctx, x, topk_idx, topk_weights, x_scales, expert_map, log2phy, options):  # type: ignore[no-untyped-def, override]
+        args = (x, topk_idx, topk_weights, x_scales, expert_map, log2phy)
+        out = below_autograd(dispatch_quantized, _dispatch_quantized, args, options)
+        recv_x, recv_scales, recv_weights, counts, dropped, handle_tensors = out
+        ctx.mark_non_differentiable(recv_x, recv_scales, counts, dropped)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*handle_tensors)
+        ctx.comm = {"group_name": options.get("group_name", ""), "backend": options.get("backend", "auto")}
+        return out
+
+    @staticmethod
+    def backward(ctx, _grad_recv_x, _grad_recv_scales, grad_recv_weights, *_):  # type: ignore[no-untyped-def, override]
+        if grad_recv_weights is None:
+            return (None,) * 7
+        handle_tensors = list(ctx.saved_tensors)
+        no_columns = grad_recv_weights.new_empty(*grad_recv_weights.shape, 0)
+        _, grad_w = dispatch_backward(no_columns, grad_recv_weights.contiguous(), handle_tensors, **ctx.comm)
+        return None, None, grad_w, None, None, None, None
+
+
+def _dispatch_quantized_autograd(
+    x: Tensor, topk_idx: Tensor, topk_weights: Tensor, x_scales: Tensor | None = None, expert_map: Tensor | None = None,
+    log2phy: Tensor | None = None, **options: Any,
+) -> QuantizedReturn:
+    args = (x, topk_idx, topk_weights, x_scales, expert_map, log2phy)
+    if needs_grad(x):
+        raise MoEInputError(
+            "moe.dispatch_quantized: x requires a gradient, but quantized rows carry none (docs/contract.md, "
+            "'Quantized dispatch'); dispatch x.detach(), or use moe.dispatch for rows that train"
+        )
+    if needs_grad(topk_weights):
+        return _QuantizedDispatchFunction.apply(*args, options)
+    return below_autograd(dispatch_quantized, _dispatch_quantized, args, options)
+
+
 class _CombineFunction(torch.autograd.Function):
     """Autograd of ``moe::combine``: the backward is ``moe::combine_backward``."""
 
@@ -364,6 +479,7 @@ def _no_double_backward(name: str, kernel: Callable[..., Any]) -> Callable[..., 
 
 
 dispatch = define(DISPATCH_SCHEMA, _dispatch, _dispatch_fake, _dispatch_autograd)
+dispatch_quantized = define(DISPATCH_QUANTIZED_SCHEMA, _dispatch_quantized, _dispatch_quantized_fake, _dispatch_quantized_autograd)
 combine = define(COMBINE_SCHEMA, _combine, _combine_fake, _combine_autograd)
 dispatch_backward = define(
     DISPATCH_BACKWARD_SCHEMA, _dispatch_backward, _dispatch_backward_fake, _no_double_backward("dispatch_backward", _dispatch_backward)

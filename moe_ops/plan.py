@@ -22,6 +22,7 @@ from torch import Tensor
 from moe_ops import validation
 from moe_ops.comm import Comm
 from moe_ops.packing import round_up
+from moe_ops.quant import RowScales
 
 Layout = Literal["ragged", "padded"]  #: what users choose (with ``max_recv_rows`` for the bounded kind)
 Kind = Literal["ragged", "bounded", "padded"]  #: the row layout a dispatch returns
@@ -50,6 +51,7 @@ class DispatchPlan:
     num_experts: int
     rows: RowLayout
     token_bound: int  #: static kinds: no rank holds more tokens (``max_tokens_per_rank``, default T); ragged: this rank's T
+    scales: RowScales | None = None  #: quantized dispatch (``moe.dispatch_quantized``): the scales each row carries
 
     @property
     def num_local_experts(self) -> int:
@@ -88,17 +90,20 @@ def make_plan(
     max_recv_rows: int | None,
     pad_multiple: int,
     zero_padding: bool,
+    scales: RowScales | None = None,
 ) -> DispatchPlan:
-    """Check the metadata of a dispatch (``MoEInputError`` naming the argument) and plan it."""
+    """Check the metadata of a dispatch (``MoEInputError`` naming the argument) and plan it (``scales``:
+    a quantized dispatch, as :func:`moe_ops.validation.check_quantized` returned them)."""
     validation.check_dispatch(
-        x, topk_idx, topk_weights, num_experts, comm.world_size, layout, capacity, max_tokens_per_rank, max_recv_rows, pad_multiple
+        x, topk_idx, topk_weights, num_experts, comm.world_size, layout, capacity, max_tokens_per_rank, max_recv_rows, pad_multiple,
+        token_dtypes=validation.TOKEN_DTYPES if scales is None else validation.quantized_token_dtypes(scales),
     )
     if layout == "ragged" and max_recv_rows is None:
-        return DispatchPlan(comm, num_experts, RowLayout("ragged", pad_multiple=pad_multiple, zero_padding=zero_padding), x.shape[0])
+        return DispatchPlan(comm, num_experts, RowLayout("ragged", pad_multiple=pad_multiple, zero_padding=zero_padding), x.shape[0], scales)
     bound = x.shape[0] if max_tokens_per_rank is None else max_tokens_per_rank
     if layout == "ragged":
         rows = RowLayout("bounded", max_rows=max_recv_rows or 0, pad_multiple=pad_multiple, zero_padding=zero_padding)
     else:
         resolved = comm.world_size * bound if capacity is None else capacity  # the worst case never drops
         rows = RowLayout("padded", capacity=round_up(resolved, pad_multiple), zero_padding=zero_padding)
-    return DispatchPlan(comm, num_experts, rows, bound)
+    return DispatchPlan(comm, num_experts, rows, bound, scales)

@@ -9,11 +9,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from moe_ops import quant
 from moe_ops.errors import MoEInputError
 
 TOKEN_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 ID_DTYPES = (torch.int32, torch.int64)
 WEIGHT_DTYPES = (torch.float32, torch.float64)
+QUANTIZABLE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  #: what ``quant`` quantizes
 
 
 def _require_tensor(name: str, t: object) -> Tensor:
@@ -44,10 +46,11 @@ def check_dispatch(
     max_tokens_per_rank: int | None,
     max_recv_rows: int | None = None,
     pad_multiple: int = 1,
+    token_dtypes: tuple[torch.dtype, ...] = TOKEN_DTYPES,
 ) -> None:
-    """Metadata checks of ``moe.dispatch`` (see docs/contract.md). Messages are built on failure only:
-    this runs on every call."""
-    _check_tensor("x", x, 2, TOKEN_DTYPES)
+    """Metadata checks of ``moe.dispatch`` (see docs/contract.md); ``x`` must have a dtype in
+    ``token_dtypes``. Messages are built on failure only: this runs on every call."""
+    _check_tensor("x", x, 2, token_dtypes)
     _check_tensor("topk_idx", topk_idx, 2, ID_DTYPES)
     _check_tensor("topk_weights", topk_weights, 2, WEIGHT_DTYPES)
     for name, t in (("topk_idx", topk_idx), ("topk_weights", topk_weights)):
@@ -64,6 +67,36 @@ def check_dispatch(
     check_options(num_experts, world_size, layout, capacity, max_tokens_per_rank, max_recv_rows, pad_multiple)
     if max_tokens_per_rank is not None and x.shape[0] > max_tokens_per_rank:
         raise MoEInputError(f"x has {x.shape[0]} tokens, more than max_tokens_per_rank={max_tokens_per_rank}")
+
+
+def check_quantized(x: object, x_scales: object, mode: str, block: int, round_scale: bool) -> quant.RowScales:
+    """The quantization arguments of ``moe.dispatch_quantized``: either ``x_scales`` (``x`` already
+    quantized: float8/int8 ``[T, H]`` with float32 scales ``[T, ceil(H / 128)]`` or ``[T, 1]``) or
+    ``quant`` (``x`` bf16/fp16/fp32, quantized inside). Returns the scales the rows carry."""
+    if x_scales is None:
+        spec = quant.make_spec(mode, block, round_scale)
+        _check_tensor("x", x, 2, QUANTIZABLE_DTYPES)
+        assert isinstance(x, Tensor)
+        return quant.RowScales(quant.scale_columns(x.shape[1], spec.block), spec)
+    if mode or round_scale:
+        raise MoEInputError("give x_scales (x is already quantized) or quant and round_scale (quantize x in dispatch), not both")
+    _check_tensor("x", x, 2, quant.QUANTIZED_DTYPES)
+    _check_tensor("x_scales", x_scales, 2, (torch.float32,))
+    assert isinstance(x, Tensor) and isinstance(x_scales, Tensor)
+    allowed = (1, quant.scale_columns(x.shape[1], quant.BLOCK))
+    if x_scales.shape[0] != x.shape[0] or x_scales.shape[1] not in allowed:
+        raise MoEInputError(
+            f"x_scales has shape {tuple(x_scales.shape)}, expected [{x.shape[0]}, {allowed[1]}] (a scale per "
+            f"{quant.BLOCK} columns) or [{x.shape[0]}, 1] (one per token) for x of shape {tuple(x.shape)}"
+        )
+    if x_scales.device != x.device:
+        raise MoEInputError(f"x_scales is on {x_scales.device} but x is on {x.device}")
+    return quant.RowScales(int(x_scales.shape[1]), None)
+
+
+def quantized_token_dtypes(scales: quant.RowScales) -> tuple[torch.dtype, ...]:
+    """The dtypes ``x`` may have in a quantized dispatch."""
+    return quant.QUANTIZED_DTYPES if scales.quantize is None else QUANTIZABLE_DTYPES
 
 
 def check_options(

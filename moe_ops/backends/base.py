@@ -32,6 +32,7 @@ class DispatchOutputs(NamedTuple):
     tokens_per_expert: Tensor  #: [L] int32
     dropped: Tensor  #: [L] int32
     handle: list[Tensor]  #: [sources [T, K], rows [N], [R] or [L, C], *the backend's own]
+    recv_scales: Tensor | None = None  #: quantized dispatch: [N, S], [R, S] or [L, C, S] float32, with recv_x's rows
 
 
 class Backend(ABC):
@@ -42,6 +43,7 @@ class Backend(ABC):
     device_types: ClassVar[frozenset[str]]
     layouts: ClassVar[frozenset[Kind]]  #: the kinds of row layout it returns (docs/contract.md)
     multi_rank: ClassVar[bool]
+    quantized: ClassVar[bool] = False  #: dispatches quantized rows (``moe.dispatch_quantized``)
 
     def check_dispatch(self, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, plan: DispatchPlan) -> None:
         """Raise :class:`moe_ops.MoEInputError` for a dispatch outside this transport's limits. Metadata only:
@@ -61,9 +63,13 @@ class Backend(ABC):
         return None
 
     @abstractmethod
-    def dispatch(self, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, plan: DispatchPlan, peers: Peers) -> DispatchOutputs:
+    def dispatch(
+        self, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, plan: DispatchPlan, peers: Peers, x_scales: Tensor | None = None
+    ) -> DispatchOutputs:
         """``topk_idx`` is in the contiguous placement (ids outside ``[0, E)`` masked); ``peers`` holds
-        every rank's :meth:`payload`."""
+        every rank's :meth:`payload`. A quantized dispatch (``plan.scales``, only where :attr:`quantized`)
+        moves ``x`` with ``x_scales``, or quantizes ``x`` as ``plan.scales.quantize`` says, and returns
+        ``recv_scales``."""
 
     @abstractmethod
     def combine(self, expert_out: Tensor, recv_weights: Tensor, handle: list[Tensor], comm: Comm) -> Tensor:

@@ -18,10 +18,14 @@ class LocalBackend(Backend):
     device_types = frozenset({"cpu", "cuda", "npu"})
     layouts = frozenset({"ragged", "bounded", "padded"})
     multi_rank = False
+    quantized = True
 
-    def dispatch(self, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, plan: DispatchPlan, peers: Peers) -> DispatchOutputs:
-        out = stage.dispatch_rows(x, topk_weights, topk_idx, plan.num_local_experts, plan.rows)
-        return DispatchOutputs(out.recv_x, out.recv_weights, out.tokens_per_expert, out.dropped, [out.route_row, out.row_src])
+    def dispatch(
+        self, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, plan: DispatchPlan, peers: Peers, x_scales: Tensor | None = None
+    ) -> DispatchOutputs:
+        quantize = None if plan.scales is None else plan.scales.quantize
+        out = stage.dispatch_rows(x, topk_weights, topk_idx, plan.num_local_experts, plan.rows, scales=x_scales, quantize=quantize)
+        return DispatchOutputs(out.recv_x, out.recv_weights, out.tokens_per_expert, out.dropped, [out.route_row, out.row_src], out.recv_scales)
 
     def combine(self, expert_out: Tensor, recv_weights: Tensor, handle: list[Tensor], comm: Comm) -> Tensor:
         route_row, _ = handle

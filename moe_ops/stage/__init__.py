@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 from torch import Tensor
 
-from moe_ops import config
+from moe_ops import config, quant
 from moe_ops.plan import RowLayout
 from moe_ops.stage import npu, plain
 from moe_ops.stage.plain import ExpertLayout, expert_layout
@@ -28,6 +28,7 @@ class LocalDispatch(NamedTuple):
     dropped: Tensor  #: [L] int32
     route_row: Tensor  #: [M, K] int64: layout row of each route, -1 if masked or dropped
     row_src: Tensor  #: [N], [R] or [L, C] int64: flat route index of each row, -1 on padding
+    recv_scales: Tensor | None = None  #: quantized rows: [N, S], [R, S] or [L, C, S] float32
 
 
 @functools.cache
@@ -52,22 +53,32 @@ def use_npu(t: Tensor) -> bool:
 
 
 def dispatch_rows(
-    tokens: Tensor, weights: Tensor, ids: Tensor, num_local: int, rows: RowLayout, num_routes: int | None = None
+    tokens: Tensor, weights: Tensor, ids: Tensor, num_local: int, rows: RowLayout, num_routes: int | None = None,
+    scales: Tensor | None = None, quantize: quant.QuantSpec | None = None,
 ) -> LocalDispatch:
     """Lay out the routes ``ids [M, K]`` (ids outside ``[0, num_local)`` masked) of ``tokens [M, H]`` with
     router ``weights [M, K]`` as ``rows`` says. ``num_routes``: how many routes reach this rank's experts,
     where the caller knows it (a count exchange): the ragged layout then reads nothing back to the host
-    (with ``pad_multiple`` its row count still needs the counts of every expert)."""
+    (with ``pad_multiple`` its row count still needs the counts of every expert). Quantized rows:
+    ``scales [M, S]`` float32 travel with ``tokens`` (already quantized), or ``quantize`` quantizes them
+    on the way (:func:`moe_ops.quant.quantize`); either way ``recv_scales`` holds each row's scales
+    (padding rows: zero with ``rows.zero_padding``, else unspecified)."""
     if use_triton(tokens):
         from moe_ops.stage.kernels import layout
 
-        return LocalDispatch(*layout.dispatch_rows(tokens, weights.contiguous(), ids.contiguous(), num_local, rows, num_routes))
+        return LocalDispatch(*layout.dispatch_rows(
+            tokens, weights.contiguous(), ids.contiguous(), num_local, rows, num_routes, scales, quantize
+        ))
     packed = rows.kind == "ragged" and rows.pad_multiple == 1  # every row holds a route
-    if packed and use_npu(tokens) and npu.permute_fits(tokens, ids, num_local):
+    quantized = scales is not None or quantize is not None
+    if packed and not quantized and use_npu(tokens) and npu.permute_fits(tokens, ids, num_local):
         return LocalDispatch(*npu.dispatch_rows(tokens, weights, ids, num_local, num_routes))
+    if quantize is not None:
+        tokens, scales = quant.quantize(tokens, quantize)
     out = plain.expert_layout(ids, num_local, rows, num_routes)
     recv_x, recv_weights = plain.expand(tokens, weights, out.row_src, padding=not packed)
-    return LocalDispatch(recv_x, recv_weights, out.tokens_per_expert, out.dropped, out.route_row, out.row_src)
+    recv_scales = None if scales is None else plain.expand_rows(scales, out.row_src, ids.shape[1], padding=not packed)
+    return LocalDispatch(recv_x, recv_weights, out.tokens_per_expert, out.dropped, out.route_row, out.row_src, recv_scales)
 
 
 def reduce(rows: Tensor, route_row: Tensor, row_weights: Tensor | None, unique: bool = False, ragged: bool = False) -> Tensor:

@@ -99,18 +99,26 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def expand(tokens: Tensor, weights: Tensor, row_src: Tensor, padding: bool = True) -> tuple[Tensor, Tensor]:
-    """Layout rows from token rows: ``tokens [M, H]``, ``weights [M, K]``, ``row_src [N]``, ``[R]`` or
-    ``[L, C]`` (flat route index, -1 = padding) give ``recv_x`` (``row_src.shape + [H]``) and
-    ``recv_weights`` (``row_src.shape``); padding rows are zero. ``padding=False``: ``row_src`` has none
-    (a ragged layout without pad_multiple), which saves the masking."""
-    k = weights.shape[1]
+def expand_rows(tokens: Tensor, row_src: Tensor, top_k: int, padding: bool = True) -> Tensor:
+    """Layout rows (``row_src.shape + [H]``) from token rows ``tokens [M, H]`` of any dtype: row ``r`` holds
+    token ``row_src[r] // top_k``; padding rows (``row_src < 0``) are zero. ``padding=False``: ``row_src``
+    has none (a ragged layout without pad_multiple), which saves the masking."""
+    if tokens.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):  # moved as bytes: where() takes no float8
+        return expand_rows(tokens.view(torch.uint8), row_src, top_k, padding).view(tokens.dtype)
     if not padding:
-        return tokens.index_select(0, row_src.div(k, rounding_mode="floor")), weights.reshape(-1).index_select(0, row_src)
-    token_of_row = torch.where(row_src >= 0, row_src // k, -1)
+        return tokens.index_select(0, row_src.div(top_k, rounding_mode="floor"))
+    token_of_row = torch.where(row_src >= 0, row_src // top_k, -1)
     rows, valid = take_rows(tokens, token_of_row)
-    recv_x = torch.where(valid.unsqueeze(-1), rows, 0)
-    recv_weights, _ = take_rows(weights.reshape(-1), row_src)
+    return torch.where(valid.unsqueeze(-1), rows, 0)
+
+
+def expand(tokens: Tensor, weights: Tensor, row_src: Tensor, padding: bool = True) -> tuple[Tensor, Tensor]:
+    """``(recv_x, recv_weights)``: :func:`expand_rows` of ``tokens`` and each row's router weight from
+    ``weights [M, K]`` (``row_src.shape``, 0 on padding rows)."""
+    recv_x = expand_rows(tokens, row_src, weights.shape[1], padding)
+    if not padding:
+        return recv_x, weights.reshape(-1).index_select(0, row_src)
+    recv_weights, valid = take_rows(weights.reshape(-1), row_src)
     return recv_x, torch.where(valid, recv_weights, 0)
 
 

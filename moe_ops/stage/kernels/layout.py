@@ -30,7 +30,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from moe_ops import quant
 from moe_ops.plan import RowLayout
+from moe_ops.quant import QuantSpec
 from moe_ops.stage.kernels import bins_for, block_size, k_block, unit_columns
 
 CHUNK = 128  # routes ranked per program by one CHUNK x CHUNK comparison
@@ -106,21 +108,66 @@ def _expert_prefix(
 
 
 @triton.jit
+def _quantize_block(v, QMAX: tl.constexpr, GROUP: tl.constexpr, INT8: tl.constexpr, ROUND_SCALE: tl.constexpr,
+                    AMAX_FLOOR: tl.constexpr, H_BLOCK: tl.constexpr):
+    """A hidden block ``v [H_BLOCK]`` (zero past the row) quantized as :func:`moe_ops.quant.quantize`
+    defines it: ``(q [H_BLOCK] float32 holding the format's values, scales [H_BLOCK // GROUP])``."""
+    g = tl.reshape(v.to(tl.float32), [H_BLOCK // GROUP, GROUP])
+    amax = tl.maximum(tl.max(tl.abs(g), axis=1), AMAX_FLOOR)
+    scale = tl.math.div_rn(amax, tl.full([H_BLOCK // GROUP], QMAX, tl.float32))
+    if ROUND_SCALE:  # the least power of two >= scale (a positive normal float32)
+        bits = scale.to(tl.int32, bitcast=True)
+        scale = (((bits >> 23) + ((bits & 0x7FFFFF) != 0).to(tl.int32)) << 23).to(tl.float32, bitcast=True)
+    q = tl.math.div_rn(g, tl.broadcast_to(scale[:, None], (H_BLOCK // GROUP, GROUP)))
+    if INT8:
+        q = tl.minimum(tl.maximum(_round_even(q), -127.0), 127.0)
+    else:  # to e4m3's grid (3 mantissa bits; below 2**-6 the subnormals' step 2**-9), so the cast is exact
+        exponent = tl.maximum(((q.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
+        step = ((exponent - 3 + 127) << 23).to(tl.float32, bitcast=True)
+        inverse = ((127 - exponent + 3) << 23).to(tl.float32, bitcast=True)  # powers of two: both products exact
+        q = tl.minimum(tl.maximum(_round_even(q * inverse) * step, -QMAX), QMAX)
+    return tl.reshape(q, [H_BLOCK]), scale
+
+
+@triton.jit
+def _round_even(v):
+    """``v`` (``|v| < 2**22``) rounded to an integer, half to even: adding 1.5 * 2**23 pushes the fraction
+    out of a float32's mantissa, which the hardware rounds to nearest even."""
+    return (v + 12582912.0) - 12582912.0
+
+
+@triton.jit
 def _write_routes(
     tokens_ptr, token_stride, weights_ptr, j, route, in_row, keep, row, hidden,
     recv_x_ptr, recv_weights_ptr, route_row_ptr, row_src_ptr,
+    scales_ptr, scale_stride, num_scales, recv_scales_ptr,
     K_BLOCK: tl.constexpr, H_BLOCK: tl.constexpr,
+    SCALES: tl.constexpr, S_BLOCK: tl.constexpr, QMAX: tl.constexpr, GROUP: tl.constexpr, INT8: tl.constexpr,
+    ROUND_SCALE: tl.constexpr, AMAX_FLOOR: tl.constexpr,
 ):
     """Source row ``j``'s routes ``route [K_BLOCK]`` go to layout rows ``row`` where ``keep``: hidden block 0
-    records the maps and weights, every block copies its slice of the row to each kept row."""
+    records the maps and weights, every block copies its slice of the row to each kept row. ``SCALES``: 0
+    plain rows; 1 the row's ``num_scales`` scales (``scales_ptr``) go with it (block 0 copies them); 2 every
+    block quantizes its slice (groups of ``GROUP`` columns) and stores the slice's scales."""
     row = tl.where(keep, row, -1)
     if tl.program_id(1) == 0:
         tl.store(route_row_ptr + route, row, mask=in_row)
         tl.store(row_src_ptr + row, route, mask=keep)
         tl.store(recv_weights_ptr + row, tl.load(weights_ptr + route, mask=keep), mask=keep)
+        if SCALES == 1:
+            sc = tl.arange(0, S_BLOCK)
+            sv = tl.load(scales_ptr + j * scale_stride + sc, mask=sc < num_scales)
+            tl.store(recv_scales_ptr + row[:, None] * num_scales + sc[None, :], tl.broadcast_to(sv[None, :], (K_BLOCK, S_BLOCK)),
+                     mask=keep[:, None] & (sc[None, :] < num_scales))
     cols = tl.program_id(1) * H_BLOCK + tl.arange(0, H_BLOCK)
-    v = tl.load(tokens_ptr + j * token_stride + cols, mask=cols < hidden)
-    tl.store(recv_x_ptr + row[:, None] * hidden + cols[None, :], tl.broadcast_to(v[None, :], (K_BLOCK, H_BLOCK)),
+    v = tl.load(tokens_ptr + j * token_stride + cols, mask=cols < hidden, other=0)
+    if SCALES == 2:
+        v, scale = _quantize_block(v, QMAX, GROUP, INT8, ROUND_SCALE, AMAX_FLOOR, H_BLOCK)
+        sc = tl.program_id(1) * (H_BLOCK // GROUP) + tl.arange(0, H_BLOCK // GROUP)
+        tl.store(recv_scales_ptr + row[:, None] * num_scales + sc[None, :], tl.broadcast_to(scale[None, :], (K_BLOCK, H_BLOCK // GROUP)),
+                 mask=keep[:, None] & (sc[None, :] < num_scales))
+    tl.store(recv_x_ptr + row[:, None] * hidden + cols[None, :],
+             tl.broadcast_to(v[None, :], (K_BLOCK, H_BLOCK)).to(recv_x_ptr.dtype.element_ty),
              mask=keep[:, None] & (cols[None, :] < hidden))
 
 
@@ -199,8 +246,11 @@ def _scatter_rows(
     tokens_ptr, token_stride, weights_ptr, ids_ptr, rank_ptr, chunk_base_ptr, groups_ptr,
     num_tokens, top_k, hidden, num_local, capacity, max_rows,
     recv_x_ptr, recv_weights_ptr, route_row_ptr, row_src_ptr, counts_ptr, dropped_ptr,
+    scales_ptr, scale_stride, num_scales, recv_scales_ptr,
     CHUNK: tl.constexpr, BINS: tl.constexpr, K_BLOCK: tl.constexpr, H_BLOCK: tl.constexpr,
     PADDED: tl.constexpr, PAD: tl.constexpr, BOUNDED: tl.constexpr, ZERO: tl.constexpr, P_BLOCK: tl.constexpr,
+    SCALES: tl.constexpr, S_BLOCK: tl.constexpr, QMAX: tl.constexpr, GROUP: tl.constexpr, INT8: tl.constexpr,
+    ROUND_SCALE: tl.constexpr, AMAX_FLOOR: tl.constexpr,
 ):
     """Program (j, b), ``j < num_tokens``: source row j, hidden block b. Every program of row j computes
     its routes' rows (a few loads); block 0 records them, every block copies its slice of the row to each
@@ -218,7 +268,8 @@ def _scatter_rows(
             keep = valid & (pos < tl.load(groups_ptr + 2 * BINS + key, mask=valid, other=0))
             row = (tl.load(groups_ptr + key, mask=valid, other=0) + pos).to(tl.int64)
         _write_routes(tokens_ptr, token_stride, weights_ptr, row_j, route, in_row, keep, row, hidden,
-                      recv_x_ptr, recv_weights_ptr, route_row_ptr, row_src_ptr, K_BLOCK, H_BLOCK)
+                      recv_x_ptr, recv_weights_ptr, route_row_ptr, row_src_ptr, scales_ptr, scale_stride, num_scales, recv_scales_ptr,
+                      K_BLOCK, H_BLOCK, SCALES, S_BLOCK, QMAX, GROUP, INT8, ROUND_SCALE, AMAX_FLOOR)
     elif not PADDED:
         e = j - num_tokens
         _expert_rows(e, tl.load(groups_ptr + 3 * BINS + e), tl.load(groups_ptr + e), tl.load(groups_ptr + BINS + e),
@@ -277,8 +328,11 @@ def _small_expert_rows(e, ids_ptr, num_routes, num_local, max_rows, hidden,
 def _dispatch_small(
     tokens_ptr, token_stride, weights_ptr, ids_ptr, num_tokens, top_k, hidden, num_local, capacity, pad_multiple, max_rows,
     recv_x_ptr, recv_weights_ptr, route_row_ptr, row_src_ptr, counts_ptr, dropped_ptr,
+    scales_ptr, scale_stride, num_scales, recv_scales_ptr,
     PADDED: tl.constexpr, PAD: tl.constexpr, BOUNDED: tl.constexpr, ZERO: tl.constexpr, BINS: tl.constexpr,
     K_BLOCK: tl.constexpr, H_BLOCK: tl.constexpr, R_BLOCK: tl.constexpr, E_BLOCK: tl.constexpr, P_BLOCK: tl.constexpr,
+    SCALES: tl.constexpr, S_BLOCK: tl.constexpr, QMAX: tl.constexpr, GROUP: tl.constexpr, INT8: tl.constexpr,
+    ROUND_SCALE: tl.constexpr, AMAX_FLOOR: tl.constexpr,
 ):
     """All of dispatch in one launch, for few routes. Program (j, b) with ``j < num_tokens``: source row j,
     hidden block b; it finds its routes' positions by comparing them with every route (no workspace, no
@@ -315,7 +369,8 @@ def _dispatch_small(
             if BOUNDED:  # the groups' rows past max_rows are cut
                 keep = valid & (row < max_rows)
         _write_routes(tokens_ptr, token_stride, weights_ptr, row_j, route, in_row, keep, row, hidden,
-                      recv_x_ptr, recv_weights_ptr, route_row_ptr, row_src_ptr, K_BLOCK, H_BLOCK)
+                      recv_x_ptr, recv_weights_ptr, route_row_ptr, row_src_ptr, scales_ptr, scale_stride, num_scales, recv_scales_ptr,
+                      K_BLOCK, H_BLOCK, SCALES, S_BLOCK, QMAX, GROUP, INT8, ROUND_SCALE, AMAX_FLOOR)
     elif not PADDED:
         _small_expert_rows(j - num_tokens, ids_ptr, num_routes, num_local, max_rows, hidden,
                            recv_x_ptr, recv_weights_ptr, row_src_ptr, counts_ptr, dropped_ptr,
@@ -339,6 +394,22 @@ def _dispatch_small(
             tl.store(recv_weights_ptr + slot, tl.zeros([E_BLOCK, P_BLOCK], tl.float32).to(recv_weights_ptr.dtype.element_ty), mask=unused)
 
 
+def _scale_args(
+    tokens: Tensor, recv_x: Tensor, recv_scales: Tensor | None, scales: Tensor | None, quantize: QuantSpec | None, h_block: int
+) -> tuple[tuple[object, ...], dict[str, object]]:
+    """The kernels' scale arguments and flags (``SCALES`` 0: none, 1: ``scales`` move with the rows, 2:
+    ``quantize`` block by block)."""
+    mode = 0 if recv_scales is None else 1 if quantize is None else 2
+    source = scales if scales is not None else recv_x  # a pointer the kernel never reads where mode != 1
+    num_scales = 0 if recv_scales is None else recv_scales.shape[-1]
+    flags = dict(SCALES=mode, S_BLOCK=triton.next_power_of_2(max(num_scales, 1)), QMAX=0.0, GROUP=h_block, INT8=False,
+                 ROUND_SCALE=False, AMAX_FLOOR=quant.AMAX_FLOOR)
+    if quantize is not None:
+        flags.update(QMAX=quantize.qmax, GROUP=quantize.block or h_block, INT8=quantize.dtype == torch.int8, ROUND_SCALE=quantize.round_scale)
+    stride = source.stride(0) if scales is not None else 0
+    return (source, stride, num_scales, recv_x if recv_scales is None else recv_scales), flags
+
+
 def dispatch_rows(
     tokens: Tensor,
     weights: Tensor,
@@ -346,21 +417,29 @@ def dispatch_rows(
     num_local: int,
     rows: RowLayout,
     num_routes: int | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    scales: Tensor | None = None,
+    quantize: QuantSpec | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None]:
     """Triton twin of ``plain.expert_layout`` + ``plain.expand``.
 
     ``tokens [M, H]`` (rows may be strided), ``weights [M, K]``, ``ids [M, K]`` local expert ids
     (anything outside ``[0, num_local)`` is masked), laid out as ``rows`` says. Returns ``(recv_x,
-    recv_weights, tokens_per_expert, dropped, route_row, row_src)`` in the layouts of docs/contract.md;
-    padding rows of ``recv_x`` are left unwritten unless ``rows.zero_padding``. ``num_routes`` (the valid
-    routes, where the caller knows them) saves the ragged layout's device-to-host read (unless
-    ``pad_multiple`` pads its groups). Up to ``SMALL_ROUTES`` routes take one launch
-    (``_dispatch_small``), more take three (padded) or four. Nothing else runs on the device but the
-    allocations.
+    recv_weights, tokens_per_expert, dropped, route_row, row_src, recv_scales)`` in the layouts of
+    docs/contract.md; padding rows of ``recv_x`` are left unwritten unless ``rows.zero_padding``.
+    ``num_routes`` (the valid routes, where the caller knows them) saves the ragged layout's
+    device-to-host read (unless ``pad_multiple`` pads its groups). Quantized rows: ``scales [M, S]`` float32
+    (rows may be strided) move with ``tokens``, or ``quantize`` quantizes them in the copy (block scales;
+    one scale per token is quantized first, in plain torch); ``recv_scales`` is ``None`` otherwise. Up
+    to ``SMALL_ROUTES`` routes take one launch (``_dispatch_small``), more take three (padded) or four.
+    Nothing else runs on the device but the allocations.
     """
+    if quantize is not None and quantize.block == 0:  # a program holds a block of the row, not all of it
+        tokens, scales = quant.quantize(tokens, quantize)
+        quantize = None
     m, top_k = ids.shape
     hidden, device = tokens.shape[1], tokens.device
     assert unit_columns(tokens) and weights.is_contiguous() and ids.is_contiguous()
+    assert scales is None or unit_columns(scales)
     kind, capacity, max_rows = rows.kind, rows.capacity, rows.max_rows
     padded, bounded = kind == "padded", kind == "bounded"
     pad = 1 if padded else rows.pad_multiple
@@ -377,22 +456,34 @@ def dispatch_rows(
     else:
         rows_shape = (all_routes if num_routes is None else num_routes,)
     cut = kind == "ragged" and (pad > 1 or num_routes is None)
-    recv_x = (torch.zeros if rows.zero_padding and padded else torch.empty)(*rows_shape, hidden, dtype=tokens.dtype, device=device)
+    out_dtype = tokens.dtype if quantize is None else quantize.dtype
+    recv_x = (torch.zeros if rows.zero_padding and padded else torch.empty)(*rows_shape, hidden, dtype=out_dtype, device=device)
+    recv_scales = None
+    if scales is not None or quantize is not None:
+        columns = scales.shape[1] if scales is not None else quant.scale_columns(hidden, quantize.block)  # type: ignore[union-attr]
+        recv_scales = (torch.zeros if rows.zero_padding else torch.empty)(*rows_shape, columns, dtype=torch.float32, device=device)
     recv_weights = torch.empty(rows_shape, dtype=weights.dtype, device=device)
     row_src = torch.empty(rows_shape, dtype=torch.int64, device=device)
     counts = torch.empty(num_local, dtype=torch.int32, device=device)
     dropped = torch.empty_like(counts)
     route_row = torch.empty(m, top_k, dtype=torch.int64, device=device)
     h_block = block_size(hidden, SCATTER_H_BLOCK)
+    if quantize is not None:  # whole groups per program
+        h_block = max(h_block, quantize.block)
+    if recv_x.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and quantize is None:  # moved as bytes
+        tokens, recv_x_bytes = tokens.view(torch.uint8), recv_x.view(torch.uint8)
+    else:
+        recv_x_bytes = recv_x
     h_blocks = max(1, triton.cdiv(hidden, h_block))
     bins = bins_for(num_local)
+    scale_args, scale_flags = _scale_args(tokens, recv_x_bytes, recv_scales, scales, quantize, h_block)
     flags = dict(PADDED=padded, PAD=pad > 1, BOUNDED=bounded, ZERO=rows.zero_padding and not padded, K_BLOCK=k_block(top_k),
-                 H_BLOCK=h_block, P_BLOCK=P_BLOCK, num_warps=SCATTER_WARPS)
+                 H_BLOCK=h_block, P_BLOCK=P_BLOCK, num_warps=SCATTER_WARPS, **scale_flags)
     bookkeeping = triton.cdiv(num_local, SMALL_E_BLOCK) if padded else num_local
     if all_routes <= SMALL_ROUTES or not m:
         _dispatch_small[(m + bookkeeping, h_blocks)](
             tokens, tokens.stride(0), weights, ids, m, top_k, hidden, num_local, capacity, pad, max_rows,
-            recv_x, recv_weights, route_row, row_src, counts, dropped,
+            recv_x_bytes, recv_weights, route_row, row_src, counts, dropped, *scale_args,
             BINS=bins, R_BLOCK=SMALL_R_BLOCK, E_BLOCK=SMALL_E_BLOCK, **flags,
         )
     else:
@@ -413,12 +504,10 @@ def dispatch_rows(
         _scatter_rows[(m + (0 if padded else num_local), h_blocks)](
             tokens, tokens.stride(0), weights, ids, rank, chunk_base, groups,
             m, top_k, hidden, num_local, capacity, max_rows,
-            recv_x, recv_weights, route_row, row_src, counts, dropped,
+            recv_x_bytes, recv_weights, route_row, row_src, counts, dropped, *scale_args,
             CHUNK=CHUNK, BINS=bins, **flags,
         )
     if cut:
         n = int(counts.sum())
-        return recv_x[:n], recv_weights[:n], counts, dropped, route_row, row_src[:n]
-    return recv_x, recv_weights, counts, dropped, route_row, row_src
-
-
+        return recv_x[:n], recv_weights[:n], counts, dropped, route_row, row_src[:n], None if recv_scales is None else recv_scales[:n]
+    return recv_x, recv_weights, counts, dropped, route_row, row_src, recv_scales
