@@ -5,8 +5,9 @@ backward ops. See docs/contract.md for the layouts and docs/architecture.md for 
 """
 
 from moe_ops import config, ops
-from moe_ops.api import Dispatcher, DispatchResult, combine, dispatch
+from moe_ops.api import Dispatcher, DispatchResult, QuantizedDispatchResult, combine, dispatch
 from moe_ops.errors import MoECommunicationError, MoEInputError
 
-__all__ = ["DispatchResult", "Dispatcher", "MoECommunicationError", "MoEInputError", "combine", "config", "dispatch", "ops"]
+__all__ = ["DispatchResult", "Dispatcher", "MoECommunicationError", "MoEInputError", "QuantizedDispatchResult", "combine", "config",
+           "dispatch", "ops"]
 __version__ = "0.1.0"

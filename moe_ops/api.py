@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 import moe_ops.ops  # noqa: F401  (registers torch.ops.moe.*)
+from moe_ops import quant as moe_quant
 from moe_ops import validation
 from moe_ops.comm import Group, comm_for, group_name_of, group_size_of
 from moe_ops.errors import MoEInputError
@@ -22,6 +23,17 @@ class DispatchResult(NamedTuple):
     tokens_per_expert: Tensor  #: [L] int32, rows per local expert (ragged: pad_multiple's padding included)
     dropped: Tensor  #: [L] int32, routes dropped at each local expert (over capacity or max_recv_rows)
     handle: list[Tensor]  #: what combine and the backward passes need (docs/contract.md, "The handle")
+
+
+class QuantizedDispatchResult(NamedTuple):
+    """What :func:`dispatch` returns for quantized rows (``x_scales`` or ``quant`` given; docs/contract.md)."""
+
+    recv_x: Tensor  #: float8_e4m3fn / float8_e5m2 / int8, in the layout of DispatchResult.recv_x
+    recv_scales: Tensor  #: [N, S], [R, S] or [L, C, S] float32: each row's scales
+    recv_weights: Tensor
+    tokens_per_expert: Tensor
+    dropped: Tensor
+    handle: list[Tensor]
 
 
 def dispatch(
@@ -40,8 +52,13 @@ def dispatch(
     zero_padding: bool | None = None,
     expert_map: Tensor | None = None,
     log2phy: Tensor | None = None,
-) -> DispatchResult:
-    """Send tokens to the ranks holding their experts (``torch.ops.moe.dispatch``).
+    x_scales: Tensor | None = None,
+    quant: str | None = None,
+    quant_block: int = 128,
+    round_scale: bool = False,
+) -> DispatchResult | QuantizedDispatchResult:
+    """Send tokens to the ranks holding their experts (``torch.ops.moe.dispatch``; quantized rows:
+    ``torch.ops.moe.dispatch_quantized``).
 
     ``x`` ``[T, H]`` bf16/fp16/fp32, ``topk_idx`` ``[T, K]`` int32/int64 global expert ids (``-1`` = no
     route), ``topk_weights`` ``[T, K]`` float32. ``layout="ragged"`` returns exactly the routed rows
@@ -57,14 +74,15 @@ def dispatch(
     ``log2phy [E_logical]`` maps logical expert ids to physical ones (redundant experts);
     ``expert_map [W, E]`` places experts by a map instead of contiguously (row ``r``: rank ``r``'s local
     id of each global expert, -1 where absent; see docs/contract.md).
+
+    Quantized rows (a :class:`QuantizedDispatchResult` with ``recv_scales``): ``x`` already quantized
+    (float8_e4m3fn, float8_e5m2 or int8) with float32 ``x_scales`` (``[T, ceil(H / 128)]`` or ``[T, 1]``),
+    or ``quant="fp8_e4m3"`` / ``"int8"`` to quantize a bf16/fp16/fp32 ``x`` in dispatch, with a scale per
+    ``quant_block`` (128, or 0: per token) columns, rounded up to a power of two with ``round_scale``.
+    Quantized rows carry no gradient (``x`` must not require one); the router's does.
     """
     name = group_name_of(group)
-    out = torch.ops.moe.dispatch(
-        x,
-        topk_idx,
-        topk_weights,
-        expert_map,
-        log2phy,
+    options = dict(
         num_experts=num_experts,
         group_name=name,
         group_size=group_size_of(name),
@@ -76,10 +94,18 @@ def dispatch(
         pad_multiple=pad_multiple,
         zero_padding=torch.is_grad_enabled() if zero_padding is None else zero_padding,
     )
-    return DispatchResult(*out)
+    if x_scales is None and quant is None:
+        return DispatchResult(*torch.ops.moe.dispatch(x, topk_idx, topk_weights, expert_map, log2phy, **options))
+    out = torch.ops.moe.dispatch_quantized(
+        x, topk_idx, topk_weights, x_scales, expert_map, log2phy, **options, quant=quant or "", quant_block=quant_block,
+        round_scale=round_scale,
+    )
+    return QuantizedDispatchResult(*out)
 
 
-def combine(expert_out: Tensor, dispatched: DispatchResult, *, group: Group = None, backend: str = "auto") -> Tensor:
+def combine(
+    expert_out: Tensor, dispatched: DispatchResult | QuantizedDispatchResult, *, group: Group = None, backend: str = "auto"
+) -> Tensor:
     """Weighted sum of each token's expert outputs, back on its source rank (``torch.ops.moe.combine``).
 
     ``expert_out`` has the layout of ``dispatched.recv_x``; returns ``[T, H]`` in ``expert_out.dtype``.
@@ -111,6 +137,9 @@ class Dispatcher:
         pad_multiple: int = 1,
         backend: str = "auto",
         zero_padding: bool | None = None,
+        quant: str | None = None,
+        quant_block: int = 128,
+        round_scale: bool = False,
     ) -> None:
         comm = comm_for(group_name_of(group))
         validation.check_options(num_experts, comm.world_size, layout, capacity, max_tokens_per_rank, max_recv_rows, pad_multiple)
@@ -127,6 +156,9 @@ class Dispatcher:
         self.pad_multiple = pad_multiple
         self.backend = backend
         self.zero_padding = zero_padding
+        if quant is not None:
+            moe_quant.make_spec(quant, quant_block, round_scale)
+        self.quant, self.quant_block, self.round_scale = quant, quant_block, round_scale
 
     @property
     def num_local_experts(self) -> int:
@@ -138,7 +170,10 @@ class Dispatcher:
         n = self.num_local_experts
         return range(self.rank * n, (self.rank + 1) * n)
 
-    def dispatch(self, x: Tensor, topk_idx: Tensor, topk_weights: Tensor) -> DispatchResult:
+    def dispatch(
+        self, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, x_scales: Tensor | None = None
+    ) -> DispatchResult | QuantizedDispatchResult:
+        """:func:`dispatch` with this layer's options (``x_scales``: ``x`` is already quantized)."""
         return dispatch(
             x,
             topk_idx,
@@ -152,14 +187,20 @@ class Dispatcher:
             pad_multiple=self.pad_multiple,
             backend=self.backend,
             zero_padding=self.zero_padding,
+            x_scales=x_scales,
+            quant=self.quant,
+            quant_block=self.quant_block,
+            round_scale=self.round_scale,
         )
 
-    def combine(self, expert_out: Tensor, dispatched: DispatchResult) -> Tensor:
+    def combine(self, expert_out: Tensor, dispatched: DispatchResult | QuantizedDispatchResult) -> Tensor:
         return combine(expert_out, dispatched, group=self.group_name, backend=self.backend)
 
     def __repr__(self) -> str:
         return (
             f"Dispatcher(num_experts={self.num_experts}, group={self.group_name!r}, world_size={self.world_size}, "
             f"layout={self.layout!r}, capacity={self.capacity}, max_tokens_per_rank={self.max_tokens_per_rank}, "
-            f"max_recv_rows={self.max_recv_rows}, pad_multiple={self.pad_multiple}, backend={self.backend!r})"
+            f"max_recv_rows={self.max_recv_rows}, pad_multiple={self.pad_multiple}, backend={self.backend!r}"
+            + ("" if self.quant is None else f", quant={self.quant!r}, quant_block={self.quant_block}, round_scale={self.round_scale}")
+            + ")"
         )

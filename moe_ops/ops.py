@@ -25,6 +25,7 @@ from torch import Tensor
 
 from moe_ops import backends, config, handle, placement, validation
 from moe_ops.backends import Backend
+from moe_ops.backends.base import DispatchOutputs
 from moe_ops.comm import Comm, comm_for
 from moe_ops.errors import MoEInputError
 from moe_ops.handshake import Handshake

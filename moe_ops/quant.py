@@ -95,7 +95,7 @@ def quantize(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
     s_cols = scale_columns(h, spec.block)
     xf = x.float()
     padded = xf if s_cols * group == h else torch.nn.functional.pad(xf, (0, s_cols * group - h))
-    amax = padded.view(t, s_cols, max(group, 1)).abs().amax(dim=-1).clamp(min=AMAX_FLOOR) if h else xf.new_ones(t, s_cols)
+    amax = padded.view(t, s_cols, group).abs().amax(dim=-1).clamp(min=AMAX_FLOOR) if h else xf.new_full((t, s_cols), AMAX_FLOOR)
     scales = amax / spec.qmax
     if spec.round_scale:
         scales = power_of_two_ceil(scales)
@@ -111,3 +111,14 @@ def dequantize(q: Tensor, scales: Tensor, block: int, dtype: torch.dtype = torch
     h = q.shape[-1]
     group = h if block == 0 else block
     return (q.float() * scales.repeat_interleave(max(group, 1), dim=-1)[..., :h]).to(dtype)
+
+
+def rows_to_send(x: Tensor, x_scales: Tensor | None, scales: RowScales | None) -> tuple[Tensor, Tensor | None]:
+    """What a transport moves for ``x``: ``x`` itself (an unquantized dispatch, or ``x`` arrived quantized
+    with ``x_scales``), or ``x`` quantized here, once per token before it is packed (only quantized bytes
+    cross the wire)."""
+    if scales is None or scales.quantize is None:
+        return x, x_scales
+    from moe_ops import stage
+
+    return stage.quantize(x, scales.quantize)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moe_ops import routing, stage
+from moe_ops import quant, routing, stage
 from moe_ops.backends.base import Backend, DispatchOutputs, Peers, int64_like
 from moe_ops.comm import Comm, all_gather, all_gather_padded, reduce_scatter
 from moe_ops.indexing import pad_rows
@@ -33,16 +33,24 @@ class AllGatherBackend(Backend):
     device_types = frozenset({"cpu", "cuda", "npu"})
     layouts = frozenset({"padded", "bounded"})
     multi_rank = True
+    quantized = True
 
-    def dispatch(self, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, plan: DispatchPlan, peers: Peers) -> DispatchOutputs:
+    def dispatch(
+        self, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, plan: DispatchPlan, peers: Peers, x_scales: Tensor | None = None
+    ) -> DispatchOutputs:
         comm, bound = plan.comm, plan.token_bound
+        x, x_scales = quant.rows_to_send(x, x_scales, plan.scales)
         fields = [(x, 0), (topk_idx.long(), -1), (topk_weights, 0)]
-        tokens, ids, weights = all_gather_padded(comm, "moe.dispatch all_gather", fields, bound)
+        if x_scales is not None:  # scales packed beside the rows, in the same all-gather
+            fields.append((x_scales, 0))
+        tokens, ids, weights, *scales = all_gather_padded(comm, "moe.dispatch all_gather", fields, bound)
         local_ids = routing.local_expert_ids(ids, plan.num_experts, comm.world_size, comm.rank)
-        out = stage.dispatch_rows(tokens, weights, local_ids, plan.num_local_experts, plan.rows)
+        out = stage.dispatch_rows(tokens, weights, local_ids, plan.num_local_experts, plan.rows, scales=scales[0] if scales else None)
         slot = comm.rank * bound + torch.arange(x.shape[0], device=x.device).unsqueeze(1)
         own_slot = torch.where(routing.destination_ranks(topk_idx, plan.num_experts, comm.world_size) >= 0, slot, -1)
-        return DispatchOutputs(out.recv_x, out.recv_weights, out.tokens_per_expert, out.dropped, [own_slot, out.row_src, out.route_row])
+        return DispatchOutputs(
+            out.recv_x, out.recv_weights, out.tokens_per_expert, out.dropped, [own_slot, out.row_src, out.route_row], out.recv_scales
+        )
 
     def combine(self, expert_out: Tensor, recv_weights: Tensor, handle: list[Tensor], comm: Comm) -> Tensor:
         own_slot, _, route_row = handle

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moe_ops import routing, slots, stage
+from moe_ops import quant, routing, slots, stage
 from moe_ops.backends.base import Backend, DispatchOutputs, Peers, int64_like
 from moe_ops.comm import Comm, all_to_all
 from moe_ops.indexing import take, take_columns
@@ -49,6 +49,7 @@ class CollectiveBackend(Backend):
     device_types = frozenset({"cpu", "cuda", "npu"})
     layouts = frozenset({"ragged", "bounded", "padded"})
     multi_rank = True
+    quantized = True
 
     def payload(self, topk_idx: Tensor, plan: DispatchPlan) -> Tensor | None:
         """Ragged: how many (token, destination) rows and routes this rank sends each rank."""
@@ -56,7 +57,9 @@ class CollectiveBackend(Backend):
             return None
         return slots.destination_counts(routing.destination_ranks(topk_idx, plan.num_experts, plan.comm.world_size), plan.comm.world_size)
 
-    def dispatch(self, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, plan: DispatchPlan, peers: Peers) -> DispatchOutputs:
+    def dispatch(
+        self, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, plan: DispatchPlan, peers: Peers, x_scales: Tensor | None = None
+    ) -> DispatchOutputs:
         comm, world = plan.comm, plan.comm.world_size
         top_k = topk_idx.shape[1]
         dest = routing.destination_ranks(topk_idx, plan.num_experts, world)
@@ -76,23 +79,28 @@ class CollectiveBackend(Backend):
             slot_dest = torch.arange(num_slots, device=x.device) // bound
             slot_token = slots.bounded_slot_tokens(x.shape[0], world, bound, x.device)
 
-        # Pack: one row per (token, destination) with the token, its local ids there, and their weights.
-        row_format = RowFormat(((x.shape[1], x.dtype), (top_k, torch.int32), (top_k, topk_weights.dtype)))
+        # Pack: one row per (token, destination) with the token, its local ids there, and their weights
+        # (a quantized dispatch: the quantized token and its scales).
+        x, x_scales = quant.rows_to_send(x, x_scales, plan.scales)
+        fields = [(x.shape[1], x.dtype), (top_k, torch.int32), (top_k, topk_weights.dtype)]
+        row_format = RowFormat(tuple(fields if x_scales is None else [*fields, (x_scales.shape[1], torch.float32)]))
         send = row_format.empty(num_slots, x.device)
-        tokens, ids, weights = row_format.views(send)
+        tokens, ids, weights, *scales = row_format.views(send)
         tokens.copy_(take(x, slot_token))
+        if x_scales is not None:
+            scales[0].copy_(take(x_scales, slot_token))
         mine = (take(dest, slot_token) == slot_dest.unsqueeze(1)) & (slot_token >= 0).unsqueeze(1)
         local = take(topk_idx.long(), slot_token) - slot_dest.unsqueeze(1) * plan.num_local_experts
         ids.copy_(torch.where(mine, local, -1))
         weights.copy_(torch.where(mine, take(topk_weights, slot_token), 0))
 
         received = all_to_all(comm, "moe.dispatch all_to_all", send, send_splits, recv_splits)
-        tokens, ids, weights = row_format.views(received)
-        out = stage.dispatch_rows(tokens, weights, ids, plan.num_local_experts, plan.rows, num_routes)
+        tokens, ids, weights, *scales = row_format.views(received)
+        out = stage.dispatch_rows(tokens, weights, ids, plan.num_local_experts, plan.rows, num_routes, scales[0] if scales else None)
         handle = [send_slot, out.row_src, out.route_row]
         if not plan.static:
             handle.append(torch.tensor([send_splits, recv_splits], dtype=torch.int64))
-        return DispatchOutputs(out.recv_x, out.recv_weights, out.tokens_per_expert, out.dropped, handle)
+        return DispatchOutputs(out.recv_x, out.recv_weights, out.tokens_per_expert, out.dropped, handle, out.recv_scales)
 
     def combine(self, expert_out: Tensor, recv_weights: Tensor, handle: list[Tensor], comm: Comm) -> Tensor:
         send_slot, _, route_row = handle[:3]

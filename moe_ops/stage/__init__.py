@@ -81,6 +81,16 @@ def dispatch_rows(
     return LocalDispatch(recv_x, recv_weights, out.tokens_per_expert, out.dropped, out.route_row, out.row_src, recv_scales)
 
 
+def quantize(tokens: Tensor, spec: quant.QuantSpec) -> tuple[Tensor, Tensor]:
+    """``tokens [M, H]`` quantized (:func:`moe_ops.quant.quantize`): ``(q [M, H], scales [M, S])``; on
+    Triton one launch."""
+    if use_triton(tokens):
+        from moe_ops.stage.kernels.quantize import quantize_rows
+
+        return quantize_rows(tokens, spec)
+    return quant.quantize(tokens, spec)
+
+
 def reduce(rows: Tensor, route_row: Tensor, row_weights: Tensor | None, unique: bool = False, ragged: bool = False) -> Tensor:
     """``out[j] = sum_k w[r] * rows[r]`` over ``r = route_row[j, k] >= 0`` (``unique``: a row repeated in
     ``route_row[j]`` counts once; ``ragged``: ``rows`` is a ragged layout, one row per valid route).
@@ -118,5 +128,5 @@ def expand_grad(grad_tokens: Tensor, expert_out: Tensor, recv_weights: Tensor, r
 
 gather_routes = plain.gather_routes  # one gather: the same everywhere
 
-__all__ = ["ExpertLayout", "LocalDispatch", "dispatch_grad", "dispatch_rows", "expand_grad", "expert_layout", "gather_routes", "reduce",
+__all__ = ["ExpertLayout", "LocalDispatch", "dispatch_grad", "dispatch_rows", "expand_grad", "expert_layout", "gather_routes", "quantize", "reduce",
            "use_npu", "use_triton"]

@@ -34,6 +34,7 @@ from moe_ops import quant
 from moe_ops.plan import RowLayout
 from moe_ops.quant import QuantSpec
 from moe_ops.stage.kernels import bins_for, block_size, k_block, unit_columns
+from moe_ops.stage.kernels.quantize import _quantize_block, quantize_rows
 
 CHUNK = 128  # routes ranked per program by one CHUNK x CHUNK comparison
 FILL_BLOCK = 1024  # padding slots reset per program
@@ -105,35 +106,6 @@ def _expert_prefix(
     kept = tl.where(capacity >= 0, tl.minimum(total, capacity), total)
     tl.store(counts_ptr + e, kept, mask=e < num_local)
     tl.store(dropped_ptr + e, total - kept, mask=e < num_local)
-
-
-@triton.jit
-def _quantize_block(v, QMAX: tl.constexpr, GROUP: tl.constexpr, INT8: tl.constexpr, ROUND_SCALE: tl.constexpr,
-                    AMAX_FLOOR: tl.constexpr, H_BLOCK: tl.constexpr):
-    """A hidden block ``v [H_BLOCK]`` (zero past the row) quantized as :func:`moe_ops.quant.quantize`
-    defines it: ``(q [H_BLOCK] float32 holding the format's values, scales [H_BLOCK // GROUP])``."""
-    g = tl.reshape(v.to(tl.float32), [H_BLOCK // GROUP, GROUP])
-    amax = tl.maximum(tl.max(tl.abs(g), axis=1), AMAX_FLOOR)
-    scale = tl.math.div_rn(amax, tl.full([H_BLOCK // GROUP], QMAX, tl.float32))
-    if ROUND_SCALE:  # the least power of two >= scale (a positive normal float32)
-        bits = scale.to(tl.int32, bitcast=True)
-        scale = (((bits >> 23) + ((bits & 0x7FFFFF) != 0).to(tl.int32)) << 23).to(tl.float32, bitcast=True)
-    q = tl.math.div_rn(g, tl.broadcast_to(scale[:, None], (H_BLOCK // GROUP, GROUP)))
-    if INT8:
-        q = tl.minimum(tl.maximum(_round_even(q), -127.0), 127.0)
-    else:  # to e4m3's grid (3 mantissa bits; below 2**-6 the subnormals' step 2**-9), so the cast is exact
-        exponent = tl.maximum(((q.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
-        step = ((exponent - 3 + 127) << 23).to(tl.float32, bitcast=True)
-        inverse = ((127 - exponent + 3) << 23).to(tl.float32, bitcast=True)  # powers of two: both products exact
-        q = tl.minimum(tl.maximum(_round_even(q * inverse) * step, -QMAX), QMAX)
-    return tl.reshape(q, [H_BLOCK]), scale
-
-
-@triton.jit
-def _round_even(v):
-    """``v`` (``|v| < 2**22``) rounded to an integer, half to even: adding 1.5 * 2**23 pushes the fraction
-    out of a float32's mantissa, which the hardware rounds to nearest even."""
-    return (v + 12582912.0) - 12582912.0
 
 
 @triton.jit
@@ -429,12 +401,12 @@ def dispatch_rows(
     ``num_routes`` (the valid routes, where the caller knows them) saves the ragged layout's
     device-to-host read (unless ``pad_multiple`` pads its groups). Quantized rows: ``scales [M, S]`` float32
     (rows may be strided) move with ``tokens``, or ``quantize`` quantizes them in the copy (block scales;
-    one scale per token is quantized first, in plain torch); ``recv_scales`` is ``None`` otherwise. Up
+    one scale per token is quantized first, by :func:`quantize_rows`); ``recv_scales`` is ``None`` otherwise. Up
     to ``SMALL_ROUTES`` routes take one launch (``_dispatch_small``), more take three (padded) or four.
     Nothing else runs on the device but the allocations.
     """
     if quantize is not None and quantize.block == 0:  # a program holds a block of the row, not all of it
-        tokens, scales = quant.quantize(tokens, quantize)
+        tokens, scales = quantize_rows(tokens, quantize)
         quantize = None
     m, top_k = ids.shape
     hidden, device = tokens.shape[1], tokens.device

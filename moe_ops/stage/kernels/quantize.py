@@ -1,0 +1,82 @@
+"""Quantizing token rows in Triton, as :func:`moe_ops.quant.quantize` defines it (bit for bit).
+
+``_quantize_block`` quantizes one hidden block of a row; the layout kernels call it in their copy (rows
+quantized on the way into the layout), :func:`quantize_rows` quantizes rows before a transport packs them.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from moe_ops import quant
+from moe_ops.quant import QuantSpec
+from moe_ops.stage.kernels import unit_columns
+
+ROWS_WARPS = 8
+
+
+@triton.jit
+def _round_even(v):
+    """``v`` (``|v| < 2**22``) rounded to an integer, half to even: adding 1.5 * 2**23 pushes the fraction
+    out of a float32's mantissa, which the hardware rounds to nearest even."""
+    return (v + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def _quantize_block(v, QMAX: tl.constexpr, GROUP: tl.constexpr, INT8: tl.constexpr, ROUND_SCALE: tl.constexpr,
+                    AMAX_FLOOR: tl.constexpr, H_BLOCK: tl.constexpr):
+    """A hidden block ``v [H_BLOCK]`` (zero past the row) quantized as :func:`moe_ops.quant.quantize`
+    defines it: ``(q [H_BLOCK] float32 holding the format's values, scales [H_BLOCK // GROUP])``."""
+    g = tl.reshape(v.to(tl.float32), [H_BLOCK // GROUP, GROUP])
+    amax = tl.maximum(tl.max(tl.abs(g), axis=1), AMAX_FLOOR)
+    scale = tl.math.div_rn(amax, tl.full([H_BLOCK // GROUP], QMAX, tl.float32))
+    if ROUND_SCALE:  # the least power of two >= scale (a positive normal float32)
+        bits = scale.to(tl.int32, bitcast=True)
+        scale = (((bits >> 23) + ((bits & 0x7FFFFF) != 0).to(tl.int32)) << 23).to(tl.float32, bitcast=True)
+    q = tl.math.div_rn(g, tl.broadcast_to(scale[:, None], (H_BLOCK // GROUP, GROUP)))
+    if INT8:
+        q = tl.minimum(tl.maximum(_round_even(q), -127.0), 127.0)
+    else:  # to e4m3's grid (3 mantissa bits; below 2**-6 the subnormals' step 2**-9), so the cast is exact
+        exponent = tl.maximum(((q.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
+        step = ((exponent - 3 + 127) << 23).to(tl.float32, bitcast=True)
+        inverse = ((127 - exponent + 3) << 23).to(tl.float32, bitcast=True)  # powers of two: both products exact
+        q = tl.minimum(tl.maximum(_round_even(q * inverse) * step, -QMAX), QMAX)
+    return tl.reshape(q, [H_BLOCK]), scale
+
+
+@triton.jit
+def _quantize_rows(
+    x_ptr, x_stride, hidden, q_ptr, scales_ptr, num_scales,
+    QMAX: tl.constexpr, GROUP: tl.constexpr, INT8: tl.constexpr, ROUND_SCALE: tl.constexpr, AMAX_FLOOR: tl.constexpr,
+    H_BLOCK: tl.constexpr,
+):
+    """Program (j, b): hidden block b of row j, quantized in groups of ``GROUP`` columns."""
+    j = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * H_BLOCK + tl.arange(0, H_BLOCK)
+    v = tl.load(x_ptr + j * x_stride + cols, mask=cols < hidden, other=0)
+    q, scale = _quantize_block(v, QMAX, GROUP, INT8, ROUND_SCALE, AMAX_FLOOR, H_BLOCK)
+    tl.store(q_ptr + j * hidden + cols, q.to(q_ptr.dtype.element_ty), mask=cols < hidden)
+    sc = tl.program_id(1) * (H_BLOCK // GROUP) + tl.arange(0, H_BLOCK // GROUP)
+    tl.store(scales_ptr + j * num_scales + sc, scale, mask=sc < num_scales)
+
+
+def quantize_rows(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+    """``x [M, H]`` (rows may be strided) quantized: ``(q [M, H] spec.dtype, scales [M, S] float32)``; one
+    launch (a program per row and block of 128 columns, or per row with one scale per token)."""
+    assert unit_columns(x)
+    m, hidden = x.shape
+    if not hidden:
+        return quant.quantize(x, spec)
+    num_scales = quant.scale_columns(hidden, spec.block)
+    q = torch.empty(m, hidden, dtype=spec.dtype, device=x.device)
+    scales = torch.empty(m, num_scales, dtype=torch.float32, device=x.device)
+    h_block = spec.block or triton.next_power_of_2(max(hidden, 1))
+    if m:
+        _quantize_rows[(m, triton.cdiv(hidden, h_block))](
+            x, x.stride(0), hidden, q, scales, num_scales, QMAX=spec.qmax, GROUP=h_block, INT8=spec.dtype == torch.int8,
+            ROUND_SCALE=spec.round_scale, AMAX_FLOOR=quant.AMAX_FLOOR, H_BLOCK=h_block, num_warps=ROWS_WARPS,
+        )
+    return q, scales

@@ -1,0 +1,110 @@
+"""Conformance of quantized dispatch (``moe.dispatch_quantized``) against the reference.
+
+Quantizing is per token (:func:`moe_ops.quant.quantize`, itself held to a float64 reference in
+tests/test_quantized.py), and the layout is a permutation of tokens, so the expected rows are the
+reference's layout of every rank's quantized tokens, and the expected scale rows its layout of their
+scales: both must match **exactly** on the rows that hold a route (compared as float32, which holds every
+float8 and int8 value exactly). A rank's dispatch then feeds combine (bf16 rows, dequantized) and the
+router's gradient flows back through ``recv_weights``, checked against the unquantized dispatch's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+import moe_ops
+from moe_ops import quant, reference
+from moe_ops.testing.problems import Problem
+
+
+@dataclass
+class QuantizedResult:
+    """What one rank ends up with; CPU tensors."""
+
+    recv_x: Tensor
+    recv_scales: Tensor
+    recv_weights: Tensor
+    tokens_per_expert: Tensor
+    dropped: Tensor
+    grad_weights: Tensor  #: the router's gradient through combine of the dequantized rows
+    plain_grad_weights: Tensor  #: the same step with the unquantized dispatch (and the same expert rows)
+
+
+def rank_task(rank: int, problem: Problem, spec: quant.QuantSpec, prequantized: bool, backend: str = "auto",
+              device: str = "cpu") -> QuantizedResult:
+    """Rank ``rank``'s quantized dispatch of ``problem`` (``prequantized``: ``x`` quantized by
+    :func:`moe_ops.quant.quantize` first and passed with its scales; else ``quant`` in dispatch), then
+    combine of the dequantized rows and the router's gradient. Runs inside a gloo group of every rank
+    (:class:`moe_ops.testing.harness.World`), or alone for a one-rank problem."""
+    import torch.distributed as dist
+
+    group = dist.group.WORLD.group_name if dist.is_initialized() else None
+    x = problem.xs[rank].to(device)
+    idx = problem.topk_idx[rank].to(device)
+    kwargs = dict(group=group, backend=backend, zero_padding=True, **problem.dispatch_kwargs(device))
+
+    def router_gradient(dispatch: object, rows: object) -> Tensor:
+        w = problem.topk_weights[rank].to(device, copy=True).requires_grad_()
+        d = dispatch(w)  # type: ignore[operator]
+        out = moe_ops.combine(rows(d).to(torch.float32), d, group=group, backend=backend)  # type: ignore[operator]
+        (out * torch.arange(out.numel(), device=device, dtype=torch.float32).view_as(out).sin()).sum().backward()
+        assert w.grad is not None
+        return w.grad
+
+    if prequantized:
+        q, s = quant.quantize(x, spec)
+        quantized = dict(x_scales=s)
+    else:
+        q, quantized = x, dict(quant=spec.mode, quant_block=spec.block, round_scale=spec.round_scale)
+    d = moe_ops.dispatch(q, idx, problem.topk_weights[rank].to(device), problem.num_experts, **quantized, **kwargs)  # type: ignore[arg-type]
+    block = spec.block if not prequantized else (0 if d.recv_scales.shape[-1] == 1 else quant.BLOCK)
+    dequantized = quant.dequantize(d.recv_x, d.recv_scales, block)
+    grad = router_gradient(
+        lambda w: moe_ops.dispatch(q, idx, w, problem.num_experts, **quantized, **kwargs), lambda got: dequantized  # type: ignore[arg-type]
+    )
+    plain = router_gradient(lambda w: moe_ops.dispatch(x, idx, w, problem.num_experts, **kwargs), lambda got: dequantized)
+    return QuantizedResult(*(t.detach().cpu() for t in (
+        d.recv_x, d.recv_scales, d.recv_weights, d.tokens_per_expert, d.dropped, grad, plain
+    )))
+
+
+def expected(problem: Problem, spec: quant.QuantSpec) -> tuple[list[reference.RankReceived], list[reference.RankReceived]]:
+    """The reference's layout of every rank's quantized tokens (as float32) and of their scales."""
+    quantized = [quant.quantize(x, spec) for x in problem.xs]
+    args = (problem.topk_idx, problem.topk_weights, problem.num_experts, problem.reference_capacity, problem.expert_map,
+            problem.log2phy, problem.max_recv_rows, problem.pad_multiple)
+    rows = reference.dispatch([q.float() for q, _ in quantized], *args)
+    scales = reference.dispatch([s for _, s in quantized], *args)
+    return rows, scales
+
+
+def assert_rank_matches(problem: Problem, spec: quant.QuantSpec, rank: int, ours: QuantizedResult,
+                        rows: reference.RankReceived, scales: reference.RankReceived) -> None:
+    """Rows, scales, weights, counts and drops exactly; the router's gradient equal to the unquantized
+    dispatch's (same rows through combine: the same sums)."""
+    ctx = f"rank {rank}; {spec}; {problem.description}"
+    assert ours.recv_x.dtype == spec.dtype, f"recv_x is {ours.recv_x.dtype} ({ctx})"
+    assert ours.recv_scales.dtype == torch.float32, ctx
+    assert ours.recv_x.shape == rows.recv_x.shape, f"recv_x shape {tuple(ours.recv_x.shape)} != {tuple(rows.recv_x.shape)} ({ctx})"
+    assert ours.recv_scales.shape == scales.recv_x.shape, (
+        f"recv_scales shape {tuple(ours.recv_scales.shape)} != {tuple(scales.recv_x.shape)} ({ctx})"
+    )
+    routed = rows.sources[..., 0] >= 0
+    assert torch.equal(ours.recv_x.float()[routed], rows.recv_x[routed]), f"recv_x rows differ ({ctx})"
+    assert torch.equal(ours.recv_scales[routed], scales.recv_x[routed]), f"recv_scales rows differ ({ctx})"
+    assert not ours.recv_x.float()[~routed].any() and not ours.recv_scales[~routed].any(), f"padding rows not zero ({ctx})"
+    assert torch.equal(ours.recv_weights, rows.recv_weights), f"recv_weights differ ({ctx})"
+    assert torch.equal(ours.tokens_per_expert, rows.tokens_per_expert), ctx
+    assert torch.equal(ours.dropped, rows.dropped), ctx
+    assert torch.equal(ours.grad_weights, ours.plain_grad_weights), f"router gradient differs from dispatch's ({ctx})"
+
+
+def check_world(world: object, problem: Problem, spec: quant.QuantSpec, prequantized: bool, backend: str = "auto") -> None:
+    """Run :func:`rank_task` on every rank of ``world`` and compare each rank with the reference."""
+    outputs = world.run(rank_task, problem, spec, prequantized, backend)  # type: ignore[attr-defined]
+    rows, scales = expected(problem, spec)
+    for rank, ours in enumerate(outputs):
+        assert_rank_matches(problem, spec, rank, ours, rows[rank], scales[rank])
