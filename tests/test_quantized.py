@@ -7,7 +7,8 @@
   dispatch paths, the row quantizer), ``collective`` and ``allgather`` over gloo at W = 2, 3.
 * Errors, the refusal of a gradient to ``x``, opcheck and ``fullgraph`` compilation.
 
-Not here: CUDA (tests/test_cuda_quantized.py runs the same checks on a GPU; not in CI), NPU, DeepEP.
+* On a GPU (``cuda`` marks; not in CI): the Triton kernels compiled, bit-equal to plain torch, and a
+  padded quantized dispatch captured in a CUDA graph.
 """
 
 import math
@@ -260,4 +261,50 @@ def test_compiles_with_static_shapes() -> None:
 
     compiled = torch.compile(step, fullgraph=True, dynamic=False)
     for got, want in zip(run(compiled), run(step), strict=True):
+        assert torch.equal(got, want)
+
+
+# --- CUDA (the GPU loaner, not CI) -------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("tokens", [37, 700], ids=["one launch", "four launches"])
+def test_cuda_kernels_equal_plain(tokens: int) -> None:
+    from moe_ops import config
+
+    for i, spec in enumerate(SPECS):
+        kw = [dict(), dict(layout="padded", capacity=40, max_tokens_per_rank=tokens),
+              dict(max_recv_rows=tokens * 2, max_tokens_per_rank=tokens, pad_multiple=16)][i % 3]
+        problem = make_problem([tokens], [7168, 300, 2048][i % 3], 64, 8, mask_fraction=0.1, dtype=DTYPES[i % 3], seed=i, **kw)
+        for prequantized in (False, True):
+            ours = quantized.rank_task(0, problem, spec, prequantized, device="cuda")
+            config.kernels = "torch"
+            try:
+                plain = quantized.rank_task(0, problem, spec, prequantized, device="cuda")
+            finally:
+                config.kernels = "auto"
+            for name in ("recv_x", "recv_scales", "recv_weights", "tokens_per_expert", "dropped"):
+                a, b = getattr(ours, name), getattr(plain, name)
+                as_bits = (lambda t: t.view(torch.uint8) if t.element_size() == 1 else t)
+                assert torch.equal(as_bits(a), as_bits(b)), (name, spec, prequantized, kw)
+            rows, scales = quantized.expected(problem, spec)
+            quantized.assert_rank_matches(problem, spec, 0, ours, rows[0], scales[0])
+
+
+@pytest.mark.cuda
+def test_cuda_graph_capture() -> None:
+    from moe_ops.testing import cuda_graph
+
+    x = torch.randn(128, 7168, device="cuda", dtype=torch.bfloat16)
+    idx = torch.randint(0, 256, (128, 8), device="cuda")
+    w = torch.rand(128, 8, device="cuda")
+
+    def step() -> tuple[torch.Tensor, ...]:
+        d = moe_ops.dispatch(x, idx, w, 256, layout="padded", capacity=16, quant="fp8_e4m3", zero_padding=True)
+        return d.recv_x.view(torch.uint8), d.recv_scales, moe_ops.combine(quant.dequantize(d.recv_x, d.recv_scales, 128, torch.bfloat16), d)
+
+    graph, outputs = cuda_graph.capture(step)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    for got, want in zip(outputs, step(), strict=True):
         assert torch.equal(got, want)

@@ -7,6 +7,7 @@ side by side in one run, with the memory floor measured in the same run.
     python3 tools/bench.py --collective          # also the collective backend at W = 1 over NCCL
     python3 tools/bench.py --host [--device cpu] [--world 2]   # host cost per call against plain torch (tools/host_cost.py)
     python3 tools/bench.py --block 8192,2048,768,128,8           # one MoE block's training step against plain torch
+    python3 tools/bench.py --quant               # FP8 / INT8 dispatch against bf16 (T = 4096, 16384; decode in a CUDA graph)
 
 The floor of a step is the bytes it must move (each input row read once, each output row written
 once) over the copy bandwidth measured here (a large device-to-device copy, bytes read + written).
@@ -241,6 +242,59 @@ def collective_w1(dtype: torch.dtype, device: torch.device, l2: int) -> dict[str
     return out
 
 
+QUANT_TABLE = [(4096, 7168, 256, 8), (16384, 7168, 256, 8), (128, 7168, 256, 8)]
+
+
+def quantized(dtype: torch.dtype, bw: float, device: torch.device, l2: int) -> list[dict[str, float]]:
+    """``moe.dispatch_quantized`` against the bf16 dispatch, same inputs, same run: quantized in dispatch
+    (FP8 block 128, FP8 UE8M0, INT8 per token) and pre-quantized rows; ragged and ``max_recv_rows``
+    (every route fits), each with its floor (bytes it must move over the copy bandwidth); at decode sizes
+    the padded round trip (dispatch + combine) in a CUDA graph."""
+    from moe_ops import quant
+
+    results = []
+    for tokens, hidden, experts, top_k in QUANT_TABLE:
+        sets = make_inputs(tokens, hidden, experts, top_k, dtype, device, l2)
+        bounded = dict(max_recv_rows=tokens * top_k, max_tokens_per_rank=tokens)
+        routes = tokens * top_k
+        scale_bytes = 4 * quant.scale_columns(hidden, 128)
+        row = {"tokens": tokens, "hidden": hidden, "experts": experts, "top_k": top_k,
+               "bf16 floor ms": (tokens + routes) * hidden * dtype.itemsize / bw * 1e3,
+               "fp8 quantized in dispatch floor ms": (tokens * hidden * dtype.itemsize + routes * (hidden + scale_bytes)) / bw * 1e3,
+               "fp8 pre-quantized floor ms": (tokens + routes) * (hidden + scale_bytes) / bw * 1e3}
+        prequantized = [quant.quantize(s.x, quant.QuantSpec("fp8_e4m3")) for s in sets]
+        for name, kw in (("ragged", {}), ("max_recv_rows", bounded)):
+            row[f"bf16 {name} ms"] = median_ms(rotating([lambda s=s: torch.ops.moe.dispatch(s.x, s.idx, s.w, num_experts=experts, **kw)
+                                                         for s in sets]))
+            for label, q in (("fp8", dict(quant="fp8_e4m3")), ("fp8 ue8m0", dict(quant="fp8_e4m3", round_scale=True)),
+                             ("int8 per token", dict(quant="int8", quant_block=0))):
+                row[f"{label} {name} ms"] = median_ms(rotating([lambda s=s: torch.ops.moe.dispatch_quantized(
+                    s.x, s.idx, s.w, num_experts=experts, **kw, **q) for s in sets]))
+            row[f"fp8 pre-quantized {name} ms"] = median_ms(rotating([lambda s=s, p=p: torch.ops.moe.dispatch_quantized(
+                p[0], s.idx, s.w, p[1], num_experts=experts, **kw) for s, p in zip(sets, prequantized, strict=True)]))
+        if tokens <= DECODE_TOKENS:
+            for label, q in (("bf16", None), ("fp8", dict(quant="fp8_e4m3"))):
+                replays = []
+                for s in sets:
+                    expert_out = torch.zeros(experts, 16, hidden, dtype=dtype, device=device)  # the experts' (bf16) output
+
+                    def step(s: Inputs = s, q: dict | None = q, expert_out: torch.Tensor = expert_out) -> torch.Tensor:
+                        kw = dict(num_experts=experts, layout="padded", capacity=16)
+                        if q is None:
+                            d = torch.ops.moe.dispatch(s.x, s.idx, s.w, **kw)
+                            return torch.ops.moe.combine(expert_out, d[1], d[4])
+                        d = torch.ops.moe.dispatch_quantized(s.x, s.idx, s.w, **kw, **q)
+                        return torch.ops.moe.combine(expert_out, d[2], d[5])
+                    replays.append(graphed(step))
+                row[f"{label} decode round trip (CUDA graph, C = 16) ms"] = median_ms(rotating(replays))
+        for name in ("ragged", "max_recv_rows"):
+            row[f"fp8 / bf16 {name}"] = row[f"fp8 {name} ms"] / row[f"bf16 {name} ms"]
+        row["fp8 max_recv_rows / its floor"] = row["fp8 max_recv_rows ms"] / row["fp8 quantized in dispatch floor ms"]
+        progress(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        results.append(row)
+    return results
+
+
 def chart(rows: list[Row], bw: float, path: str) -> None:
     import matplotlib
 
@@ -302,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda", help="--host: cpu or cuda")
     parser.add_argument("--world", type=int, default=1, help="--host on cpu: also the collective backend over gloo at this W")
     parser.add_argument("--block", help="T,H,F,E,K: one MoE block's training step (eager, compiled) against plain torch, then exit")
+    parser.add_argument("--quant", action="store_true", help="quantized dispatch against bf16 (QUANT_TABLE), then exit")
     args = parser.parse_args(argv)
     if args.host:
         return host(torch.device(args.device), args.world)
@@ -315,6 +370,15 @@ def main(argv: list[str] | None = None) -> int:
     progress(f"{props.name}, torch {torch.__version__}, triton {triton.__version__}")
     bw = copy_bandwidth(device)
     progress(f"copy bandwidth {bw / 1e9:.0f} GB/s")
+    if args.quant:
+        result = {"date": datetime.date.today().isoformat(), "device": props.name, "torch": torch.__version__,
+                  "triton": triton.__version__, "copy_bandwidth_GBps": bw / 1e9, "quantized": quantized(dtype, bw, device, l2),
+                  "command": "python3 tools/bench.py --quant"}
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "bench-quant.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        print(json.dumps(result, indent=1))
+        return 0
     rows = []
     for c in configs:
         progress(f"config T,H,E,K = {c}")
