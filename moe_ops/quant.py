@@ -2,16 +2,22 @@
 
 A quantized token row is ``q [H]`` (float8_e4m3fn or int8) with float32 scales ``s [S]``: group ``g`` of
 ``G`` consecutive columns (``G = 128``, or the whole row: ``S = 1``) dequantizes as ``q[c] * s[g]``.
-Quantizing a row (docs/contract.md, "Quantized dispatch"), in float32 throughout:
+Quantizing a row (docs/contract.md, "Quantized dispatch"), in float32 throughout, each product and
+quotient rounded to nearest (DeepEP's arithmetic, ``calculate_fp8_scales`` in its kernels):
 
 * ``amax[g] = max(max |x[c]| over the group's columns, AMAX_FLOOR)`` (the floor keeps an all-zero group's
-  scale finite, as DeepEP's ``per_token_cast_to_fp8`` clamps at 1e-4);
-* ``s[g] = amax[g] / QMAX`` rounded to nearest (``QMAX`` 448 for e4m3, 127 for int8); with ``round_scale``
-  the next power of two at or above it (UE8M0 scales, as DeepEP's ``round_scale`` / ``use_ue8m0``);
-* ``q[c] = x[c] / s[g]`` rounded to nearest, then to the format: float8 by round-to-nearest-even, int8 by
-  round-half-to-even, clamped to ``[-127, 127]`` (``|x / s| <= QMAX`` up to one rounding, so the clamp
-  and float8's saturation only catch that rounding).
+  scale finite, as DeepEP clamps at 1e-4);
+* ``s[g] = amax[g] * (1 / QMAX)`` (``QMAX`` 448 for e4m3, 127 for int8; ``1 / QMAX`` rounded to float32
+  once), and the factor ``f[g] = QMAX / amax[g]``; with ``round_scale`` (UE8M0 scales, DeepEP's
+  ``round_scale`` / ``use_ue8m0``) ``s[g]`` is the least power of two at or above that product and
+  ``f[g] = 1 / s[g]`` exactly;
+* ``q[c] = x[c] * f[g]``, then to the format: float8 by round-to-nearest-even, int8 by
+  round-half-to-even, clamped to ``[-QMAX, QMAX]`` (``|x * f| <= QMAX`` up to one rounding, so the
+  clamp only catches that rounding).
 
+Every step is a multiplication or one division per group: the same bits on CPU, CUDA and in Triton
+(torch divides a tensor by a Python number as a multiplication by its reciprocal on CUDA, so nothing
+here divides by a Python number).
 :func:`quantize` is that definition in plain torch; the Triton kernels compute the same bits, and the
 tests hold both to a float64 reference.
 """
@@ -96,14 +102,21 @@ def quantize(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
     xf = x.float()
     padded = xf if s_cols * group == h else torch.nn.functional.pad(xf, (0, s_cols * group - h))
     amax = padded.view(t, s_cols, group).abs().amax(dim=-1).clamp(min=AMAX_FLOOR) if h else xf.new_full((t, s_cols), AMAX_FLOOR)
-    scales = amax / spec.qmax
+    scales = amax * inverse_qmax(spec)
     if spec.round_scale:
         scales = power_of_two_ceil(scales)
-    expanded = scales.repeat_interleave(group, dim=1)[:, :h] if h else xf
-    q = xf / expanded
+        factor = torch.reciprocal(scales)  # exact: a power of two
+    else:
+        factor = torch.full_like(amax, spec.qmax) / amax
+    q = xf * (factor.repeat_interleave(group, dim=1)[:, :h] if h else factor[:, :0])
     if spec.dtype == torch.int8:
         return torch.round(q).clamp(-127, 127).to(torch.int8), scales
     return q.clamp(-spec.qmax, spec.qmax).to(spec.dtype), scales
+
+
+def inverse_qmax(spec: QuantSpec) -> float:
+    """``1 / QMAX`` rounded to float32 (as a Python float holding that float32 value)."""
+    return float(torch.tensor(1.0 / spec.qmax, dtype=torch.float32))
 
 
 def dequantize(q: Tensor, scales: Tensor, block: int, dtype: torch.dtype = torch.float32) -> Tensor:

@@ -54,31 +54,34 @@ def test_quantize_matches_its_definition(tokens: int, hidden: int, dtype: torch.
     assert q.dtype == spec.dtype and s.dtype == torch.float32
     columns = 1 if spec.block == 0 else math.ceil(hidden / 128)
     assert s.shape == (tokens, columns)
-    # the scales: amax (float64, exact) over each group, floored, / QMAX rounded once to float32
+    # the scales: amax (exact) over each group, floored, times 1 / QMAX (a float32), rounded once
     x64 = x.double()
     group = hidden if spec.block == 0 else 128
     padded = torch.nn.functional.pad(x64.abs(), (0, columns * group - hidden)).view(tokens, columns, group)
-    exact = padded.amax(-1).clamp(min=quant.AMAX_FLOOR) / spec.qmax
+    amax = padded.amax(-1).clamp(min=quant.AMAX_FLOOR).float().double()
+    product = amax * torch.tensor(1 / spec.qmax, dtype=torch.float32).double()  # exact in float64
     if spec.round_scale:
         assert torch.equal(torch.exp2(torch.ceil(torch.log2(s.double()))), s.double()), "scales must be powers of two"
-        assert bool((s.double() >= exact).all() and (s.double() < 2 * exact).all())
+        assert bool((s.double() >= product).all() and (s.double() < 2 * product).all())
+        factor = 1 / s.double()
     else:
-        assert torch.equal(s, exact.float()), "scale = amax / QMAX, rounded once"
-    # the values: the format's value nearest x / s, up to the quotient's float32 rounding; in range
-    v = x64 / s.double().repeat_interleave(group, dim=1)[:, :hidden]
+        assert torch.equal(s, product.float()), "scale = amax * (1 / QMAX), rounded once"
+        factor = (spec.qmax / amax).float().double()  # QMAX / amax, rounded once
+    # the values: the format's value nearest x * factor, up to the product's float32 rounding; in range
+    v = x64 * factor.repeat_interleave(group, dim=1)[:, :hidden]
     got = q.double()
     assert bool((got.abs() <= spec.qmax).all())
     error = (got - v.clamp(-spec.qmax, spec.qmax)).abs()
-    slack = v.abs() * 2.0**-24  # the quotient's own float32 rounding
+    slack = v.abs() * 2.0**-24  # the product's own float32 rounding
     assert bool((error <= 0.5 * _grid_step(v, spec) + slack).all()), f"max error {error.max().item()} in grid steps"
 
 
 def test_quantize_rounds_ties_to_even() -> None:
     """e4m3 steps by 8 around 100 (96, 104) and by 1 around 8.5: ties go to the even mantissa (96, -8); int8 2.5 to 2."""
-    x = torch.tensor([[100.0, 448.0, -8.5]])
-    q, s = quant.quantize(x, quant.QuantSpec("fp8_e4m3", 0))
+    x = torch.tensor([[100.0, 448.0, -8.5]])  # amax 448: scale and factor exactly 1
+    q, s = quant.quantize(x, quant.QuantSpec("fp8_e4m3", 0, round_scale=True))
     assert s.item() == 1.0 and q.float().tolist() == [[96.0, 448.0, -8.0]]
-    qi, si = quant.quantize(torch.tensor([[2.5, 127.0, 3.5]]), quant.QuantSpec("int8", 0))
+    qi, si = quant.quantize(torch.tensor([[2.5, 127.0, 3.5]]), quant.QuantSpec("int8", 0, round_scale=True))
     assert si.item() == 1.0 and qi.tolist() == [[2, 127, 4]]
 
 

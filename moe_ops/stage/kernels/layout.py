@@ -114,7 +114,7 @@ def _write_routes(
     recv_x_ptr, recv_weights_ptr, route_row_ptr, row_src_ptr,
     scales_ptr, scale_stride, num_scales, recv_scales_ptr,
     K_BLOCK: tl.constexpr, H_BLOCK: tl.constexpr,
-    SCALES: tl.constexpr, S_BLOCK: tl.constexpr, QMAX: tl.constexpr, GROUP: tl.constexpr, INT8: tl.constexpr,
+    SCALES: tl.constexpr, S_BLOCK: tl.constexpr, QMAX: tl.constexpr, QMAX_INV: tl.constexpr, GROUP: tl.constexpr, INT8: tl.constexpr,
     ROUND_SCALE: tl.constexpr, AMAX_FLOOR: tl.constexpr,
 ):
     """Source row ``j``'s routes ``route [K_BLOCK]`` go to layout rows ``row`` where ``keep``: hidden block 0
@@ -134,7 +134,7 @@ def _write_routes(
     cols = tl.program_id(1) * H_BLOCK + tl.arange(0, H_BLOCK)
     v = tl.load(tokens_ptr + j * token_stride + cols, mask=cols < hidden, other=0)
     if SCALES == 2:
-        v, scale = _quantize_block(v, QMAX, GROUP, INT8, ROUND_SCALE, AMAX_FLOOR, H_BLOCK)
+        v, scale = _quantize_block(v, QMAX, QMAX_INV, GROUP, INT8, ROUND_SCALE, AMAX_FLOOR, H_BLOCK)
         sc = tl.program_id(1) * (H_BLOCK // GROUP) + tl.arange(0, H_BLOCK // GROUP)
         tl.store(recv_scales_ptr + row[:, None] * num_scales + sc[None, :], tl.broadcast_to(scale[None, :], (K_BLOCK, H_BLOCK // GROUP)),
                  mask=keep[:, None] & (sc[None, :] < num_scales))
@@ -221,7 +221,7 @@ def _scatter_rows(
     scales_ptr, scale_stride, num_scales, recv_scales_ptr,
     CHUNK: tl.constexpr, BINS: tl.constexpr, K_BLOCK: tl.constexpr, H_BLOCK: tl.constexpr,
     PADDED: tl.constexpr, PAD: tl.constexpr, BOUNDED: tl.constexpr, ZERO: tl.constexpr, P_BLOCK: tl.constexpr,
-    SCALES: tl.constexpr, S_BLOCK: tl.constexpr, QMAX: tl.constexpr, GROUP: tl.constexpr, INT8: tl.constexpr,
+    SCALES: tl.constexpr, S_BLOCK: tl.constexpr, QMAX: tl.constexpr, QMAX_INV: tl.constexpr, GROUP: tl.constexpr, INT8: tl.constexpr,
     ROUND_SCALE: tl.constexpr, AMAX_FLOOR: tl.constexpr,
 ):
     """Program (j, b), ``j < num_tokens``: source row j, hidden block b. Every program of row j computes
@@ -241,7 +241,7 @@ def _scatter_rows(
             row = (tl.load(groups_ptr + key, mask=valid, other=0) + pos).to(tl.int64)
         _write_routes(tokens_ptr, token_stride, weights_ptr, row_j, route, in_row, keep, row, hidden,
                       recv_x_ptr, recv_weights_ptr, route_row_ptr, row_src_ptr, scales_ptr, scale_stride, num_scales, recv_scales_ptr,
-                      K_BLOCK, H_BLOCK, SCALES, S_BLOCK, QMAX, GROUP, INT8, ROUND_SCALE, AMAX_FLOOR)
+                      K_BLOCK, H_BLOCK, SCALES, S_BLOCK, QMAX, QMAX_INV, GROUP, INT8, ROUND_SCALE, AMAX_FLOOR)
     elif not PADDED:
         e = j - num_tokens
         _expert_rows(e, tl.load(groups_ptr + 3 * BINS + e), tl.load(groups_ptr + e), tl.load(groups_ptr + BINS + e),
@@ -303,7 +303,7 @@ def _dispatch_small(
     scales_ptr, scale_stride, num_scales, recv_scales_ptr,
     PADDED: tl.constexpr, PAD: tl.constexpr, BOUNDED: tl.constexpr, ZERO: tl.constexpr, BINS: tl.constexpr,
     K_BLOCK: tl.constexpr, H_BLOCK: tl.constexpr, R_BLOCK: tl.constexpr, E_BLOCK: tl.constexpr, P_BLOCK: tl.constexpr,
-    SCALES: tl.constexpr, S_BLOCK: tl.constexpr, QMAX: tl.constexpr, GROUP: tl.constexpr, INT8: tl.constexpr,
+    SCALES: tl.constexpr, S_BLOCK: tl.constexpr, QMAX: tl.constexpr, QMAX_INV: tl.constexpr, GROUP: tl.constexpr, INT8: tl.constexpr,
     ROUND_SCALE: tl.constexpr, AMAX_FLOOR: tl.constexpr,
 ):
     """All of dispatch in one launch, for few routes. Program (j, b) with ``j < num_tokens``: source row j,
@@ -342,7 +342,7 @@ def _dispatch_small(
                 keep = valid & (row < max_rows)
         _write_routes(tokens_ptr, token_stride, weights_ptr, row_j, route, in_row, keep, row, hidden,
                       recv_x_ptr, recv_weights_ptr, route_row_ptr, row_src_ptr, scales_ptr, scale_stride, num_scales, recv_scales_ptr,
-                      K_BLOCK, H_BLOCK, SCALES, S_BLOCK, QMAX, GROUP, INT8, ROUND_SCALE, AMAX_FLOOR)
+                      K_BLOCK, H_BLOCK, SCALES, S_BLOCK, QMAX, QMAX_INV, GROUP, INT8, ROUND_SCALE, AMAX_FLOOR)
     elif not PADDED:
         _small_expert_rows(j - num_tokens, ids_ptr, num_routes, num_local, max_rows, hidden,
                            recv_x_ptr, recv_weights_ptr, row_src_ptr, counts_ptr, dropped_ptr,
@@ -374,10 +374,11 @@ def _scale_args(
     mode = 0 if recv_scales is None else 1 if quantize is None else 2
     source = scales if scales is not None else recv_x  # a pointer the kernel never reads where mode != 1
     num_scales = 0 if recv_scales is None else recv_scales.shape[-1]
-    flags = dict(SCALES=mode, S_BLOCK=triton.next_power_of_2(max(num_scales, 1)), QMAX=0.0, GROUP=h_block, INT8=False,
+    flags = dict(SCALES=mode, S_BLOCK=triton.next_power_of_2(max(num_scales, 1)), QMAX=0.0, QMAX_INV=0.0, GROUP=h_block, INT8=False,
                  ROUND_SCALE=False, AMAX_FLOOR=quant.AMAX_FLOOR)
     if quantize is not None:
-        flags.update(QMAX=quantize.qmax, GROUP=quantize.block or h_block, INT8=quantize.dtype == torch.int8, ROUND_SCALE=quantize.round_scale)
+        flags.update(QMAX=quantize.qmax, QMAX_INV=quant.inverse_qmax(quantize), GROUP=quantize.block or h_block,
+                     INT8=quantize.dtype == torch.int8, ROUND_SCALE=quantize.round_scale)
     stride = source.stride(0) if scales is not None else 0
     return (source, stride, num_scales, recv_x if recv_scales is None else recv_scales), flags
 

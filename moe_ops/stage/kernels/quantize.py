@@ -26,17 +26,21 @@ def _round_even(v):
 
 
 @triton.jit
-def _quantize_block(v, QMAX: tl.constexpr, GROUP: tl.constexpr, INT8: tl.constexpr, ROUND_SCALE: tl.constexpr,
-                    AMAX_FLOOR: tl.constexpr, H_BLOCK: tl.constexpr):
+def _quantize_block(v, QMAX: tl.constexpr, QMAX_INV: tl.constexpr, GROUP: tl.constexpr, INT8: tl.constexpr,
+                    ROUND_SCALE: tl.constexpr, AMAX_FLOOR: tl.constexpr, H_BLOCK: tl.constexpr):
     """A hidden block ``v [H_BLOCK]`` (zero past the row) quantized as :func:`moe_ops.quant.quantize`
     defines it: ``(q [H_BLOCK] float32 holding the format's values, scales [H_BLOCK // GROUP])``."""
     g = tl.reshape(v.to(tl.float32), [H_BLOCK // GROUP, GROUP])
     amax = tl.maximum(tl.max(tl.abs(g), axis=1), AMAX_FLOOR)
-    scale = tl.math.div_rn(amax, tl.full([H_BLOCK // GROUP], QMAX, tl.float32))
-    if ROUND_SCALE:  # the least power of two >= scale (a positive normal float32)
+    scale = amax * QMAX_INV
+    if ROUND_SCALE:  # the least power of two >= scale (a positive normal float32), and its exact inverse
         bits = scale.to(tl.int32, bitcast=True)
-        scale = (((bits >> 23) + ((bits & 0x7FFFFF) != 0).to(tl.int32)) << 23).to(tl.float32, bitcast=True)
-    q = tl.math.div_rn(g, tl.broadcast_to(scale[:, None], (H_BLOCK // GROUP, GROUP)))
+        exponent = (bits >> 23) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
+        scale = (exponent << 23).to(tl.float32, bitcast=True)
+        factor = ((254 - exponent) << 23).to(tl.float32, bitcast=True)
+    else:
+        factor = tl.math.div_rn(tl.full([H_BLOCK // GROUP], QMAX, tl.float32), amax)
+    q = g * tl.broadcast_to(factor[:, None], (H_BLOCK // GROUP, GROUP))
     if INT8:
         q = tl.minimum(tl.maximum(_round_even(q), -127.0), 127.0)
     else:  # to e4m3's grid (3 mantissa bits; below 2**-6 the subnormals' step 2**-9), so the cast is exact
@@ -50,14 +54,14 @@ def _quantize_block(v, QMAX: tl.constexpr, GROUP: tl.constexpr, INT8: tl.constex
 @triton.jit
 def _quantize_rows(
     x_ptr, x_stride, hidden, q_ptr, scales_ptr, num_scales,
-    QMAX: tl.constexpr, GROUP: tl.constexpr, INT8: tl.constexpr, ROUND_SCALE: tl.constexpr, AMAX_FLOOR: tl.constexpr,
-    H_BLOCK: tl.constexpr,
+    QMAX: tl.constexpr, QMAX_INV: tl.constexpr, GROUP: tl.constexpr, INT8: tl.constexpr, ROUND_SCALE: tl.constexpr,
+    AMAX_FLOOR: tl.constexpr, H_BLOCK: tl.constexpr,
 ):
     """Program (j, b): hidden block b of row j, quantized in groups of ``GROUP`` columns."""
     j = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * H_BLOCK + tl.arange(0, H_BLOCK)
     v = tl.load(x_ptr + j * x_stride + cols, mask=cols < hidden, other=0)
-    q, scale = _quantize_block(v, QMAX, GROUP, INT8, ROUND_SCALE, AMAX_FLOOR, H_BLOCK)
+    q, scale = _quantize_block(v, QMAX, QMAX_INV, GROUP, INT8, ROUND_SCALE, AMAX_FLOOR, H_BLOCK)
     tl.store(q_ptr + j * hidden + cols, q.to(q_ptr.dtype.element_ty), mask=cols < hidden)
     sc = tl.program_id(1) * (H_BLOCK // GROUP) + tl.arange(0, H_BLOCK // GROUP)
     tl.store(scales_ptr + j * num_scales + sc, scale, mask=sc < num_scales)
@@ -76,7 +80,8 @@ def quantize_rows(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
     h_block = spec.block or triton.next_power_of_2(max(hidden, 1))
     if m:
         _quantize_rows[(m, triton.cdiv(hidden, h_block))](
-            x, x.stride(0), hidden, q, scales, num_scales, QMAX=spec.qmax, GROUP=h_block, INT8=spec.dtype == torch.int8,
+            x, x.stride(0), hidden, q, scales, num_scales, QMAX=spec.qmax, QMAX_INV=quant.inverse_qmax(spec), GROUP=h_block,
+            INT8=spec.dtype == torch.int8,
             ROUND_SCALE=spec.round_scale, AMAX_FLOOR=quant.AMAX_FLOOR, H_BLOCK=h_block, num_warps=ROWS_WARPS,
         )
     return q, scales
