@@ -41,14 +41,19 @@ def _quantize_block(v, QMAX: tl.constexpr, QMAX_INV: tl.constexpr, GROUP: tl.con
     else:
         factor = tl.math.div_rn(tl.full([H_BLOCK // GROUP], QMAX, tl.float32), amax)
     q = g * tl.broadcast_to(factor[:, None], (H_BLOCK // GROUP, GROUP))
+    # Rounded as magnitudes, the sign put back after: -0.0 stays -0.0 (as torch's casts keep it), and the
+    # rounding adds to |q|, never to the product itself, which the compiler could fuse into one FMA
+    # (rounding the unrounded product: a different integer at ties)
+    magnitude = tl.abs(q)
     if INT8:
-        q = tl.minimum(tl.maximum(_round_even(q), -127.0), 127.0)
+        magnitude = tl.minimum(_round_even(magnitude), 127.0)
     else:  # to e4m3's grid (3 mantissa bits; below 2**-6 the subnormals' step 2**-9), so the cast is exact
-        exponent = tl.maximum(((q.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
+        exponent = tl.maximum(((magnitude.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
         step = ((exponent - 3 + 127) << 23).to(tl.float32, bitcast=True)
         inverse = ((127 - exponent + 3) << 23).to(tl.float32, bitcast=True)  # powers of two: both products exact
-        q = tl.minimum(tl.maximum(_round_even(q * inverse) * step, -QMAX), QMAX)
-    return tl.reshape(q, [H_BLOCK]), scale
+        magnitude = tl.minimum(_round_even(magnitude * inverse) * step, QMAX)
+    negative = q.to(tl.int32, bitcast=True) < 0  # the sign bit: -0.0 too
+    return tl.reshape(tl.where(negative, -magnitude, magnitude), [H_BLOCK]), scale
 
 
 @triton.jit
