@@ -99,7 +99,7 @@ class Buffer(NormalMode, LowLatencyMode):
         self.nvshmem_qp_depth = int(os.environ.get("NVSHMEM_QP_DEPTH", "1024"))
         self.process.nvshmem |= nvshmem
         self._dirty = False  # normal-mode kernels ran since the low-latency buffer was cleaned
-        self._low_latency_outputs: list[Tensor | None] = [None, None]
+        self._low_latency_outputs: list[tuple[Tensor, ...] | None] = [None, None]
         self._low_latency_calls = 0
         self.process.log.append(f"made {self._modes()}")
 
