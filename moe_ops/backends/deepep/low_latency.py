@@ -13,6 +13,9 @@ and the rest dropped and counted, and ``recv_weights``. So the backend
    torch.distributed on the same group), and lays the slots out with the shared local stage
    (:func:`moe_ops.stage.dispatch_rows`), as the ``collective`` backend's padded path does.
 
+Quantized dispatch: DeepEP casts bf16 ``x`` to FP8 in its kernel (``use_fp8``, ``round_scale``: then its
+arithmetic is :mod:`moe_ops.quant`'s, bit for bit); the scales go to slots as the rows do.
+
 Combine: each low-latency row gets the weighted sum of its token's kept rows at that expert (float32
 accumulation, rounded once to bf16; dropped routes add 0), and ``Buffer.low_latency_combine`` sums
 them on the source rank with weight 1 for the first occurrence of each expert in a token's row (a

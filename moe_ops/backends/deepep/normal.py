@@ -13,6 +13,10 @@ expert-major, exactly as the ``collective`` backend does after its all-to-all.
   DeepEP's ``num_worst_tokens``); rows past the real count carry id -1 (DeepEP's intranode dispatch
   cleans them) and are never read.
 
+Quantized dispatch: FP8 rows (``x`` pre-quantized, or quantized here by :func:`moe_ops.stage.quantize`)
+go as DeepEP's ``(x, x_scales)`` tuple and come back with their scales ``[M, H/128]``; the local stage lays
+both out (docs/backends.md).
+
 Combine: the expert rank reduces each received token's rows (weights applied, float32 accumulation,
 rounded once to ``expert_out.dtype``) and ``Buffer.combine`` sums those partial rows per source token.
 Dispatch backward is ``Buffer.combine`` of the unweighted row sums with the rows' weight gradients as
