@@ -25,9 +25,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 
-from moe_ops import MoEInputError
+from moe_ops import MoEInputError, quant
 from moe_ops.backends.deepep.runtime import low_latency_token_multiple
-from moe_ops.testing import conformance, deepep_tasks, sim
+from moe_ops.testing import conformance, deepep_tasks, quantized, sim
 from moe_ops.testing.harness import RankFailure, set_up
 from moe_ops.testing.problems import Problem, make_problem, padded, problems
 
@@ -254,3 +254,83 @@ def test_cpu_tensors_need_the_simulator() -> None:
         sim.uninstall("deep_ep")
     with pytest.raises(MoEInputError, match="does not run on 'cpu'"):
         backends.resolve("deepep_ll", "cpu", 2, "padded")
+
+
+# --- quantized dispatch (DeepEP's FP8 paths) ----------------------------------------------------------
+
+FP8 = quant.QuantSpec("fp8_e4m3", 128)
+FP8_UE8M0 = quant.QuantSpec("fp8_e4m3", 128, round_scale=True)
+QUANTIZED = [("deepep", size, layout, prequantized) for size in NORMAL_SIZES for layout in ("ragged", "padded", "bounded")
+             for prequantized in (True, False)] + [("deepep_ll", size, "padded", False) for size in LOW_LATENCY_SIZES]
+
+
+@pytest.mark.parametrize(("backend", "size", "layout", "prequantized"), QUANTIZED)
+def test_quantized_rows_and_scales_exact(world, backend: str, size: int, layout: str, prequantized: bool) -> None:
+    """recv_x (float8_e4m3fn) and recv_scales equal the reference layout of the quantized tokens, bit for
+    bit: normal mode moves rows quantized by moe_ops (or the caller's), low-latency mode DeepEP's own cast
+    (the simulator computes DeepEP's arithmetic) with round_scale. Combine of the dequantized rows equals
+    combine after the bf16 dispatch."""
+    hidden = LL_HIDDEN if backend == "deepep_ll" else 256
+    spec = FP8_UE8M0 if backend == "deepep_ll" else FP8
+    problem = bf16_problem([12, 0, 9, 7][:size], hidden, 4 * size, 3, mask_fraction=0.2, seed=6, **_static(layout, LL_BOUND, 3, 10))
+    quantized.check_world(world(size), problem, spec, prequantized, backend, torch.bfloat16, False)
+
+
+def test_low_latency_fp8_cast_equals_moe_ops_rounding_with_round_scale() -> None:
+    """DeepEP's low-latency cast (simulated from csrc/kernels/utils.cuh) gives moe_ops' bits with round_scale
+    for every bf16 amax (all positive finite bf16 values, plus the 1e-4 floor), and other bits without it:
+    why deepep_ll takes only round_scale=True."""
+    from moe_ops.testing.sim.deep_ep.low_latency import fp8_cast
+
+    amax = torch.arange(0, 0x7F80, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)  # every positive finite bf16
+    x = torch.zeros(amax.numel(), 128, dtype=torch.bfloat16)
+    x[:, 0] = amax
+    x[:, 1:] = (torch.linspace(-1, 1, 127) * amax.float().unsqueeze(1)).to(torch.bfloat16)
+    for spec, equal in ((FP8_UE8M0, True), (FP8, False)):
+        q, s = fp8_cast(x, spec.round_scale)
+        ours_q, ours_s = quant.quantize(x, spec)
+        same = torch.equal(q.view(torch.uint8), ours_q.view(torch.uint8)) and torch.equal(s, ours_s)
+        assert same == equal, spec
+
+
+def _quantized_errors(world, size: int, problem: Problem, backend: str, spec: quant.QuantSpec, prequantized: bool) -> list[str]:  # type: ignore[no-untyped-def]
+    outcomes = world(size).outcomes(quantized.rank_task, problem, spec, prequantized, backend, "cpu", torch.bfloat16, False, timeout=60)
+    assert all(o.error_type == "MoEInputError" for o in outcomes), [(o.rank, o.error_type, o.message) for o in outcomes]
+    return [o.message for o in outcomes]
+
+
+QUANTIZED_LIMITS = [
+    ("deepep", 256, quant.QuantSpec("int8", 128), True, "not torch.int8 rows"),
+    ("deepep", 256, quant.QuantSpec("int8", 128), False, "not torch.int8 rows"),
+    ("deepep", 256, quant.QuantSpec("fp8_e4m3", 0), True, "one scale per token"),
+    ("deepep", 256, quant.QuantSpec("fp8_e4m3", 0), False, "one scale per token"),
+    ("deepep", 192, FP8, False, "needs a multiple of 128"),
+    ("deepep", 16384, FP8, False, "at most 16368 values"),
+    ("deepep_ll", LL_HIDDEN, FP8_UE8M0, True, "takes no pre-quantized rows"),
+    ("deepep_ll", LL_HIDDEN, FP8, False, "Pass round_scale=True"),
+    ("deepep_ll", LL_HIDDEN, quant.QuantSpec("int8", 128, True), False, "not torch.int8 rows"),
+]
+
+
+@pytest.mark.parametrize(("backend", "hidden", "spec", "prequantized", "expected"), QUANTIZED_LIMITS)
+def test_quantized_limits_raise_clear_errors_on_every_rank(world, backend: str, hidden: int, spec: quant.QuantSpec,
+                                                          prequantized: bool, expected: str) -> None:
+    kw = padded(8, None) if backend == "deepep_ll" else {}
+    problem = bf16_problem([6, 4], hidden, 8, 2, seed=2, **kw)
+    messages = _quantized_errors(world, 2, problem, backend, spec, prequantized)
+    assert len(set(messages)) == 1 and expected in messages[0], messages
+
+
+def test_prequantized_e5m2_refused_by_deepep(world) -> None:
+    """float8_e5m2 rows (no quant mode makes them) are not DeepEP's FP8 format."""
+    for o in world(2).outcomes(deepep_tasks.prequantized_e5m2, timeout=60):
+        assert o.error_type == "MoEInputError" and "not torch.float8_e5m2 rows" in o.message, o
+
+
+@pytest.mark.parametrize("backend", ["deepep", "deepep_ll"])
+def test_router_gradient_through_quantized_dispatch_refused(world, backend: str) -> None:
+    problem = bf16_problem([6, 4], LL_HIDDEN if backend == "deepep_ll" else 256, 8, 2, seed=2,
+                           **(padded(8, None) if backend == "deepep_ll" else {}))
+    spec = FP8_UE8M0 if backend == "deepep_ll" else FP8
+    outcomes = world(2).outcomes(quantized.rank_task, problem, spec, False, backend, "cpu", torch.bfloat16, True, timeout=60)
+    assert all(o.error_type == "MoEInputError" and "router's gradient" in o.message for o in outcomes), outcomes

@@ -76,8 +76,8 @@ def unchecked_rank_task(rank: int, problem: Problem, backend: str, compiled: boo
 def _experts_shifted(exchange: Callable[..., Any]) -> Callable[..., Any]:
     """Layout: every received route filed under the next local expert (counts stay consistent)."""
 
-    def wrong(buffer: Any, config: Any, x: Tensor, ids: Tensor, weights: Tensor, plan: DispatchPlan) -> Any:
-        got = exchange(buffer, config, x, ids, weights, plan)
+    def wrong(buffer: Any, config: Any, x: Tensor, ids: Tensor, weights: Tensor, plan: DispatchPlan, *scales: Tensor | None) -> Any:
+        got = exchange(buffer, config, x, ids, weights, plan, *scales)
         return got._replace(ids=torch.where(got.ids >= 0, (got.ids + 1) % plan.num_local_experts, -1))
 
     return wrong
@@ -86,9 +86,9 @@ def _experts_shifted(exchange: Callable[..., Any]) -> Callable[..., Any]:
 def _worst_case_without_world(exchange: Callable[..., Any]) -> Callable[..., Any]:
     """Count (padded): DeepEP's ``num_worst_tokens`` taken as ``Tmax`` rather than ``W * Tmax``."""
 
-    def wrong(buffer: Any, config: Any, x: Tensor, ids: Tensor, weights: Tensor, plan: DispatchPlan) -> Any:
+    def wrong(buffer: Any, config: Any, x: Tensor, ids: Tensor, weights: Tensor, plan: DispatchPlan, *scales: Tensor | None) -> Any:
         per_rank = -(-plan.token_bound // plan.comm.world_size)
-        return exchange(buffer, config, x, ids, weights, dataclasses.replace(plan, token_bound=per_rank))
+        return exchange(buffer, config, x, ids, weights, dataclasses.replace(plan, token_bound=per_rank), *scales)
 
     return wrong
 
@@ -143,3 +143,12 @@ def rank_task(rank: int, problem: Problem, backend: str, compiled: bool, mistake
         return conformance.rank_task(rank, problem, backend, compiled)
     finally:
         setattr(owner, attribute, original)
+
+
+def prequantized_e5m2(rank: int) -> None:
+    """A pre-quantized float8_e5m2 dispatch on ``deepep`` (which must refuse it)."""
+    import moe_ops
+
+    x = torch.randn(4, 256).to(torch.float8_e5m2)
+    ids = torch.tensor([[0, 3], [1, -1], [2, 0], [3, 1]])
+    moe_ops.dispatch(x, ids, torch.rand(4, 2), 4, x_scales=torch.ones(4, 2), group=dist.group.WORLD.group_name, backend="deepep")

@@ -29,15 +29,16 @@ class QuantizedResult:
     recv_weights: Tensor
     tokens_per_expert: Tensor
     dropped: Tensor
-    grad_weights: Tensor  #: the router's gradient through combine of the dequantized rows
+    grad_weights: Tensor  #: the router's gradient through combine of the dequantized rows (or combine's output)
     plain_grad_weights: Tensor  #: the same step with the unquantized dispatch (and the same expert rows)
 
 
 def rank_task(rank: int, problem: Problem, spec: quant.QuantSpec, prequantized: bool, backend: str = "auto",
-              device: str = "cpu") -> QuantizedResult:
+              device: str = "cpu", expert_dtype: torch.dtype = torch.float32, with_gradient: bool = True) -> QuantizedResult:
     """Rank ``rank``'s quantized dispatch of ``problem`` (``prequantized``: ``x`` quantized by
     :func:`moe_ops.quant.quantize` first and passed with its scales; else ``quant`` in dispatch), then
-    combine of the dequantized rows and the router's gradient. Runs inside a gloo group of every rank
+    combine of the dequantized rows (in ``expert_dtype``) and the router's gradient (without
+    ``with_gradient``: combine's output). Runs inside a gloo group of every rank
     (:class:`moe_ops.testing.harness.World`), or alone for a one-rank problem."""
     import torch.distributed as dist
 
@@ -47,9 +48,11 @@ def rank_task(rank: int, problem: Problem, spec: quant.QuantSpec, prequantized: 
     kwargs = dict(group=group, backend=backend, zero_padding=True, **problem.dispatch_kwargs(device))
 
     def router_gradient(dispatch: object, rows: object) -> Tensor:
-        w = problem.topk_weights[rank].to(device, copy=True).requires_grad_()
+        w = problem.topk_weights[rank].to(device, copy=True).requires_grad_(with_gradient)
         d = dispatch(w)  # type: ignore[operator]
-        out = moe_ops.combine(rows(d).to(torch.float32), d, group=group, backend=backend)  # type: ignore[operator]
+        out = moe_ops.combine(rows(d).to(expert_dtype), d, group=group, backend=backend)  # type: ignore[operator]
+        if not with_gradient:
+            return out
         (out * torch.arange(out.numel(), device=device, dtype=torch.float32).view_as(out).sin()).sum().backward()
         assert w.grad is not None
         return w.grad
@@ -102,9 +105,10 @@ def assert_rank_matches(problem: Problem, spec: quant.QuantSpec, rank: int, ours
     assert torch.equal(ours.grad_weights, ours.plain_grad_weights), f"router gradient differs from dispatch's ({ctx})"
 
 
-def check_world(world: object, problem: Problem, spec: quant.QuantSpec, prequantized: bool, backend: str = "auto") -> None:
+def check_world(world: object, problem: Problem, spec: quant.QuantSpec, prequantized: bool, backend: str = "auto",
+                expert_dtype: torch.dtype = torch.float32, with_gradient: bool = True) -> None:
     """Run :func:`rank_task` on every rank of ``world`` and compare each rank with the reference."""
-    outputs = world.run(rank_task, problem, spec, prequantized, backend)  # type: ignore[attr-defined]
+    outputs = world.run(rank_task, problem, spec, prequantized, backend, "cpu", expert_dtype, with_gradient)  # type: ignore[attr-defined]
     rows, scales = expected(problem, spec)
     for rank, ours in enumerate(outputs):
         assert_rank_matches(problem, spec, rank, ours, rows[rank], scales[rank])

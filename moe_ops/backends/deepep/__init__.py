@@ -11,8 +11,9 @@ Importing this package never imports ``deep_ep``: the backends import it on thei
 
 Tested against :mod:`moe_ops.testing.sim.deep_ep`, a CPU simulator of DeepEP's documented behaviour over
 gloo, **not against DeepEP on GPUs**. The simulator does not model kernel timing, SM use, NVSHMEM / RDMA
-/ CUDA IPC, hook-based overlap (receive hooks), async events, internode normal mode, FP8 / UE8M0 /
-LogFMT, zero-copy combine, or DeepEP's exact buffer-size formulas (docs/backends.md).
+/ CUDA IPC, hook-based overlap (receive hooks), async events, internode normal mode, LogFMT, zero-copy
+combine, or DeepEP's exact buffer-size formulas (docs/backends.md). Quantized dispatch: DeepEP's FP8 paths
+(docs/backends.md, "Quantized dispatch").
 """
 
 from moe_ops.backends.deepep.low_latency import DeepEPLowLatencyBackend

@@ -13,6 +13,9 @@ and the rest dropped and counted, and ``recv_weights``. So the backend
    torch.distributed on the same group), and lays the slots out with the shared local stage
    (:func:`moe_ops.stage.dispatch_rows`), as the ``collective`` backend's padded path does.
 
+Quantized dispatch: DeepEP casts bf16 ``x`` to FP8 in its kernel (``use_fp8``, ``round_scale``: then its
+arithmetic is :mod:`moe_ops.quant`'s, bit for bit); the scales go to slots as the rows do.
+
 Combine: each low-latency row gets the weighted sum of its token's kept rows at that expert (float32
 accumulation, rounded once to bf16; dropped routes add 0), and ``Buffer.low_latency_combine`` sums
 them on the source rank with weight 1 for the first occurrence of each expert in a token's row (a
@@ -56,20 +59,29 @@ def _slots(src_info: Tensor, layout_range: Tensor, max_tokens: int) -> Tensor:
 
 def _tokens_by_slot(recv_x: Tensor, slots: Tensor) -> Tensor:
     """``[W*Tmax, H]``: the token of each source slot, copied out of DeepEP's ``recv_x [L, W*Tmax, H]``
-    (rows of slots nobody sent here are left unwritten; the layout never reads them)."""
+    (any dtype, or its FP8 scales ``[L, W*Tmax, H/128]``, strided; rows of slots nobody sent here are left
+    unwritten; the layout never reads them)."""
     num_slots, hidden = slots.shape[1], recv_x.shape[-1]
     tokens = recv_x.new_empty(num_slots + 1, hidden)  # the last row takes the unused rows
     flat = slots.reshape(-1)
-    tokens.index_copy_(0, torch.where(flat >= 0, flat, num_slots), recv_x.reshape(-1, hidden))
+    bytes_of = (lambda t: t.view(torch.uint8)) if recv_x.element_size() == 1 else (lambda t: t)  # index_copy_ has no float8 kernel
+    bytes_of(tokens).index_copy_(0, torch.where(flat >= 0, flat, num_slots), bytes_of(recv_x.reshape(-1, hidden)))
     return tokens[:num_slots]
 
 
-def _low_latency_dispatch(buffer: Any, x: Tensor, ids: Tensor, max_tokens: int, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``Buffer.low_latency_dispatch`` of ``x``: ``(tokens by source slot [W*Tmax, H], src_info, layout_range)``."""
+def _low_latency_dispatch(
+    buffer: Any, x: Tensor, ids: Tensor, max_tokens: int, num_experts: int, fp8: bool = False
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+    """``Buffer.low_latency_dispatch`` of bf16 ``x`` (``fp8``: cast by DeepEP, float32 power-of-two scales):
+    ``(tokens by source slot [W*Tmax, H], their scales [W*Tmax, H/128] or None, src_info, layout_range)``."""
     recv_x, _, (src_info, layout_range, *_), _, _ = buffer.low_latency_dispatch(
-        x, ids, max_tokens, num_experts, use_fp8=False
+        x, ids, max_tokens, num_experts, use_fp8=fp8, round_scale=fp8, use_ue8m0=False
     )
-    return _tokens_by_slot(recv_x, _slots(src_info, layout_range, max_tokens)), src_info, layout_range
+    slots = _slots(src_info, layout_range, max_tokens)
+    if not fp8:
+        return _tokens_by_slot(recv_x, slots), None, src_info, layout_range
+    recv_x, recv_scales = recv_x
+    return _tokens_by_slot(recv_x, slots), _tokens_by_slot(recv_scales, slots), src_info, layout_range
 
 
 def _all_routes(comm: Comm, ids: Tensor, weights: Tensor, max_tokens: int) -> tuple[Tensor, Tensor]:
@@ -122,18 +134,21 @@ class DeepEPLowLatencyBackend(runtime.DeepEPBase):
     name = "deepep_ll"
     mode = "low_latency"
     layouts = frozenset({"padded"})
+    quantized = True  #: bf16 x cast by DeepEP's kernel: quant="fp8_e4m3", block 128, round_scale (runtime.check_quantized)
 
-    def dispatch(self, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, plan: DispatchPlan, peers: Peers) -> DispatchOutputs:
+    def dispatch(
+        self, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, plan: DispatchPlan, peers: Peers, x_scales: Tensor | None = None
+    ) -> DispatchOutputs:
         comm, max_tokens, num_experts = plan.comm, plan.token_bound, plan.num_experts
         buffer = runtime.low_latency_buffer(comm, max_tokens, x.shape[1], num_experts)
         ids = routing.masked_ids(topk_idx, num_experts)
-        tokens, src_info, layout_range = _low_latency_dispatch(buffer, x, ids, max_tokens, num_experts)
+        tokens, scales, src_info, layout_range = _low_latency_dispatch(buffer, x, ids, max_tokens, num_experts, plan.scales is not None)
         all_ids, all_weights = _all_routes(comm, ids, topk_weights, max_tokens)
         local_ids = routing.local_expert_ids(all_ids, num_experts, comm.world_size, comm.rank)
-        out = stage.dispatch_rows(tokens, all_weights, local_ids, plan.num_local_experts, plan.rows)
+        out = stage.dispatch_rows(tokens, all_weights, local_ids, plan.num_local_experts, plan.rows, scales=scales)
         hidden = x.new_empty((0, x.shape[1]), dtype=torch.int64)
         handle = [ids, out.row_src, out.route_row, src_info, layout_range, hidden]
-        return DispatchOutputs(out.recv_x, out.recv_weights, out.tokens_per_expert, out.dropped, handle)
+        return DispatchOutputs(out.recv_x, out.recv_weights, out.tokens_per_expert, out.dropped, handle, out.recv_scales)
 
     def check_rows(self, name: str, rows: Tensor, handle: list[Tensor], comm: Comm) -> None:
         super().check_rows(name, rows, handle, comm)
@@ -170,7 +185,7 @@ class DeepEPLowLatencyBackend(runtime.DeepEPBase):
     ) -> tuple[Tensor, Tensor]:
         h = _Handle(handle, comm.world_size)
         buffer = runtime.low_latency_buffer(comm, h.max_tokens, h.hidden, h.num_experts)
-        grad_tokens, _, _ = _low_latency_dispatch(buffer, grad_out, h.ids, h.max_tokens, h.num_experts)
+        grad_tokens, *_ = _low_latency_dispatch(buffer, grad_out, h.ids, h.max_tokens, h.num_experts)
         return stage.expand_grad(grad_tokens, expert_out, recv_weights, h.route_row, h.row_src)
 
     def handle_len(self, kind: Kind) -> int:

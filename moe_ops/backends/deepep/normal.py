@@ -13,6 +13,10 @@ expert-major, exactly as the ``collective`` backend does after its all-to-all.
   DeepEP's ``num_worst_tokens``); rows past the real count carry id -1 (DeepEP's intranode dispatch
   cleans them) and are never read.
 
+Quantized dispatch: FP8 rows (``x`` pre-quantized, or quantized here by :func:`moe_ops.stage.quantize`)
+go as DeepEP's ``(x, x_scales)`` tuple and come back with their scales ``[M, H/128]``; the local stage lays
+both out (docs/backends.md).
+
 Combine: the expert rank reduces each received token's rows (weights applied, float32 accumulation,
 rounded once to ``expert_out.dtype``) and ``Buffer.combine`` sums those partial rows per source token.
 Dispatch backward is ``Buffer.combine`` of the unweighted row sums with the rows' weight gradients as
@@ -32,7 +36,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from moe_ops import config, routing, stage
+from moe_ops import config, quant, routing, stage
 from moe_ops.backends.base import DispatchOutputs, Peers, int64_like
 from moe_ops.backends.deepep import runtime
 from moe_ops.comm import Comm
@@ -44,19 +48,23 @@ _OWN = 3  # handle tensors of ours before DeepEP's
 class _Received(NamedTuple):
     """What ``Buffer.dispatch`` delivered to this rank."""
 
-    tokens: Tensor  #: [M, H] bf16
+    tokens: Tensor  #: [M, H] bf16, or float8_e4m3fn with ``scales``
     ids: Tensor  #: [M, K] int64 local expert ids, -1 elsewhere (and on rows past the count)
     weights: Tensor  #: [M, K] float32
     num_routes: int | None  #: routes received (ragged layout); None for the static kinds
     handle: list[Tensor]  #: DeepEP's handle tuple, as a list
+    scales: Tensor | None = None  #: [M, H/128] float32: FP8 rows' scales
 
 
-def _exchange(buffer: Any, dispatch_config: Any, x: Tensor, ids: Tensor, weights: Tensor, plan: DispatchPlan) -> _Received:
-    """DeepEP's normal dispatch of ``x`` by ``ids`` (global, -1 masked)."""
+def _exchange(
+    buffer: Any, dispatch_config: Any, x: Tensor, ids: Tensor, weights: Tensor, plan: DispatchPlan, x_scales: Tensor | None = None
+) -> _Received:
+    """DeepEP's normal dispatch of ``x`` by ``ids`` (global, -1 masked); FP8 ``x`` with its ``x_scales
+    [T, H/128]`` float32 as DeepEP's ``(x, x_scales)`` tuple."""
     per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(ids, plan.num_experts)
     padded = plan.static
     tokens, recv_ids, recv_weights, counts, handle, _ = buffer.dispatch(
-        x,
+        x if x_scales is None else (x, x_scales),
         num_tokens_per_rank=per_rank,
         is_token_in_rank=in_rank,
         num_tokens_per_expert=per_expert,
@@ -65,7 +73,8 @@ def _exchange(buffer: Any, dispatch_config: Any, x: Tensor, ids: Tensor, weights
         num_worst_tokens=plan.comm.world_size * plan.token_bound if padded else 0,
         config=dispatch_config,
     )
-    return _Received(tokens, recv_ids, recv_weights, None if padded else sum(counts), list(handle))
+    tokens, scales = (tokens, None) if x_scales is None else tokens
+    return _Received(tokens, recv_ids, recv_weights, None if padded else sum(counts), list(handle), scales)
 
 
 def _deepep_handle(handle: list[Tensor]) -> tuple[Tensor, ...]:
@@ -77,18 +86,22 @@ class DeepEPBackend(runtime.DeepEPBase):
     name = "deepep"
     mode = "normal"
     layouts = frozenset({"ragged", "padded", "bounded"})
+    quantized = True
 
     def check_rows(self, name: str, rows: Tensor, handle: list[Tensor], comm: Comm) -> None:
         super().check_rows(name, rows, handle, comm)
         runtime.check_buffer(comm, runtime.normal_sizing(rows.shape[-1]))
 
-    def dispatch(self, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, plan: DispatchPlan, peers: Peers) -> DispatchOutputs:
+    def dispatch(
+        self, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, plan: DispatchPlan, peers: Peers, x_scales: Tensor | None = None
+    ) -> DispatchOutputs:
         buffer, dispatch_config, _ = runtime.normal_buffer(plan.comm, x.shape[1])
         ids = routing.masked_ids(topk_idx, plan.num_experts)
-        got = _exchange(buffer, dispatch_config, x, ids, topk_weights, plan)
-        out = stage.dispatch_rows(got.tokens, got.weights, got.ids, plan.num_local_experts, plan.rows, got.num_routes)
+        x, x_scales = quant.rows_to_send(x, x_scales, plan.scales)
+        got = _exchange(buffer, dispatch_config, x, ids, topk_weights, plan, x_scales)
+        out = stage.dispatch_rows(got.tokens, got.weights, got.ids, plan.num_local_experts, plan.rows, got.num_routes, got.scales)
         handle = [ids, out.row_src, out.route_row, *got.handle]
-        return DispatchOutputs(out.recv_x, out.recv_weights, out.tokens_per_expert, out.dropped, handle)
+        return DispatchOutputs(out.recv_x, out.recv_weights, out.tokens_per_expert, out.dropped, handle, out.recv_scales)
 
     def combine(self, expert_out: Tensor, recv_weights: Tensor, handle: list[Tensor], comm: Comm) -> Tensor:
         buffer, _, combine_config = runtime.normal_buffer(comm, expert_out.shape[-1])

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from moe_ops import config, libraries
+from moe_ops import config, libraries, quant
 from moe_ops.backends.base import Backend
 from moe_ops.comm import Comm, comm_for, group_name_of, library_call
 from moe_ops.errors import MoEInputError
@@ -52,8 +52,10 @@ NORMAL_WORLD_SIZES = (2, 4, 8)
 #: csrc/kernels/intranode.cu, ``dispatch`` (SM90 build): a token is staged through a per-warp TMA buffer
 #: of 8192 bytes in two halves plus an 8-byte mbarrier, ``EP_DEVICE_ASSERT(hidden_int4 % 2 == 0 and
 #: half_hidden_bytes + sizeof(uint64_t) <= kNumTMABytesPerWarp)``: bf16 rows of a multiple of 16 and at
-#: most 8184 values (a device trap otherwise). Cached dispatches (combine's backward) run it too.
-NORMAL_HIDDEN_MULTIPLE, NORMAL_MAX_HIDDEN = 16, 8192 - 8
+#: most 8184 values, FP8 rows of at most 16368 (a device trap otherwise). Cached dispatches (combine's
+#: backward) run it too.
+_TMA_BYTES_PER_WARP = 8192
+NORMAL_HIDDEN_MULTIPLE, NORMAL_MAX_HIDDEN = 16, _TMA_BYTES_PER_WARP - 8
 _DISPATCHED = frozenset({"x", "grad_out"})  #: rows the normal-mode dispatch kernel moves
 
 
@@ -111,9 +113,51 @@ def check_hidden(name: str, hidden: int, mode: Mode) -> None:
         raise MoEInputError(f"{name} has hidden size {hidden}; DeepEP's normal kernels need a multiple of 8 (16-byte rows)")
 
 
+def check_quantized(x: Tensor, plan: DispatchPlan, mode: Mode) -> None:
+    """DeepEP's FP8 paths for a quantized dispatch (``plan.scales``): float8_e4m3fn rows with a float32
+    scale per 128 columns. Normal mode moves them as given (``x`` pre-quantized, or quantized here by
+    :func:`moe_ops.stage.quantize`); low-latency mode quantizes bf16 ``x`` in its kernel, bit-equal to
+    :mod:`moe_ops.quant` only with ``round_scale`` (docs/backends.md)."""
+    scales, hidden = plan.scales, x.shape[1]
+    assert scales is not None
+    spec = scales.quantize
+    if spec is None and mode == "low_latency":  # csrc/deep_ep.cpp, Buffer::low_latency_dispatch: x is bf16
+        raise MoEInputError(
+            "DeepEP's low-latency dispatch quantizes bf16 x in its kernel and takes no pre-quantized rows "
+            "(csrc/deep_ep.cpp, Buffer::low_latency_dispatch): pass bf16 x with quant='fp8_e4m3', round_scale=True"
+        )
+    dtype = x.dtype if spec is None else spec.dtype
+    block = scales.block
+    if dtype != torch.float8_e4m3fn or block != quant.BLOCK:  # deep_ep/buffer.py, Buffer.dispatch; internode_ll.cu, dispatch
+        what = f"{dtype} rows with " + ("one scale per token" if block == 0 else f"a scale per {block} columns")
+        raise MoEInputError(
+            f"DeepEP's FP8 dispatch moves float8_e4m3fn rows with a float32 scale per {quant.BLOCK} columns, not {what} "
+            "(deep_ep/buffer.py, Buffer.dispatch; csrc/kernels/internode_ll.cu, dispatch): use 'collective' for other formats"
+        )
+    if hidden % quant.BLOCK:  # deep_ep/buffer.py, Buffer.dispatch: scales [num_tokens, hidden // 128] "(requiring divisible)"
+        raise MoEInputError(f"x has hidden size {hidden}; DeepEP's FP8 dispatch needs a multiple of {quant.BLOCK} (one scale per 128 columns)")
+    if mode == "low_latency":
+        if not spec.round_scale:  # csrc/kernels/utils.cuh, calculate_fp8_scales
+            raise MoEInputError(
+                "DeepEP's low-latency FP8 cast without round_scale computes scale = amax * float32(1/448) and "
+                "q = x * (448 / amax), not moe_ops' s = amax / 448 and q = x / s (csrc/kernels/utils.cuh, "
+                "calculate_fp8_scales): its bits would differ from every other backend's. Pass round_scale=True "
+                "(power-of-two scales, where both agree exactly), or use 'deepep' or 'collective'"
+            )
+        check_rows("x", x, mode)
+    elif hidden // 2 + 8 > _TMA_BYTES_PER_WARP:  # csrc/kernels/intranode.cu, dispatch (1-byte values; _TMA_BYTES_PER_WARP)
+        raise MoEInputError(
+            f"x has hidden size {hidden}; DeepEP's intranode dispatch (SM90 build) stages an FP8 token of at most "
+            f"{2 * (_TMA_BYTES_PER_WARP - 8)} values (its TMA staging buffer, csrc/kernels/intranode.cu, dispatch)"
+        )
+
+
 def check_dispatch(x: Tensor, topk_idx: Tensor, plan: DispatchPlan, mode: Mode) -> None:
     """DeepEP's limits for one dispatch (metadata only, so the fake kernel runs it too)."""
-    check_rows("x", x, mode)
+    if plan.scales is None:
+        check_rows("x", x, mode)
+    else:
+        check_quantized(x, plan, mode)
     if topk_idx.shape[1] > MAX_TOP_K:
         raise MoEInputError(f"topk_idx has top-k {topk_idx.shape[1]}; DeepEP takes at most {MAX_TOP_K}")
     world = plan.comm.world_size
@@ -165,6 +209,11 @@ class DeepEPBase(Backend):
         check_buffer(plan.comm, normal_sizing(hidden) if self.mode == "normal" else low_latency)
 
     def check_rows(self, name: str, rows: Tensor, handle: list[Tensor], comm: Comm) -> None:
+        if name == "grad_recv_x" and rows.shape[-1] == 0:  # moe.dispatch_quantized's backward (ops.py)
+            raise MoEInputError(
+                f"backend {self.name!r} does not carry the router's gradient back through a quantized dispatch yet "
+                "(DeepEP's combine would move rows of no columns): pass topk_weights without a gradient, or use 'collective'"
+            )
         check_rows(name, rows, self.mode)
 
     def prepare(self, plan: DispatchPlan) -> None:

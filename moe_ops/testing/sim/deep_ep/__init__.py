@@ -28,11 +28,14 @@ and function it comes from. Modelled:
   described by ``layout_range`` (start ``<< 32`` | length) and ``src_info``, blocks and rows in a
   shuffled order (DeepEP's come in atomic arrival order), unwritten rows NaN; the received tensor reuses
   one of two buffers, which the next-but-one low-latency kernel overwrites (with NaN first);
-  ``low_latency_combine`` reducing on the source rank with the given weights (float32).
+  ``low_latency_combine`` reducing on the source rank with the given weights (float32);
+* FP8: normal-mode ``dispatch`` of DeepEP's ``(float8_e4m3fn x, float32 scales [T, H/128])`` tuple (scales
+  travel with their rows; NaN past the count); low-latency ``use_fp8`` with DeepEP's own cast arithmetic
+  (:func:`.low_latency.fp8_cast`), ``round_scale`` / ``use_ue8m0`` and its column-major (packed) scales.
 
 Not modelled: kernel timing and overlap, SM use (``num_sms`` only shapes the channel matrices), the
 destructor's own ``destroy()`` at garbage collection (buffers made without ``explicitly_destroy``),
-NVSHMEM, RDMA and CUDA IPC themselves, internode normal mode (W > 8), FP8 / UE8M0 / LogFMT,
+NVSHMEM, RDMA and CUDA IPC themselves, internode normal mode (W > 8), LogFMT, a cached FP8 dispatch,
 ``expert_alignment`` other than 1, async events, receive hooks (hook-based overlap), zero-copy combine,
 and DeepEP's exact size formulas (the hints here are a simple model with the same inputs).
 """
@@ -99,7 +102,7 @@ class Buffer(NormalMode, LowLatencyMode):
         self.nvshmem_qp_depth = int(os.environ.get("NVSHMEM_QP_DEPTH", "1024"))
         self.process.nvshmem |= nvshmem
         self._dirty = False  # normal-mode kernels ran since the low-latency buffer was cleaned
-        self._low_latency_outputs: list[Tensor | None] = [None, None]
+        self._low_latency_outputs: list[tuple[Tensor, ...] | None] = [None, None]
         self._low_latency_calls = 0
         self.process.log.append(f"made {self._modes()}")
 

@@ -24,6 +24,44 @@ from moe_ops.testing.sim.deep_ep.common import (
 LOW_LATENCY_HIDDEN = (2048, 2560, 3072, 4096, 5120, 6144, 7168, 8192)
 LOW_LATENCY_MAX_TOP_K = 11  # kNumMaxTopK, csrc/kernels/internode_ll.cu, dispatch
 BLOCK_BITS = 32
+FP8_CHANNELS = 128  # kNumPerChannels, csrc/kernels/internode_ll.cu, dispatch: one scale per 128 columns
+FP8_MARGIN = 1e-4  # kFP8Margin, csrc/kernels/utils.cuh: the amax floor
+E4M3_MAX = torch.tensor(448.0)  # kFinfoAmaxE4M3, csrc/kernels/utils.cuh
+E4M3_MAX_INV = torch.tensor(1 / 448.0)  # kFinfoAmaxInvE4M3 = 1 / 448.0f: 1/448 rounded to float32 once
+UE8M0_NAN = -1  # four 0xFF bytes: UE8M0's NaN, in memory the kernel leaves unwritten
+
+
+def fp8_cast(x: Tensor, round_scale: bool) -> tuple[Tensor, Tensor]:
+    """DeepEP's low-latency FP8 cast of bf16 ``x [T, H]``: ``(q [T, H] float8_e4m3fn, scale_inv [T, H/128]
+    float32)``, in float32 as the kernel computes it (csrc/kernels/internode_ll.cu, dispatch;
+    csrc/kernels/utils.cuh, ``calculate_fp8_scales``, ``fast_log2_ceil``, ``fast_pow2``; 567632d and v1.2.1):
+    ``amax = max(1e-4, max |x|)`` per 128 columns; with ``round_scale`` ``scale_inv = 2**ceil(log2(amax *
+    float32(1/448)))`` and ``scale = 1 / scale_inv`` (exact), else ``scale_inv = amax * float32(1/448)`` and
+    ``scale = 448 / amax``; ``q = x * scale`` rounded to nearest even and saturated to +-448
+    (``__nv_cvt_float2_to_fp8x2(..., __NV_SATFINITE, __NV_E4M3)``)."""
+    t, h = x.shape
+    xf = x.float().view(t, h // FP8_CHANNELS, FP8_CHANNELS)
+    amax = xf.abs().amax(dim=-1).clamp(min=FP8_MARGIN)
+    if round_scale:
+        bits = (amax * E4M3_MAX_INV).view(torch.int32)
+        exponent = ((bits >> 23) & 0xFF) - 127 + (bits & 0x7FFFFF != 0).int()  # fast_log2_ceil
+        scale, scale_inv = ((127 - exponent) << 23).view(torch.float32), ((exponent + 127) << 23).view(torch.float32)  # fast_pow2
+    else:
+        scale, scale_inv = E4M3_MAX / amax, amax * E4M3_MAX_INV
+    q = (xf * scale.unsqueeze(-1)).clamp(-448, 448).to(torch.float8_e4m3fn)
+    return q.view(t, h), scale_inv
+
+
+def ue8m0_packed(scales: Tensor) -> Tensor:
+    """float32 power-of-two scales ``[..., S]`` as DeepEP's UE8M0 format: the exponent byte of each
+    (``extract_required_scale_format``, csrc/kernels/utils.cuh), four to an int32 (``[..., S/4]``)."""
+    exponent = (scales.view(torch.int32) >> 23).to(torch.uint8)
+    return exponent.view(torch.int32)
+
+
+def _fresh(t: Tensor) -> Tensor:
+    """``t`` overwritten as memory no kernel wrote: NaN (float8: NaN bytes; packed UE8M0: 0xFF bytes)."""
+    return t.fill_(UE8M0_NAN if t.dtype == torch.int32 else float("nan"))
 
 
 class LowLatencyMode:
@@ -38,7 +76,7 @@ class LowLatencyMode:
     nvshmem_qp_depth: int
     destroyed: bool
     _dirty: bool
-    _low_latency_outputs: list[Tensor | None]
+    _low_latency_outputs: list[tuple[Tensor, ...] | None]
     _low_latency_calls: int
 
     @staticmethod
@@ -78,14 +116,13 @@ class LowLatencyMode:
 
     def _next_low_latency_buffer(self, max_tokens: int, hidden: int, num_experts: int) -> int:
         """Which of the two buffers this kernel uses (every rank must pass the same sizes); the tensor
-        the kernel before the last one returned from it is overwritten (with NaN)."""
+        the kernel before the last one returned from it is overwritten (:func:`_fresh`)."""
         agreed = gather(self.group, torch.tensor([max_tokens, hidden, num_experts]))
         require(bool((agreed == agreed[0]).all()), f"ranks disagree on (Tmax, hidden, experts): {agreed.tolist()}")
         which = self._low_latency_calls % 2
         self._low_latency_calls += 1
-        reused = self._low_latency_outputs[which]
-        if reused is not None:
-            reused.fill_(float("nan"))
+        for reused in self._low_latency_outputs[which] or ():
+            _fresh(reused)
         return which
 
     def low_latency_dispatch(
@@ -93,13 +130,20 @@ class LowLatencyMode:
         cumulative_local_expert_recv_stats: Tensor | None = None, dispatch_wait_recv_cost_stats: Tensor | None = None,
         use_fp8: bool = True, round_scale: bool = False, use_ue8m0: bool = False, async_finish: bool = False,
         return_recv_hook: bool = False,
-    ) -> tuple[Tensor, Tensor, tuple[Any, ...], EventOverlap, None]:
+    ) -> tuple[Tensor | tuple[Tensor, Tensor], Tensor, tuple[Any, ...], EventOverlap, None]:
         """``(recv_x [L, W*Tmax, H], recv_count [L] int32, handle, event, hook)``; handle is
-        ``(src_info [L, W*Tmax] int32, layout_range [L, W] int64, Tmax, H, E)``."""
+        ``(src_info [L, W*Tmax] int32, layout_range [L, W] int64, Tmax, H, E)``. ``use_fp8``: ``recv_x`` is
+        ``(float8_e4m3fn [L, W*Tmax, H], scales)``, rows cast by :func:`fp8_cast`; scales ``[L, W*Tmax, H/128]``
+        float32, or with ``use_ue8m0`` ``[L, W*Tmax, H/512]`` int32 (:func:`ue8m0_packed`), column-major in the
+        last two dimensions (a transposed view, csrc/deep_ep.cpp, Buffer::low_latency_dispatch)."""
         max_tokens, world, me = num_max_dispatch_tokens_per_rank, self.group_size, self.rank
         num_local, hidden = num_experts // world, x.shape[1]
         with checks(self.group):
-            require(not (use_fp8 or return_recv_hook), "only BF16 without receive hooks is simulated")
+            require(not return_recv_hook, "receive hooks are not simulated")
+            if use_fp8:  # csrc/deep_ep.cpp, Buffer::low_latency_dispatch ("TODO: support unaligned cases")
+                require(x.shape[1] % 512 == 0, f"FP8 needs hidden % 512 == 0, got {x.shape[1]}")
+            # csrc/kernels/internode_ll.cu, dispatch (host side): "UE8M0 SF requires `round_scale=True`"
+            require(not use_ue8m0 or round_scale, "UE8M0 SF requires round_scale=True")
             # csrc/deep_ep.cpp, Buffer::low_latency_dispatch (host asserts)
             require(x.dim() == 2 and x.is_contiguous() and x.dtype == torch.bfloat16, "x must be a contiguous [T, H] bf16 tensor")
             check_tensor("topk_idx", topk_idx, (x.shape[0], topk_idx.shape[1]), torch.int64)
@@ -110,21 +154,31 @@ class LowLatencyMode:
             self._low_latency_checks(max_tokens, hidden, num_experts)
         which = self._next_low_latency_buffer(max_tokens, hidden, num_experts)
 
-        # One row per route, grouped by destination rank: the token, its expert there, its index.
+        # One message per route, grouped by destination rank: the token (FP8: cast once on the sender, its
+        # scales beside it), its expert there, its index.
         token, k = (topk_idx >= 0).nonzero(as_tuple=True)
         expert = topk_idx[token, k]
         order = torch.argsort(expert // num_local, stable=True)
         token, expert = token[order], expert[order]
-        row_format = RowFormat(((hidden, x.dtype), (1, torch.int32), (1, torch.int32)))
-        rows = pack(row_format, [x[token], (expert % num_local).int().unsqueeze(1), token.int().unsqueeze(1)])
+        sent, sent_scales = fp8_cast(x, round_scale) if use_fp8 else (x, x.new_empty(x.shape[0], 0, dtype=torch.float32))
+        row_format = RowFormat(((hidden, sent.dtype), (sent_scales.shape[1], torch.float32), (1, torch.int32), (1, torch.int32)))
+        rows = pack(row_format, [sent[token], sent_scales[token], (expert % num_local).int().unsqueeze(1), token.int().unsqueeze(1)])
         got, from_each = exchange(self.group, rows, torch.bincount(expert // num_local, minlength=world).tolist())
-        got_x, got_expert, got_token = row_format.views(got)
+        got_x, got_scales, got_expert, got_token = row_format.views(got)
         source = torch.repeat_interleave(torch.arange(world), torch.tensor(from_each, dtype=torch.int64))
 
         shape = (num_local, world * max_tokens, hidden)
-        recv_x = self._low_latency_outputs[which]
-        if recv_x is None or recv_x.shape != shape:
-            recv_x = self._low_latency_outputs[which] = x.new_full(shape, float("nan"))
+        outputs = self._low_latency_outputs[which]
+        if outputs is None or outputs[0].shape != shape or outputs[0].dtype != sent.dtype or len(outputs) != 1 + use_fp8:
+            outputs = (sent.new_empty(shape),)
+            if use_fp8:  # column-major scales: [L, S, W*Tmax] in memory
+                stored = (hidden // 512, torch.int32) if use_ue8m0 else (hidden // FP8_CHANNELS, torch.float32)
+                outputs += (torch.empty(num_local, stored[0], shape[1], dtype=stored[1]),)
+            self._low_latency_outputs[which] = tuple(_fresh(t) for t in outputs)
+        recv_x = outputs[0]
+        if use_fp8:
+            got_scales = ue8m0_packed(got_scales) if use_ue8m0 else got_scales
+            recv_scales = outputs[1].transpose(1, 2)
         src_info = torch.full(shape[:2], -1, dtype=torch.int32)
         layout_range = torch.zeros(num_local, world, dtype=torch.int64)
         recv_count = torch.zeros(num_local, dtype=torch.int32)
@@ -136,13 +190,16 @@ class LowLatencyMode:
                 rows_here = rows_here[torch.randperm(rows_here.numel(), generator=shuffle)]
                 count = rows_here.numel()
                 recv_x[e, begin : begin + count] = got_x[rows_here]
+                if use_fp8:
+                    recv_scales[e, begin : begin + count] = got_scales[rows_here]
                 src_info[e, begin : begin + count] = got_token[rows_here, 0]
                 layout_range[e, j] = (begin << BLOCK_BITS) | count
                 begin += count
             recv_count[e] = begin
         if cumulative_local_expert_recv_stats is not None:
             cumulative_local_expert_recv_stats += recv_count
-        return recv_x, recv_count, (src_info, layout_range, max_tokens, hidden, num_experts), EventOverlap(), None
+        received = (recv_x, recv_scales) if use_fp8 else recv_x
+        return received, recv_count, (src_info, layout_range, max_tokens, hidden, num_experts), EventOverlap(), None
 
     def low_latency_combine(
         self, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, handle: tuple[Any, ...], use_logfmt: bool = False,

@@ -27,6 +27,7 @@ TOKEN_META_BYTES = 2048  # per queued token: source index, up to 128 top-k ids a
 # csrc/kernels/intranode.cu, dispatch (SM90 build): a token is staged in a per-warp TMA buffer of
 # kNumTMABytesPerWarp bytes, in two halves plus an 8-byte mbarrier (a device trap beyond)
 TMA_BYTES_PER_WARP = 8192
+FP8_BLOCK = 128  # deep_ep/buffer.py, Buffer.dispatch: FP8 x comes with a float32 scale per 128 columns
 
 
 class Config:
@@ -91,15 +92,21 @@ class NormalMode:
         return Config(cls.num_sms, 4, 256, 6, 128)
 
 
-    def _normal_call(self, x: Tensor, config: Config | None, combine: bool) -> Config:
-        """Checks of every normal-mode kernel; returns the config it runs with."""
+    def _normal_call(self, x: Tensor, config: Config | None, combine: bool, x_scales: Tensor | None = None) -> Config:
+        """Checks of every normal-mode kernel (``x_scales``: FP8 ``x``); returns the config it runs with."""
         world = self.group_size
         require(not self.destroyed, "the buffer was destroyed")  # deep_ep/buffer.py, Buffer.destroy: runtime = None
         require(world in INTRANODE_RANKS, f"normal-mode kernels run on 2, 4 or 8 ranks within a node, not {world}")
         config = config or (self.get_combine_config(world) if combine else self.get_dispatch_config(world))
         # csrc/deep_ep.cpp, Buffer::intranode_dispatch / intranode_combine (host asserts)
         require(config.num_sms % 2 == 0, "the SM count must be even")
-        require(x.dim() == 2 and x.is_contiguous() and x.dtype == torch.bfloat16, "x must be a contiguous [N, H] bf16 tensor")
+        if x_scales is None:
+            require(x.dim() == 2 and x.is_contiguous() and x.dtype == torch.bfloat16, "x must be a contiguous [N, H] bf16 tensor")
+        else:  # deep_ep/buffer.py, Buffer.dispatch: (float8_e4m3fn [T, H], float [T, H // 128] "(requiring divisible)");
+            # csrc/deep_ep.cpp, Buffer::intranode_dispatch: x.element_size() == 1, x_scales 2-D with T rows
+            require(x.dim() == 2 and x.is_contiguous() and x.dtype == torch.float8_e4m3fn, "FP8 x must be a contiguous [N, H] float8_e4m3fn tensor")
+            require(x.shape[1] % FP8_BLOCK == 0, f"FP8 hidden size {x.shape[1]} is not divisible by {FP8_BLOCK}")
+            check_tensor("x_scales", x_scales, (x.shape[0], x.shape[1] // FP8_BLOCK), torch.float32)
         hidden_bytes = x.shape[1] * x.element_size()
         require(hidden_bytes % 16 == 0, f"hidden size {x.shape[1]} is not a whole number of 16-byte chunks")
         if not combine:  # csrc/kernels/intranode.cu, dispatch: hidden_int4 % 2 == 0 and half_hidden_bytes + 8 <= 8192
@@ -135,12 +142,15 @@ class NormalMode:
         async_finish: bool = False, allocate_on_comm_stream: bool = False,
     ) -> tuple[Tensor, Tensor | None, Tensor | None, list[int] | None, tuple[Tensor, ...] | None, EventOverlap]:
         """``(recv_x, recv_topk_idx, recv_topk_weights, per-expert counts, handle, event)``; with ``handle``
-        (cached mode) only ``recv_x``."""
+        (cached mode) only ``recv_x``. ``x`` may be DeepEP's FP8 tuple ``(x [T, H] float8_e4m3fn, x_scales
+        [T, H/128] float32)``; ``recv_x`` is then ``(recv_x, recv_x_scales [M, H/128])``."""
+        x, x_scales = x if isinstance(x, tuple) else (x, None)  # deep_ep/buffer.py, Buffer.dispatch
         if handle is not None:
+            require(x_scales is None, "a cached FP8 dispatch is not simulated")
             return self._cached_dispatch(x, handle, config, topk_idx is None and topk_weights is None), None, None, None, None, EventOverlap()
         world, me = self.group_size, self.rank
         with checks(self.group):
-            config = self._normal_call(x, config, combine=False)
+            config = self._normal_call(x, config, combine=False, x_scales=x_scales)
             require(expert_alignment == 1, "expert_alignment other than 1 is not simulated")
             # csrc/deep_ep.cpp, Buffer::intranode_dispatch (host asserts on the layout and the top-k tensors)
             require(topk_idx is not None and topk_weights is not None, "dispatch without top-k is not simulated")
@@ -165,20 +175,24 @@ class NormalMode:
         recv_channel_prefix = block_start.unsqueeze(1) + from_sources.cumsum(1) - from_sources
 
         # One row per (token, destination), in token order: the token, its index, its ids made local there.
-        row_format = RowFormat(((x.shape[1], x.dtype), (1, torch.int32), (top_k, torch.int64), (top_k, torch.float32)))
+        # (FP8: and the token's scales)
+        widths = [(x.shape[1], x.dtype), (1, torch.int32), (top_k, torch.int64), (top_k, torch.float32)]
+        row_format = RowFormat(tuple(widths if x_scales is None else [*widths, (x_scales.shape[1], torch.float32)]))
         rank, token = is_token_in_rank.T.nonzero(as_tuple=True)  # grouped by destination, in token order
         local = topk_idx[token] - (rank * num_local).unsqueeze(1)
         mine = (topk_idx[token] >= 0) & (local >= 0) & (local < num_local)
-        rows = pack(row_format, [x[token], token.int().unsqueeze(1), torch.where(mine, local, -1), torch.where(mine, topk_weights[token], 0)])
+        fields = [x[token], token.int().unsqueeze(1), torch.where(mine, local, -1), torch.where(mine, topk_weights[token], 0)]
+        rows = pack(row_format, fields if x_scales is None else [*fields, x_scales[token]])
         got, _ = exchange(self.group, rows, counts[me].tolist())
         received = int(rank_prefix[-1, me])
         num_rows = num_worst_tokens if num_worst_tokens > 0 else received
         with checks(self.group):  # on a GPU: writes past the receive buffers
             require(num_rows >= received, f"num_worst_tokens={num_worst_tokens} but {received} tokens arrived")
-        garbage = (float("nan"), 2**31 - 1, -1, float("nan"))  # past the count: DeepEP writes only the ids (-1)
-        recv_x, recv_src, recv_ids, recv_weights = (
+        # past the count DeepEP writes only the ids (-1): the rest is garbage (NaN; FP8 rows NaN bytes 0x7F)
+        garbage = (float("nan"), 2**31 - 1, -1, float("nan"), float("nan"))
+        recv_x, recv_src, recv_ids, recv_weights, *recv_scales = (
             torch.cat([field, field.new_full((num_rows - received, *field.shape[1:]), fill)])
-            for field, fill in zip(row_format.views(got), garbage, strict=True)
+            for field, fill in zip(row_format.views(got), garbage, strict=False)
         )
         sent_before = is_token_in_rank.long().cumsum(0) - 1  # position among the tokens sent to each rank
         channel_start = (per_channel.cumsum(1) - per_channel).T  # [channel, W]
@@ -193,7 +207,7 @@ class NormalMode:
             send_head,
         )
         counts_list = [] if num_worst_tokens > 0 else received_per_expert.tolist()
-        return recv_x, recv_ids, recv_weights, counts_list, handle, EventOverlap()
+        return (recv_x, *recv_scales) if recv_scales else recv_x, recv_ids, recv_weights, counts_list, handle, EventOverlap()
 
     def _cached_dispatch(self, x: Tensor, handle: tuple[Tensor, ...], config: Config | None, no_top_k: bool) -> Tensor:
         """Dispatch ``x`` as the dispatch that made ``handle`` did (rank prefix, send-side channel
