@@ -260,37 +260,35 @@ def test_cpu_tensors_need_the_simulator() -> None:
 
 FP8 = quant.QuantSpec("fp8_e4m3", 128)
 FP8_UE8M0 = quant.QuantSpec("fp8_e4m3", 128, round_scale=True)
-QUANTIZED = [("deepep", size, layout, prequantized) for size in NORMAL_SIZES for layout in ("ragged", "padded", "bounded")
-             for prequantized in (True, False)] + [("deepep_ll", size, "padded", False) for size in LOW_LATENCY_SIZES]
+QUANTIZED = [("deepep", size, layout, prequantized, FP8) for size in NORMAL_SIZES for layout in ("ragged", "padded", "bounded")
+             for prequantized in (True, False)] + [("deepep_ll", size, "padded", False, spec) for size in LOW_LATENCY_SIZES
+                                                     for spec in (FP8, FP8_UE8M0)]
 
 
-@pytest.mark.parametrize(("backend", "size", "layout", "prequantized"), QUANTIZED)
-def test_quantized_rows_and_scales_exact(world, backend: str, size: int, layout: str, prequantized: bool) -> None:
+@pytest.mark.parametrize(("backend", "size", "layout", "prequantized", "spec"), QUANTIZED)
+def test_quantized_rows_and_scales_exact(world, backend: str, size: int, layout: str, prequantized: bool, spec: quant.QuantSpec) -> None:
     """recv_x (float8_e4m3fn) and recv_scales equal the reference layout of the quantized tokens, bit for
     bit: normal mode moves rows quantized by moe_ops (or the caller's), low-latency mode DeepEP's own cast
-    (the simulator computes DeepEP's arithmetic) with round_scale. Combine of the dequantized rows equals
-    combine after the bf16 dispatch."""
+    (the simulator computes DeepEP's arithmetic, which moe_ops.quant defines). Combine of the dequantized
+    rows equals combine after the bf16 dispatch."""
     hidden = LL_HIDDEN if backend == "deepep_ll" else 256
-    spec = FP8_UE8M0 if backend == "deepep_ll" else FP8
     problem = bf16_problem([12, 0, 9, 7][:size], hidden, 4 * size, 3, mask_fraction=0.2, seed=6, **_static(layout, LL_BOUND, 3, 10))
     quantized.check_world(world(size), problem, spec, prequantized, backend, torch.bfloat16, False)
 
 
-def test_low_latency_fp8_cast_equals_moe_ops_rounding_with_round_scale() -> None:
-    """DeepEP's low-latency cast (simulated from csrc/kernels/utils.cuh) gives moe_ops' bits with round_scale
-    for every bf16 amax (all positive finite bf16 values, plus the 1e-4 floor), and other bits without it:
-    why deepep_ll takes only round_scale=True."""
+def test_low_latency_fp8_cast_equals_moe_ops_rounding() -> None:
+    """DeepEP's low-latency cast (simulated from csrc/kernels/utils.cuh) gives moe_ops' bits, with and
+    without round_scale, for every bf16 amax (all positive finite bf16 values, plus the 1e-4 floor)."""
     from moe_ops.testing.sim.deep_ep.low_latency import fp8_cast
 
     amax = torch.arange(0, 0x7F80, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)  # every positive finite bf16
     x = torch.zeros(amax.numel(), 128, dtype=torch.bfloat16)
     x[:, 0] = amax
     x[:, 1:] = (torch.linspace(-1, 1, 127) * amax.float().unsqueeze(1)).to(torch.bfloat16)
-    for spec, equal in ((FP8_UE8M0, True), (FP8, False)):
+    for spec in (FP8_UE8M0, FP8):
         q, s = fp8_cast(x, spec.round_scale)
         ours_q, ours_s = quant.quantize(x, spec)
-        same = torch.equal(q.view(torch.uint8), ours_q.view(torch.uint8)) and torch.equal(s, ours_s)
-        assert same == equal, spec
+        assert torch.equal(q.view(torch.uint8), ours_q.view(torch.uint8)) and torch.equal(s, ours_s), spec
 
 
 def _quantized_errors(world, size: int, problem: Problem, backend: str, spec: quant.QuantSpec, prequantized: bool) -> list[str]:  # type: ignore[no-untyped-def]
@@ -307,7 +305,6 @@ QUANTIZED_LIMITS = [
     ("deepep", 192, FP8, False, "needs a multiple of 128"),
     ("deepep", 16384, FP8, False, "at most 16368 values"),
     ("deepep_ll", LL_HIDDEN, FP8_UE8M0, True, "takes no pre-quantized rows"),
-    ("deepep_ll", LL_HIDDEN, FP8, False, "Pass round_scale=True"),
     ("deepep_ll", LL_HIDDEN, quant.QuantSpec("int8", 128, True), False, "not torch.int8 rows"),
 ]
 

@@ -13,7 +13,7 @@ and the rest dropped and counted, and ``recv_weights``. So the backend
    torch.distributed on the same group), and lays the slots out with the shared local stage
    (:func:`moe_ops.stage.dispatch_rows`), as the ``collective`` backend's padded path does.
 
-Quantized dispatch: DeepEP casts bf16 ``x`` to FP8 in its kernel (``use_fp8``, ``round_scale``: then its
+Quantized dispatch: DeepEP casts bf16 ``x`` to FP8 in its kernel (``use_fp8``, ``round_scale``: its
 arithmetic is :mod:`moe_ops.quant`'s, bit for bit); the scales go to slots as the rows do.
 
 Combine: each low-latency row gets the weighted sum of its token's kept rows at that expert (float32
@@ -70,12 +70,13 @@ def _tokens_by_slot(recv_x: Tensor, slots: Tensor) -> Tensor:
 
 
 def _low_latency_dispatch(
-    buffer: Any, x: Tensor, ids: Tensor, max_tokens: int, num_experts: int, fp8: bool = False
+    buffer: Any, x: Tensor, ids: Tensor, max_tokens: int, num_experts: int, fp8: bool = False, round_scale: bool = False
 ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
-    """``Buffer.low_latency_dispatch`` of bf16 ``x`` (``fp8``: cast by DeepEP, float32 power-of-two scales):
-    ``(tokens by source slot [W*Tmax, H], their scales [W*Tmax, H/128] or None, src_info, layout_range)``."""
+    """``Buffer.low_latency_dispatch`` of bf16 ``x`` (``fp8``: cast by DeepEP, float32 scales, powers of two
+    with ``round_scale``): ``(tokens by source slot [W*Tmax, H], their scales [W*Tmax, H/128] or None,
+    src_info, layout_range)``."""
     recv_x, _, (src_info, layout_range, *_), _, _ = buffer.low_latency_dispatch(
-        x, ids, max_tokens, num_experts, use_fp8=fp8, round_scale=fp8, use_ue8m0=False
+        x, ids, max_tokens, num_experts, use_fp8=fp8, round_scale=round_scale, use_ue8m0=False
     )
     slots = _slots(src_info, layout_range, max_tokens)
     if not fp8:
@@ -134,7 +135,7 @@ class DeepEPLowLatencyBackend(runtime.DeepEPBase):
     name = "deepep_ll"
     mode = "low_latency"
     layouts = frozenset({"padded"})
-    quantized = True  #: bf16 x cast by DeepEP's kernel: quant="fp8_e4m3", block 128, round_scale (runtime.check_quantized)
+    quantized = True  #: bf16 x cast by DeepEP's kernel: quant="fp8_e4m3", block 128 (runtime.check_quantized)
 
     def dispatch(
         self, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, plan: DispatchPlan, peers: Peers, x_scales: Tensor | None = None
@@ -142,7 +143,10 @@ class DeepEPLowLatencyBackend(runtime.DeepEPBase):
         comm, max_tokens, num_experts = plan.comm, plan.token_bound, plan.num_experts
         buffer = runtime.low_latency_buffer(comm, max_tokens, x.shape[1], num_experts)
         ids = routing.masked_ids(topk_idx, num_experts)
-        tokens, scales, src_info, layout_range = _low_latency_dispatch(buffer, x, ids, max_tokens, num_experts, plan.scales is not None)
+        spec = None if plan.scales is None else plan.scales.quantize
+        tokens, scales, src_info, layout_range = _low_latency_dispatch(
+            buffer, x, ids, max_tokens, num_experts, spec is not None, spec is not None and spec.round_scale
+        )
         all_ids, all_weights = _all_routes(comm, ids, topk_weights, max_tokens)
         local_ids = routing.local_expert_ids(all_ids, num_experts, comm.world_size, comm.rank)
         out = stage.dispatch_rows(tokens, all_weights, local_ids, plan.num_local_experts, plan.rows, scales=scales)

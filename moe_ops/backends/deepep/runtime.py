@@ -116,15 +116,15 @@ def check_hidden(name: str, hidden: int, mode: Mode) -> None:
 def check_quantized(x: Tensor, plan: DispatchPlan, mode: Mode) -> None:
     """DeepEP's FP8 paths for a quantized dispatch (``plan.scales``): float8_e4m3fn rows with a float32
     scale per 128 columns. Normal mode moves them as given (``x`` pre-quantized, or quantized here by
-    :func:`moe_ops.stage.quantize`); low-latency mode quantizes bf16 ``x`` in its kernel, bit-equal to
-    :mod:`moe_ops.quant` only with ``round_scale`` (docs/backends.md)."""
+    :func:`moe_ops.stage.quantize`); low-latency mode quantizes bf16 ``x`` in its kernel, whose arithmetic
+    :mod:`moe_ops.quant` defines (csrc/kernels/utils.cuh, ``calculate_fp8_scales``)."""
     scales, hidden = plan.scales, x.shape[1]
     assert scales is not None
     spec = scales.quantize
     if spec is None and mode == "low_latency":  # csrc/deep_ep.cpp, Buffer::low_latency_dispatch: x is bf16
         raise MoEInputError(
             "DeepEP's low-latency dispatch quantizes bf16 x in its kernel and takes no pre-quantized rows "
-            "(csrc/deep_ep.cpp, Buffer::low_latency_dispatch): pass bf16 x with quant='fp8_e4m3', round_scale=True"
+            "(csrc/deep_ep.cpp, Buffer::low_latency_dispatch): pass bf16 x with quant='fp8_e4m3'"
         )
     dtype = x.dtype if spec is None else spec.dtype
     block = scales.block
@@ -137,13 +137,6 @@ def check_quantized(x: Tensor, plan: DispatchPlan, mode: Mode) -> None:
     if hidden % quant.BLOCK:  # deep_ep/buffer.py, Buffer.dispatch: scales [num_tokens, hidden // 128] "(requiring divisible)"
         raise MoEInputError(f"x has hidden size {hidden}; DeepEP's FP8 dispatch needs a multiple of {quant.BLOCK} (one scale per 128 columns)")
     if mode == "low_latency":
-        if not spec.round_scale:  # csrc/kernels/utils.cuh, calculate_fp8_scales
-            raise MoEInputError(
-                "DeepEP's low-latency FP8 cast without round_scale computes scale = amax * float32(1/448) and "
-                "q = x * (448 / amax), not moe_ops' s = amax / 448 and q = x / s (csrc/kernels/utils.cuh, "
-                "calculate_fp8_scales): its bits would differ from every other backend's. Pass round_scale=True "
-                "(power-of-two scales, where both agree exactly), or use 'deepep' or 'collective'"
-            )
         check_rows("x", x, mode)
     elif hidden // 2 + 8 > _TMA_BYTES_PER_WARP:  # csrc/kernels/intranode.cu, dispatch (1-byte values; _TMA_BYTES_PER_WARP)
         raise MoEInputError(
