@@ -24,6 +24,7 @@ tests hold both to a float64 reference.
 
 from __future__ import annotations
 
+import struct
 from typing import Literal, NamedTuple
 
 import torch
@@ -116,7 +117,7 @@ def quantize(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
 
 def inverse_qmax(spec: QuantSpec) -> float:
     """``1 / QMAX`` rounded to float32 (as a Python float holding that float32 value)."""
-    return float(torch.tensor(1.0 / spec.qmax, dtype=torch.float32))
+    return struct.unpack("f", struct.pack("f", 1.0 / spec.qmax))[0]
 
 
 def dequantize(q: Tensor, scales: Tensor, block: int, dtype: torch.dtype = torch.float32) -> Tensor:

@@ -272,6 +272,14 @@ def quantized(dtype: torch.dtype, bw: float, device: torch.device, l2: int) -> l
                     s.x, s.idx, s.w, num_experts=experts, **kw, **q) for s in sets]))
             row[f"fp8 pre-quantized {name} ms"] = median_ms(rotating([lambda s=s, p=p: torch.ops.moe.dispatch_quantized(
                 p[0], s.idx, s.w, p[1], num_experts=experts, **kw) for s, p in zip(sets, prequantized, strict=True)]))
+        # GPU time alone (CUDA-graph replays of the bounded dispatch: no host work between kernels)
+        row["bf16 max_recv_rows GPU ms"] = median_ms(rotating([graphed(lambda s=s: torch.ops.moe.dispatch(
+            s.x, s.idx, s.w, num_experts=experts, **bounded)) for s in sets]))
+        for label, q in (("fp8", dict(quant="fp8_e4m3")), ("int8 per token", dict(quant="int8", quant_block=0))):
+            row[f"{label} max_recv_rows GPU ms"] = median_ms(rotating([graphed(lambda s=s, q=q: torch.ops.moe.dispatch_quantized(
+                s.x, s.idx, s.w, num_experts=experts, **bounded, **q)) for s in sets]))
+        row["fp8 pre-quantized max_recv_rows GPU ms"] = median_ms(rotating([graphed(lambda s=s, p=p: torch.ops.moe.dispatch_quantized(
+            p[0], s.idx, s.w, p[1], num_experts=experts, **bounded)) for s, p in zip(sets, prequantized, strict=True)]))
         if tokens <= DECODE_TOKENS:
             for label, q in (("bf16", None), ("fp8", dict(quant="fp8_e4m3"))):
                 replays = []
@@ -290,6 +298,8 @@ def quantized(dtype: torch.dtype, bw: float, device: torch.device, l2: int) -> l
         for name in ("ragged", "max_recv_rows"):
             row[f"fp8 / bf16 {name}"] = row[f"fp8 {name} ms"] / row[f"bf16 {name} ms"]
         row["fp8 max_recv_rows / its floor"] = row["fp8 max_recv_rows ms"] / row["fp8 quantized in dispatch floor ms"]
+        row["fp8 / bf16 max_recv_rows, GPU"] = row["fp8 max_recv_rows GPU ms"] / row["bf16 max_recv_rows GPU ms"]
+        row["fp8 max_recv_rows GPU / its floor"] = row["fp8 max_recv_rows GPU ms"] / row["fp8 quantized in dispatch floor ms"]
         progress(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
         results.append(row)
     return results

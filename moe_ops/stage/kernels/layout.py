@@ -440,7 +440,8 @@ def dispatch_rows(
     counts = torch.empty(num_local, dtype=torch.int32, device=device)
     dropped = torch.empty_like(counts)
     route_row = torch.empty(m, top_k, dtype=torch.int64, device=device)
-    h_block = block_size(hidden, SCATTER_H_BLOCK)
+    # 1-byte rows (quantized) take twice the columns per program: 16-byte vectors either way
+    h_block = block_size(hidden, SCATTER_H_BLOCK * (2 if recv_x.element_size() == 1 else 1))
     if quantize is not None:  # whole groups per program
         h_block = max(h_block, quantize.block)
     if recv_x.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and quantize is None:  # moved as bytes
