@@ -39,7 +39,7 @@ route's row at its destination; ``npu_moe_token_permute`` sorts stably.
 
 Not modelled: timing, overlap and the HCCL window buffer (HCCL_BUFFSIZE is only checked by the backend),
 shared experts, TP domains, elastic scaling, special (zero/copy/const) experts, smooth ``scales``,
-quantization modes other than 0 and 2, ``comm_alg`` (the backend passes none), int8 combine
+``comm_alg`` (the backend passes none), int8 combine
 (``comm_quant_mode``), and what the hardware does that neither the tiling nor the documentation says.
 """
 
