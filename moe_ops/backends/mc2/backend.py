@@ -19,8 +19,10 @@ Marshalling (one call; ``W`` ranks, ``L`` local experts, ``Tmax = max_tokens_per
 * ``expert_ids``: the routes, masked slots filled with distinct unused experts (MC2 wants every id in
   ``[0, E)`` and no repeat in a row).
 * ``expert_token_nums_type = 0``: cumulative counts, which say which local expert each row belongs to.
-* ``quant_mode`` 0 (``"mc2"``) or 2, int8 per-token dynamic quantization of the dispatched rows
-  (``"mc2_int8"``: ``recv_x`` is dequantized with ``dynamic_scales``, so it is close to, not equal to, ``x``).
+* ``quant_mode`` 0 (``"mc2"``) or 2, int8 per-token dynamic quantization of the dispatched rows:
+  ``moe.dispatch_quantized(quant="int8", quant_block=0)`` on ``"mc2"`` returns MC2's int8 rows and
+  ``dynamic_scales`` as ``recv_x`` / ``recv_scales`` (MC2's rounding, docs/contract.md); ``"mc2_int8"``
+  dequantizes them with ``dynamic_scales``, so its ``recv_x`` is close to, not equal to, ``x``.
 * combine: the rows padded to the dispatch's width (one ``H`` per dispatch/combine pair, as vllm-ascend's
   pairs have), ``expert_scales`` all ones (the contract applies ``recv_weights``, which may differ from
   the router's weights, on the expert rank before the rows go back) and the dispatch's opaque handle
