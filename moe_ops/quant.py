@@ -3,14 +3,15 @@
 A quantized token row is ``q [H]`` (float8_e4m3fn or int8) with float32 scales ``s [S]``: group ``g`` of
 ``G`` consecutive columns (``G = 128``, or the whole row: ``S = 1``) dequantizes as ``q[c] * s[g]``.
 Quantizing a row (docs/contract.md, "Quantized dispatch"), in float32 throughout, each product and
-quotient rounded to nearest (DeepEP's arithmetic, ``calculate_fp8_scales`` in its kernels):
+quotient rounded to nearest: the arithmetic of the kernels that define each format in practice, DeepEP's
+for FP8 (``calculate_fp8_scales``) and CANN MC2's for INT8 (``QuantProcess``):
 
 * ``amax[g] = max(max |x[c]| over the group's columns, AMAX_FLOOR)`` (the floor keeps an all-zero group's
   scale finite, as DeepEP clamps at 1e-4);
-* ``s[g] = amax[g] * (1 / QMAX)`` (``QMAX`` 448 for e4m3, 127 for int8; ``1 / QMAX`` rounded to float32
-  once), and the factor ``f[g] = QMAX / amax[g]``; with ``round_scale`` (UE8M0 scales, DeepEP's
-  ``round_scale`` / ``use_ue8m0``) ``s[g]`` is the least power of two at or above that product and
-  ``f[g] = 1 / s[g]`` exactly;
+* the factor ``f[g] = QMAX / amax[g]`` (``QMAX`` 448 for e4m3, 127 for int8) and the scale ``s[g]``: e4m3
+  ``amax[g] * (1 / QMAX)`` (``1 / QMAX`` rounded to float32 once), int8 ``1 / f[g]``; with ``round_scale``
+  (UE8M0 scales, DeepEP's ``round_scale`` / ``use_ue8m0``) ``s[g]`` is the least power of two at or above
+  ``amax[g] * (1 / QMAX)`` and ``f[g] = 1 / s[g]`` exactly;
 * ``q[c] = x[c] * f[g]``, then to the format: float8 by round-to-nearest-even, int8 by
   round-half-to-even, clamped to ``[-QMAX, QMAX]`` (``|x * f| <= QMAX`` up to one rounding, so the
   clamp only catches that rounding).
@@ -103,12 +104,12 @@ def quantize(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
     xf = x.float()
     padded = xf if s_cols * group == h else torch.nn.functional.pad(xf, (0, s_cols * group - h))
     amax = padded.view(t, s_cols, group).abs().amax(dim=-1).clamp(min=AMAX_FLOOR) if h else xf.new_full((t, s_cols), AMAX_FLOOR)
-    scales = amax * inverse_qmax(spec)
     if spec.round_scale:
-        scales = power_of_two_ceil(scales)
+        scales = power_of_two_ceil(amax * inverse_qmax(spec))
         factor = torch.reciprocal(scales)  # exact: a power of two
     else:
         factor = torch.full_like(amax, spec.qmax) / amax
+        scales = torch.ones_like(factor) / factor if spec.dtype == torch.int8 else amax * inverse_qmax(spec)
     q = xf * (factor.repeat_interleave(group, dim=1)[:, :h] if h else factor[:, :0])
     if spec.dtype == torch.int8:
         return torch.round(q).clamp(-127, 127).to(torch.int8), scales

@@ -98,7 +98,6 @@ def test_transport_must_be_a_moe_ops_backend() -> None:
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(with_quant=True), "with_quant=True is not supported"),
         (dict(shared_experts=object()), "shared_experts is not supported"),
         (dict(pertoken_scale=torch.ones(2)), "pertoken_scale is not supported"),
         (dict(apply_router_weight_on_input=True), "apply_router_weight_on_input needs top-1 routing"),
@@ -123,11 +122,19 @@ def test_vllm_router_weight_on_input_and_mask() -> None:
     assert torch.allclose(out, torch.stack([x[0] * 5.0, x[1] * 20.0, torch.zeros(4)]))
 
 
+def _quant(quant_type: str, comm_quant_mode: int | None = None) -> SimpleNamespace:
+    """A stand-in for vllm-ascend's ``MoEQuantParams`` (vllm_ascend/ops/fused_moe/dataclass/moe_quant.py) of ``quant_type``."""
+    return SimpleNamespace(
+        quant_type=quant_type, comm_quant_mode=comm_quant_mode, is_int_quant=quant_type in ("W8A8", "W4A8"),
+        dispatch_with_quant=quant_type in ("W8A8", "W4A8", "W8A8MXFP", "W4A4MXFP", "W4A8MXFP", "W8A8FP"),
+    )
+
+
 def _dispatch_input(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, quant: object = None, **routing: object) -> SimpleNamespace:
     """A stand-in for vllm-ascend's ``MoETokenDispatchInput`` (vllm_ascend/ops/fused_moe/dataclass/token_dispatcher.py),
     its ``MoeRouterInput`` and ``MoEQuantParams`` (no quantization by default)."""
     fields = dict(expert_map=None, global_redundant_expert_num=0, mc2_mask=None, apply_router_weight_on_input=False, log2phy=None, pertoken_scale=None)
-    quant = quant or SimpleNamespace(comm_quant_mode=None, dispatch_with_quant=False)
+    quant = quant or _quant("NONE")
     return SimpleNamespace(hidden_states=x, topk_weights=w, topk_ids=ids, routing=SimpleNamespace(**(fields | routing)), quant=quant)
 
 
@@ -150,8 +157,9 @@ def test_vllm_dispatch_input_equals_the_positional_form() -> None:
 @pytest.mark.parametrize(
     "quant, routing, message",
     [
-        (SimpleNamespace(comm_quant_mode=2, dispatch_with_quant=False), {}, "comm_quant_mode=2 is not supported"),
-        (SimpleNamespace(comm_quant_mode=None, dispatch_with_quant=True), {}, "with_quant=True is not supported"),
+        (_quant("NONE", comm_quant_mode=2), {}, "comm_quant_mode=2 is not supported"),
+        (_quant("W8A8MXFP"), {}, "dispatch with quant_type=W8A8MXFP is not supported"),
+        (_quant("W8A8FP"), {}, "dispatch with quant_type=W8A8FP is not supported"),
         (None, dict(pertoken_scale=torch.ones(2)), "pertoken_scale is not supported"),
     ],
 )
@@ -159,3 +167,26 @@ def test_vllm_dispatch_input_rejects_what_it_cannot_honour(quant: object, routin
     dispatcher = vllm_ascend.MoETokenDispatcher(top_k=2, num_experts=4)
     with pytest.raises(ValueError, match=re.escape(message)):
         dispatcher.token_dispatch(_dispatch_input(torch.randn(2, 8), torch.rand(2, 2), torch.tensor([[0, 1], [2, 3]]), quant, **routing))
+
+
+@pytest.mark.parametrize("layout", ["ragged", "padded"])
+def test_vllm_with_quant(layout: str) -> None:
+    """``with_quant=True`` (or a W8A8 / W4A8 ``quant``): int8 ``hidden_states [rows, H]`` and float32
+    ``dynamic_scale [rows]``, what vllm-ascend's MC2 dispatcher returns (quant_mode 2) and its grouped
+    matmuls take as ``per_token_scale``: the rows and scales of ``moe.dispatch_quantized(quant="int8",
+    quant_block=0)``, groups as without quantization, and combine of the dequantized rows."""
+    gen = torch.Generator().manual_seed(1)
+    x, w, ids = torch.randn(5, 8, generator=gen).bfloat16(), torch.rand(5, 2, generator=gen), torch.tensor([[0, 3], [1, 2], [3, 0], [2, 1], [0, 1]])
+    kw = dict(layout="padded", capacity=4, max_tokens_per_rank=5) if layout == "padded" else {}
+    dispatcher = vllm_ascend.MoETokenDispatcher(top_k=2, num_experts=4, **kw)
+    plain = dispatcher.token_dispatch(x, w, ids)
+    old = dispatcher.token_dispatch(x, w, ids, with_quant=True)
+    new = dispatcher.token_dispatch(_dispatch_input(x, w, ids, _quant("W4A8")))
+    d = moe_ops.dispatch(x, ids, w, 4, quant="int8", quant_block=0, **kw)
+    rows, scale = old["hidden_states"], old["dynamic_scale"]
+    assert rows.dtype == torch.int8 and scale.dtype == torch.float32 and scale.shape == rows.shape[:1] == plain["hidden_states"].shape[:1]
+    assert torch.equal(rows, d.recv_x.flatten(0, -2)) and torch.equal(scale, d.recv_scales.flatten())
+    assert torch.equal(new.hidden_states, rows) and torch.equal(new.dynamic_scale, scale) and torch.equal(new.group_list, plain["group_list"])
+    assert old["group_list_type"] == new.group_list_type == 1 and torch.equal(old["group_list"], plain["group_list"])
+    y = (rows.float() * scale.unsqueeze(1)).bfloat16()
+    assert torch.equal(dispatcher.token_combine(y, new.combine_metadata), dispatcher.token_combine(y, plain["context_metadata"]))

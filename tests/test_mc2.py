@@ -23,14 +23,17 @@ import pytest
 import torch
 from hypothesis import given, settings
 
-from moe_ops.testing import conformance, mc2_tasks
+from moe_ops import quant
+from moe_ops.testing import conformance, mc2_tasks, quantized
 from moe_ops.testing.harness import RankFailure, World
 from moe_ops.testing.problems import Problem, make_problem, problems
+from moe_ops.testing.sim.torch_npu import mc2 as mc2_sim
 
 pytestmark = pytest.mark.multiproc
 
 WORLD_SIZES = (2, 3, 4)
 EXAMPLES = {2: 14, 3: 10, 4: 8}
+QUANTIZED_EXAMPLES = {2: 6, 3: 4, 4: 3}
 HALF = (torch.bfloat16, torch.float16)
 HIDDEN = 1000  # 1000 + the metadata columns: 1024…1056 on the wire (A3: 1024…8192)
 # The fake kernel's handle shapes depend on which MC2 ops torch_npu has, which no compile cache key
@@ -298,3 +301,109 @@ SIMULATED_LIMITS = [  # the same limits, met by the simulator when the backend d
 def test_simulator_enforces_soc_limits(world, soc: str, version: int, hidden: int, message: str) -> None:
     with pytest.raises(RankFailure, match=re.escape(message)):
         conformance.check_world(world(2, version, None, soc), mc2_problem([4, 4], hidden, 4, 2), "mc2", False, mc2_tasks.rank_task, {}, True)
+
+
+# --- quantized dispatch (moe.dispatch_quantized): MC2's quant_mode 2 rows and scales ---------------
+
+
+def test_simulated_quantization_is_mc2s() -> None:
+    """The simulator's quant_mode 2 (sim/torch_npu/mc2.py, dynamic_quant) against a float64 reading of the
+    kernels' QuantProcess: m = 127 / amax rounded to float32, q = x * m rounded to float32 then to the
+    nearest integer (ties to even), scale = 1 / m rounded to float32; and moe_ops' int8 rounding
+    (moe_ops.quant, defined as this arithmetic) equal to it wherever max |x| >= 1e-4, the floor MC2 lacks.
+    By hand: 1.3671875 = amax / 2 is 63.5 * (1 + e) here, 64 (a quotient x / (amax / 127) would give 63).
+    An all-zero row: 127 / 0 = inf, products NaN (unspecified: -128), scale 1 / inf = 0."""
+    x = torch.tensor([[2.734375, 1.3671875, -0.5, 0.0], [0.0] * 4]).bfloat16()
+    q, s = mc2_sim.dynamic_quant(x)
+    ours, ours_s = quant.quantize(x[:1], quant.QuantSpec("int8", 0))
+    assert q[0].tolist() == [127, 64, -23, 0] and torch.equal(ours[0], q[0]) and q[1].tolist() == [-128] * 4
+    assert s[0].item() == (1 / torch.tensor(127 / 2.734375, dtype=torch.float32)).item() == ours_s.item() and s[1].item() == 0
+    gen = torch.Generator().manual_seed(0)
+    for dtype in HALF:
+        x = (torch.randn(4000, 64, generator=gen) * torch.logspace(-4, 4, 4000).unsqueeze(1)).to(dtype)
+        q, s = mc2_sim.dynamic_quant(x)
+        amax = x.double().abs().amax(1, keepdim=True)
+        m = torch.div(torch.full_like(amax, 127), amax).float().double()
+        assert torch.equal(q.double(), torch.round((x.double() * m).float().double()))
+        assert torch.equal(s, torch.div(torch.ones_like(m), m).float().squeeze(1))
+        floored = amax.squeeze(1) >= quant.AMAX_FLOOR
+        ours, ours_s = quant.quantize(x, quant.QuantSpec("int8", 0))
+        assert torch.equal(ours[floored], q[floored]) and torch.equal(ours_s[floored, 0], s[floored])
+
+
+def check_quantized(world: object, problem: Problem, env: dict | None = None) -> None:
+    """An mc2 quantized dispatch (int8, per token) of ``problem`` on every rank: rows and scales exactly the
+    reference layout of MC2's quantization of the tokens (mc2_tasks.mc2_quantize), padding rows zero,
+    weights, counts and drops exact, and the router's gradient through combine equal to a bf16 dispatch's."""
+    spec = mc2_tasks.INT8_PER_TOKEN
+    outputs = world.run(mc2_tasks.in_environment, env or {}, quantized.rank_task, problem, spec, False, "mc2", "cpu", torch.bfloat16)
+    rows, scales = quantized.expected(problem, spec, mc2_tasks.mc2_quantize)
+    for rank, ours in enumerate(outputs):
+        quantized.assert_rank_matches(problem, spec, rank, ours, rows[rank], scales[rank])
+
+
+@pytest.mark.parametrize("size", WORLD_SIZES)
+def test_quantized_property(world, size: int) -> None:
+    w = world(size)
+
+    @settings(max_examples=QUANTIZED_EXAMPLES[size])
+    @given(problem=problems(world_size=size, max_tokens=24, max_experts=32, hidden_sizes=(HIDDEN, 1500), dtypes=HALF, layouts=("padded", "bounded")))
+    def check(problem: Problem) -> None:
+        check_quantized(w, problem)
+
+    check()
+
+
+@pytest.mark.parametrize("layout", STATIC)
+def test_quantized_zero_and_tiny_tokens(world, layout: str) -> None:
+    """Tokens whose maximum is 0 or below 1e-4: the floor (MC2 alone would divide by zero), drops, masked
+    routes; and MC2's own outputs past the rows it filled (uninitialised: -128 and NaN in the simulator),
+    which the backend never reads."""
+    problem = mc2_problem([9, 4], HIDDEN, 8, 3, mask_fraction=0.2, seed=12, **STATIC[layout])
+    problem.xs[0][1] = 0
+    problem.xs[1][2] *= 1e-6
+    w = world(2)
+    check_quantized(w, problem)
+    for expand_x, dynamic_scales, filled in w.run(mc2_tasks.raw_dispatch, problem):
+        assert expand_x.dtype == torch.int8 and dynamic_scales.shape == expand_x.shape[:1] and 0 < filled < expand_x.shape[0]
+        assert bool((expand_x[filled:] == mc2_sim.UNWRITTEN_INT8).all()) and bool(dynamic_scales[filled:].isnan().all())
+        assert bool((expand_x[:filled].abs() <= 127).all()) and not dynamic_scales[:filled].isnan().any()
+
+
+QUANTIZED_EIGHT = [  # (soc, version, environment, hidden): A3's v1 rows of 7168 columns (7130 + 30 metadata, int8 digits)
+    ("A2", 2, {}, 16),
+    ("A2", 2, HIERARCHY, 16),
+    ("A2", 1, {}, 16),
+    ("A3", 1, {}, 7130),
+]
+
+
+@pytest.mark.parametrize(("soc", "version", "env", "hidden"), QUANTIZED_EIGHT, ids=["A2-v2", "A2-v2-hierarchy", "A2-v1", "A3-v1"])
+def test_quantized_eight_ranks(eight, soc: str, version: int, env: dict, hidden: int) -> None:
+    eight.run(mc2_tasks.install, version, None, soc)
+    check_quantized(eight, mc2_problem(EIGHT_TOKENS, hidden, 16, 2, mask_fraction=0.3, seed=8), env)
+
+
+QUANTIZED_REFUSALS = {  # what MC2 (quant_mode 0 or 2, bf16/fp16 x) cannot do
+    "fp8": (dict(quant="fp8_e4m3", quant_block=0), False, "quantizes to int8 only"),
+    "block scales": (dict(quant="int8"), False, "quant_block must be 0, got 128"),
+    "power-of-two scales": (dict(quant="int8", quant_block=0, round_scale=True), False, "round_scale must be False"),
+    "pre-quantized x": (dict(), True, "takes no pre-quantized x with x_scales"),
+}
+
+
+@pytest.mark.parametrize("case", QUANTIZED_REFUSALS)
+def test_quantized_refusals(world, case: str) -> None:
+    """Every rank raises the same MoEInputError before any MC2 op runs."""
+    options, prequantize, message = QUANTIZED_REFUSALS[case]
+    outcomes = world(2).run(mc2_tasks.quantized_refusal, mc2_problem([4, 4], HIDDEN, 4, 2), options, prequantize)
+    assert all(ops == [] for _, ops in outcomes) and len({m for m, _ in outcomes}) == 1, outcomes
+    assert message in outcomes[0][0], outcomes[0][0]
+
+
+def test_vllm_adapter_with_quant(world) -> None:
+    """vllm-ascend's adapter on ``mc2`` with ``with_quant=True``: MC2's int8 rows ``[L C, H]`` and their
+    ``dynamic_scale [L C]`` (L = 2, C = 4), as the quantized dispatch (checked against the reference above) lays them out."""
+    problem = mc2_problem([6, 3], HIDDEN, 4, 2, capacity=4, seed=13)
+    for rows, scale, want_rows, want_scale in world(2).run(mc2_tasks.vllm_with_quant, problem):
+        assert rows.dtype == torch.int8 and scale.shape == (8,) and torch.equal(rows, want_rows) and torch.equal(scale, want_scale)

@@ -14,9 +14,10 @@ from hypothesis import given, settings
 from moe_ops import MoEInputError, backends, config
 from moe_ops.backends.mc2 import limits as mc2_limits
 from moe_ops.backends.mc2.wire import Wire, route_ids, sent_ids
-from moe_ops.testing import conformance, sim
+from moe_ops.testing import conformance, mc2_tasks, sim
 from moe_ops.testing.problems import Problem, make_problem, problems
 from moe_ops.testing.sim import torch_npu
+from moe_ops.testing.sim.torch_npu import mc2 as mc2_sim
 
 OPS = ("moe::dispatch", "moe::combine", "moe::dispatch_backward", "moe::combine_backward")
 
@@ -87,22 +88,23 @@ def test_route_ids_and_sent_ids() -> None:
 @pytest.mark.parametrize("quantized", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_wire_round_trip(quantized: bool, dtype: torch.dtype) -> None:
-    """Keys, ids and float32 weights come back exactly, through MC2's int8 rows too."""
+    """Keys, ids and float32 weights come back exactly, through MC2's int8 rows too, whose token columns
+    are MC2's quantization of the token alone (its maximum floored at 1e-4: zero and tiny tokens)."""
     gen = torch.Generator().manual_seed(0)
-    x = (torch.randn(5, 40, generator=gen) * 3).to(dtype)
+    x = (torch.randn(6, 40, generator=gen) * 3).to(dtype)
     x[2] = 0  # an all-zero token
-    keys, ids = torch.tensor([0, 7, 1000, 393215, 42]), torch.randint(-1, 1024, (5, 16), generator=gen)
-    weights = torch.randn(5, 16, generator=gen)
+    x[4] *= 1e-6  # below the floor
+    keys, ids = torch.tensor([0, 7, 1000, 393215, 42, 5]), torch.randint(-1, 1024, (6, 16), generator=gen)
+    weights = torch.randn(6, 16, generator=gen)
     wire = Wire(40, 16, quantized)
     rows = wire.encode(x, keys, ids, weights)
     scales = None
-    if quantized:  # what MC2 does to each row: * 127 / max|row|, rounded to int8
-        amax = rows.float().abs().amax(1).clamp(min=1e-30)
-        rows, scales = torch.round(rows.float() * (127 / amax).unsqueeze(1)).to(torch.int8), amax / 127
-    got = wire.decode(rows, scales, dtype)
+    if quantized:  # what MC2 does to each row (quant_mode 2)
+        rows, scales = mc2_sim.dynamic_quant(rows)
+    got = wire.decode(rows, scales)
     assert torch.equal(got.keys, keys) and torch.equal(got.ids, ids) and torch.equal(got.weights, weights)
-    tolerance = 0 if not quantized else x.float().abs().amax(1, keepdim=True) / 127
-    assert bool(((got.tokens.float() - x.float()).abs() <= tolerance).all())
+    want = mc2_tasks.mc2_quantize(x) if quantized else (x, None)
+    assert torch.equal(got.tokens, want[0]) and (got.scales is None if want[1] is None else torch.equal(got.scales, want[1]))
 
 
 @pytest.fixture

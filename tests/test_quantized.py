@@ -54,7 +54,7 @@ def test_quantize_matches_its_definition(tokens: int, hidden: int, dtype: torch.
     assert q.dtype == spec.dtype and s.dtype == torch.float32
     columns = 1 if spec.block == 0 else math.ceil(hidden / 128)
     assert s.shape == (tokens, columns)
-    # the scales: amax (exact) over each group, floored, times 1 / QMAX (a float32), rounded once
+    # the scales: amax (exact) over each group, floored; then as the definition says, each step rounded once
     x64 = x.double()
     group = hidden if spec.block == 0 else 128
     padded = torch.nn.functional.pad(x64.abs(), (0, columns * group - hidden)).view(tokens, columns, group)
@@ -65,8 +65,9 @@ def test_quantize_matches_its_definition(tokens: int, hidden: int, dtype: torch.
         assert bool((s.double() >= product).all() and (s.double() < 2 * product).all())
         factor = 1 / s.double()
     else:
-        assert torch.equal(s, product.float()), "scale = amax * (1 / QMAX), rounded once"
         factor = (spec.qmax / amax).float().double()  # QMAX / amax, rounded once
+        want = 1 / factor.float() if spec.dtype == torch.int8 else product.float()  # MC2's scale (a float32 division); DeepEP's
+        assert torch.equal(s, want), "scale: int8 1 / factor, e4m3 amax * (1 / QMAX), rounded once"
     # the values: the format's value nearest x * factor, up to the product's float32 rounding; in range
     v = x64 * factor.repeat_interleave(group, dim=1)[:, :hidden]
     got = q.double()
@@ -214,7 +215,7 @@ def test_bad_input_is_refused(case: str) -> None:
 
 
 def test_a_backend_without_quantized_rows_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every backend that runs on a CPU here moves quantized rows; the refusal (deepep, mc2, symm: not yet)
+    """Every backend that runs on a CPU here moves quantized rows; the refusal (deepep, symm: not yet)
     is driven through the flag the ops read, before anything moves."""
     from moe_ops.backends.local import LocalBackend
 

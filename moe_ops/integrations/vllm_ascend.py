@@ -10,6 +10,13 @@
   with_quant=False)``, returns vllm-ascend's dict (``group_list_type``, ``hidden_states``, ``group_list``,
   ``dynamic_scale``, ``context_metadata``).
 
+Quantized dispatch (``with_quant=True``; from a ``MoETokenDispatchInput``, a ``quant`` whose
+``dispatch_with_quant`` holds for an int8 type, W8A8 or W4A8): ``hidden_states`` int8 ``[rows, H]`` and
+``dynamic_scale`` float32 ``[rows]``, one scale per row (``hidden_states[i] * dynamic_scale[i]``
+dequantizes), as MC2's ``quant_mode`` 2 returns ``expand_x`` / ``dynamic_scale`` to vllm-ascend's
+``TokenDispatcherWithMC2`` and its grouped matmuls take them (``per_token_scale``); ``moe.dispatch_quantized``
+with ``quant="int8", quant_block=0`` (on ``mc2``, MC2's own quantization). MXFP and FP8 types are refused.
+
 ``token_combine(hidden_states, context_metadata=None, bias=None)`` (the metadata either form returned)
 returns ``[T, H]``. Router weights are applied in combine, as vllm-ascend's dispatchers do, except with
 ``apply_router_weight_on_input`` (top-1 only), where they scale the input instead.
@@ -121,7 +128,12 @@ class MoETokenDispatcher:
             )
         routing, quant = hidden_states.routing, hidden_states.quant
         if quant.comm_quant_mode is not None:
-            raise MoEInputError(f"comm_quant_mode={quant.comm_quant_mode} is not supported: moe_ops moves the tokens unquantized")
+            raise MoEInputError(f"comm_quant_mode={quant.comm_quant_mode} is not supported: moe_ops combines unquantized rows")
+        if quant.dispatch_with_quant and not quant.is_int_quant:
+            raise MoEInputError(
+                f"dispatch with quant_type={quant.quant_type} is not supported: moe_ops dispatches int8 rows with a "
+                "per-token scale (W8A8, W4A8), not MXFP or FP8"
+            )
         result = self._dispatch(
             hidden_states.hidden_states, hidden_states.topk_weights, hidden_states.topk_ids, routing.expert_map,
             routing.log2phy, routing.global_redundant_expert_num, routing.mc2_mask, routing.apply_router_weight_on_input,
@@ -148,8 +160,6 @@ class MoETokenDispatcher:
         for name, value in unsupported.items():
             if value is not None:
                 raise MoEInputError(f"{name} is not supported by the moe_ops adapter (compute shared experts outside it)")
-        if with_quant:
-            raise MoEInputError("with_quant=True is not supported: moe_ops dispatches bf16/fp16/fp32 tokens")
         if apply_router_weight_on_input:
             if topk_weights.shape[-1] != 1:
                 raise MoEInputError("apply_router_weight_on_input needs top-1 routing (vllm-ascend's rule)")
@@ -169,6 +179,7 @@ class MoETokenDispatcher:
             backend=self.backend,
             expert_map=None if expert_map is None else self._global_expert_map(expert_map),
             log2phy=log2phy,
+            **(dict(quant="int8", quant_block=0) if with_quant else {}),
         )
         context = {"dispatched": dispatched, "unit_weights": apply_router_weight_on_input, "shape": hidden_states.shape}
         self._last = context
@@ -182,7 +193,7 @@ class MoETokenDispatcher:
             "group_list_type": GROUP_LIST_COUNTS,
             "hidden_states": rows,
             "group_list": group_list,
-            "dynamic_scale": None,
+            "dynamic_scale": dispatched.recv_scales.reshape(-1) if with_quant else None,  # [rows] float32
             "context_metadata": context,
         }
 

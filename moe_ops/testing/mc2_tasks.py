@@ -8,20 +8,24 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.distributed_c10d import _resolve_process_group
 
 import moe_ops
+from moe_ops import quant
 from moe_ops.backends.mc2 import backend as mc2_backend
 from moe_ops.testing import conformance, sim
 from moe_ops.testing.conformance import RankResult
 from moe_ops.testing.problems import Problem
 from moe_ops.testing.sim import torch_npu
 from moe_ops.testing.sim.torch_npu import mc2 as mc2_sim
+
+INT8_PER_TOKEN = quant.QuantSpec("int8", 0)  #: the one quantized dispatch MC2 does (quant_mode 2)
 
 
 def install(rank: int, version: int = 2, tamper: torch_npu.Tamper | None = None, soc: str = "A3") -> None:
@@ -163,6 +167,68 @@ def raw_combine(rank: int, problem: Problem) -> tuple[Tensor, Tensor]:
     out = moe_ops.combine(d.recv_x, d, group=dist.group.WORLD.group_name)
     routeless = (problem.topk_idx[rank] < 0).all(dim=1)
     return outputs[0][: out.shape[0]][routeless], out[routeless]
+
+
+def mc2_quantize(x: Tensor, spec: quant.QuantSpec = INT8_PER_TOKEN) -> tuple[Tensor, Tensor]:
+    """What ``mc2``'s quantized dispatch must deliver for the tokens ``x [T, H]`` (bf16/fp16): MC2's own
+    ``quant_mode`` 2 (the simulator's :func:`~moe_ops.testing.sim.torch_npu.mc2.dynamic_quant`) of each token
+    with its maximum floored at 1e-4 in ``x.dtype`` (what the backend's row metadata does): ``(int8 [T, H],
+    float32 [T, 1])``. Only ``spec = int8, quant_block 0`` (all MC2 does)."""
+    assert spec == INT8_PER_TOKEN, spec
+    floor = torch.full((x.shape[0], 1), quant.AMAX_FLOOR, dtype=x.dtype)
+    q, scales = mc2_sim.dynamic_quant(torch.cat([x, floor], 1))
+    return q[:, : x.shape[1]], scales.unsqueeze(1)
+
+
+def in_environment(rank: int, env: dict[str, str], task: Callable[..., Any], *args: Any) -> Any:
+    """``task(rank, *args)`` with the environment variables ``env`` set meanwhile (e.g. A2's hierarchy mode)."""
+    with _environment(env):
+        return task(rank, *args)
+
+
+def quantized_refusal(rank: int, problem: Problem, options: dict[str, Any], prequantize: bool = False) -> tuple[str, list[str]]:
+    """A quantized dispatch of ``problem`` on ``mc2`` with ``options`` (``prequantize``: ``x`` int8 with per-token
+    ``x_scales``): ``(the MoEInputError message, the MC2 ops called)``."""
+    sim.install("torch_npu")
+    x, idx, w = problem.xs[rank], problem.topk_idx[rank], problem.topk_weights[rank]
+    if prequantize:
+        x, scales = quant.quantize(x, INT8_PER_TOKEN)
+        options = dict(options, x_scales=scales)
+    try:
+        moe_ops.dispatch(x, idx, w, problem.num_experts, group=dist.group.WORLD.group_name, backend="mc2", **options,
+                         **problem.dispatch_kwargs())
+    except moe_ops.MoEInputError as error:
+        return str(error), [c.op for c in torch_npu.calls()]
+    raise AssertionError("the call did not raise")
+
+
+def raw_dispatch(rank: int, problem: Problem) -> tuple[Tensor, Tensor, int]:
+    """``npu_moe_distribute_dispatch_v2``'s own ``expand_x`` and ``dynamic_scales`` in an ``mc2`` quantized
+    dispatch of ``problem``, and how many rows it filled (the last of ``expert_token_nums``)."""
+    npu = sim.install("torch_npu")
+    outputs: list[tuple[Tensor, ...]] = []
+    op = npu.npu_moe_distribute_dispatch_v2
+    npu.npu_moe_distribute_dispatch_v2 = lambda *args, **kwargs: outputs.append(op(*args, **kwargs)) or outputs[-1]
+    moe_ops.dispatch(problem.xs[rank], problem.topk_idx[rank], problem.topk_weights[rank], problem.num_experts,
+                     group=dist.group.WORLD.group_name, backend="mc2", quant="int8", quant_block=0, **problem.dispatch_kwargs())
+    expand_x, dynamic_scales, _, ends, *_ = outputs[0]
+    return expand_x, dynamic_scales, int(ends[-1])
+
+
+def vllm_with_quant(rank: int, problem: Problem) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """vllm-ascend's adapter (the padded ``problem``, ``backend="mc2"``) with ``with_quant=True`` on this rank: its
+    ``hidden_states`` and ``dynamic_scale``, and those of the quantized dispatch it stands for, flattened."""
+    from moe_ops.integrations.vllm_ascend import MoETokenDispatcher
+
+    sim.install("torch_npu")
+    kwargs = dict(layout="padded", capacity=problem.capacity, max_tokens_per_rank=problem.max_tokens_per_rank)
+    group = dist.group.WORLD.group_name
+    dispatcher = MoETokenDispatcher(top_k=problem.topk_idx[rank].shape[1], num_experts=problem.num_experts, group=group,
+                                    backend="mc2", **kwargs)
+    out = dispatcher.token_dispatch(problem.xs[rank], problem.topk_weights[rank], problem.topk_idx[rank], with_quant=True)
+    d = moe_ops.dispatch(problem.xs[rank], problem.topk_idx[rank], problem.topk_weights[rank], problem.num_experts, group=group,
+                         backend="mc2", quant="int8", quant_block=0, **kwargs)
+    return out["hidden_states"], out["dynamic_scale"], d.recv_x.flatten(0, 1), d.recv_scales.flatten()
 
 
 def int8_rows(rank: int, problem: Problem) -> tuple[Tensor, ...]:

@@ -10,6 +10,7 @@ router's gradient flows back through ``recv_weights``, checked against the unqua
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,10 @@ from torch import Tensor
 import moe_ops
 from moe_ops import quant, reference
 from moe_ops.testing.problems import Problem
+
+#: ``(x [T, H], spec) -> (q [T, H], scales [T, S])``: how a backend quantizes tokens (moe_ops's own rounding
+#: by default; mc2 follows MC2's, moe_ops.testing.mc2_tasks.mc2_quantize)
+Quantizer = Callable[[Tensor, quant.QuantSpec], tuple[Tensor, Tensor]]
 
 
 @dataclass
@@ -34,11 +39,12 @@ class QuantizedResult:
 
 
 def rank_task(rank: int, problem: Problem, spec: quant.QuantSpec, prequantized: bool, backend: str = "auto",
-              device: str = "cpu", expert_dtype: torch.dtype = torch.float32, with_gradient: bool = True) -> QuantizedResult:
+              device: str = "cpu", row_dtype: torch.dtype | None = None, with_gradient: bool = True) -> QuantizedResult:
     """Rank ``rank``'s quantized dispatch of ``problem`` (``prequantized``: ``x`` quantized by
     :func:`moe_ops.quant.quantize` first and passed with its scales; else ``quant`` in dispatch), then
-    combine of the dequantized rows (in ``expert_dtype``) and the router's gradient (without
-    ``with_gradient``: combine's output). Runs inside a gloo group of every rank
+    combine of the dequantized rows (float32, or ``row_dtype``) and the router's gradient (without
+    ``with_gradient``: combine's output), compared with an unquantized dispatch of ``x`` (in ``row_dtype``
+    if given). Runs inside a gloo group of every rank
     (:class:`moe_ops.testing.harness.World`), or alone for a one-rank problem."""
     import torch.distributed as dist
 
@@ -50,7 +56,7 @@ def rank_task(rank: int, problem: Problem, spec: quant.QuantSpec, prequantized: 
     def router_gradient(dispatch: object, rows: object) -> Tensor:
         w = problem.topk_weights[rank].to(device, copy=True).requires_grad_(with_gradient)
         d = dispatch(w)  # type: ignore[operator]
-        out = moe_ops.combine(rows(d).to(expert_dtype), d, group=group, backend=backend)  # type: ignore[operator]
+        out = moe_ops.combine(rows(d).to(row_dtype or torch.float32), d, group=group, backend=backend)  # type: ignore[operator]
         if not with_gradient:
             return out
         (out * torch.arange(out.numel(), device=device, dtype=torch.float32).view_as(out).sin()).sum().backward()
@@ -68,15 +74,17 @@ def rank_task(rank: int, problem: Problem, spec: quant.QuantSpec, prequantized: 
     grad = router_gradient(
         lambda w: moe_ops.dispatch(q, idx, w, problem.num_experts, **quantized, **kwargs), lambda got: dequantized  # type: ignore[arg-type]
     )
-    plain = router_gradient(lambda w: moe_ops.dispatch(x, idx, w, problem.num_experts, **kwargs), lambda got: dequantized)
+    plain_x = x if row_dtype is None else x.to(row_dtype)
+    plain = router_gradient(lambda w: moe_ops.dispatch(plain_x, idx, w, problem.num_experts, **kwargs), lambda got: dequantized)
     return QuantizedResult(*(t.detach().cpu() for t in (
         d.recv_x, d.recv_scales, d.recv_weights, d.tokens_per_expert, d.dropped, grad, plain
     )))
 
 
-def expected(problem: Problem, spec: quant.QuantSpec) -> tuple[list[reference.RankReceived], list[reference.RankReceived]]:
-    """The reference's layout of every rank's quantized tokens (as float32) and of their scales."""
-    quantized = [quant.quantize(x, spec) for x in problem.xs]
+def expected(problem: Problem, spec: quant.QuantSpec, quantize: Quantizer = quant.quantize
+             ) -> tuple[list[reference.RankReceived], list[reference.RankReceived]]:
+    """The reference's layout of every rank's tokens quantized by ``quantize`` (as float32) and of their scales."""
+    quantized = [quantize(x, spec) for x in problem.xs]
     args = (problem.topk_idx, problem.topk_weights, problem.num_experts, problem.reference_capacity, problem.expert_map,
             problem.log2phy, problem.max_recv_rows, problem.pad_multiple)
     rows = reference.dispatch([q.float() for q, _ in quantized], *args)
@@ -106,9 +114,10 @@ def assert_rank_matches(problem: Problem, spec: quant.QuantSpec, rank: int, ours
 
 
 def check_world(world: object, problem: Problem, spec: quant.QuantSpec, prequantized: bool, backend: str = "auto",
-                expert_dtype: torch.dtype = torch.float32, with_gradient: bool = True) -> None:
-    """Run :func:`rank_task` on every rank of ``world`` and compare each rank with the reference."""
-    outputs = world.run(rank_task, problem, spec, prequantized, backend, "cpu", expert_dtype, with_gradient)  # type: ignore[attr-defined]
-    rows, scales = expected(problem, spec)
+                row_dtype: torch.dtype | None = None, with_gradient: bool = True, quantize: Quantizer = quant.quantize) -> None:
+    """Run :func:`rank_task` on every rank of ``world`` and compare each rank with the reference layout of
+    the tokens quantized by ``quantize``."""
+    outputs = world.run(rank_task, problem, spec, prequantized, backend, "cpu", row_dtype, with_gradient)  # type: ignore[attr-defined]
+    rows, scales = expected(problem, spec, quantize)
     for rank, ours in enumerate(outputs):
         assert_rank_matches(problem, spec, rank, ours, rows[rank], scales[rank])

@@ -19,8 +19,10 @@ Marshalling (one call; ``W`` ranks, ``L`` local experts, ``Tmax = max_tokens_per
 * ``expert_ids``: the routes, masked slots filled with distinct unused experts (MC2 wants every id in
   ``[0, E)`` and no repeat in a row).
 * ``expert_token_nums_type = 0``: cumulative counts, which say which local expert each row belongs to.
-* ``quant_mode`` 0 (``"mc2"``) or 2, int8 per-token dynamic quantization of the dispatched rows
-  (``"mc2_int8"``: ``recv_x`` is dequantized with ``dynamic_scales``, so it is close to, not equal to, ``x``).
+* ``quant_mode`` 0 (``"mc2"``) or 2, int8 per-token dynamic quantization of the dispatched rows:
+  ``moe.dispatch_quantized(quant="int8", quant_block=0)`` on ``"mc2"`` returns MC2's int8 rows and
+  ``dynamic_scales`` as ``recv_x`` / ``recv_scales`` (MC2's rounding, docs/contract.md); ``"mc2_int8"``
+  dequantizes them with ``dynamic_scales``, so its ``recv_x`` is close to, not equal to, ``x``.
 * combine: the rows padded to the dispatch's width (one ``H`` per dispatch/combine pair, as vllm-ascend's
   pairs have), ``expert_scales`` all ones (the contract applies ``recv_weights``, which may differ from
   the router's weights, on the expert rank before the rows go back) and the dispatch's opaque handle
@@ -59,7 +61,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from moe_ops import libraries, stage
+from moe_ops import libraries, quant, stage
 from moe_ops.backends.base import Backend, DispatchOutputs, Peers, int64_like
 from moe_ops.backends.mc2.limits import TABLE, Shape, a2_hierarchy, soc_of
 from moe_ops.backends.mc2.wire import Received, Wire, place, route_ids, sent_ids
@@ -67,6 +69,7 @@ from moe_ops.comm import Comm, library_call
 from moe_ops.errors import MoEInputError
 from moe_ops.indexing import pad_rows, take
 from moe_ops.plan import DispatchPlan, Kind, RowLayout
+from moe_ops.quant import RowScales
 
 _TOKEN_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -186,10 +189,11 @@ class _Call:
             kwargs["x_active_mask"] = torch.arange(batch, device=ids.device) < num_tokens
         return kwargs
 
-    def dispatch(self, wire: Wire, x: Tensor, ids: Tensor, weights: Tensor | None, quant_mode: int) -> tuple[Received, Tensor, list[Tensor]]:
-        """Send this rank's tokens ``x [T, H]`` with routes ``ids [T, K]``: the decoded ``expand_x`` rows,
-        ``expert_token_nums`` (cumulative) and MC2's handle (``expand_scales`` as int32)."""
-        ops, batch = _torch_npu(), self.batch(x.shape[0])
+    def dispatch(self, wire: Wire, x: Tensor, ids: Tensor, weights: Tensor | None) -> tuple[Received, Tensor, list[Tensor]]:
+        """Send this rank's tokens ``x [T, H]`` with routes ``ids [T, K]`` (int8 rows with ``wire.quantized``:
+        ``quant_mode`` 2): the decoded ``expand_x`` rows, ``expert_token_nums`` (cumulative) and MC2's handle
+        (``expand_scales`` as int32)."""
+        ops, batch, quant_mode = _torch_npu(), self.batch(x.shape[0]), 2 if wire.quantized else 0
         keys = self.comm.rank * self.max_tokens + torch.arange(batch, device=x.device)  # batch <= Tmax
         rows = wire.encode(pad_rows(x, batch), keys, pad_rows(ids, batch, -1), None if weights is None else pad_rows(weights, batch))
         op = ops.npu_moe_distribute_dispatch_v2 if self.version == 2 else ops.npu_moe_distribute_dispatch
@@ -202,7 +206,7 @@ class _Call:
         if expand_scales is None:  # A3 returns None where it has no expand_scales (torch_npu's documentation)
             expand_scales = x.new_empty(0, dtype=torch.float32)
         mc2_handle = [assist, ep_counts, tp_counts, expand_scales.view(torch.int32)]
-        return wire.decode(expand_x, scales if quant_mode else None, x.dtype), ends, mc2_handle
+        return wire.decode(expand_x, scales if quant_mode else None), ends, mc2_handle
 
     def combine(self, rows: Tensor, ids: Tensor, mc2_handle: list[Tensor], width: int) -> Tensor:
         """Sum the ``expand_x``-ordered ``rows [A, H]`` (sent ``width`` columns wide) back per source token: ``[T, H]``."""
@@ -245,29 +249,64 @@ def _pad_columns(rows: Tensor, width: int) -> Tensor:
     return rows if rows.shape[1] == width else torch.cat([rows, rows.new_zeros(rows.shape[0], width - rows.shape[1])], 1)
 
 
-def _nothing_sent(call: _Call, x: Tensor, weights: Tensor, ids: Tensor, rows: RowLayout, wire: Wire) -> DispatchOutputs:
+def _nothing_sent(call: _Call, x: Tensor, weights: Tensor, ids: Tensor, rows: RowLayout, wire: Wire, quantized: bool) -> DispatchOutputs:
     """Dispatch where no rank has a token (``Tmax = 0``): an empty layout (padding rows only), no MC2 call."""
     layout = stage.expert_layout(ids.new_empty(0, 1), call.num_local, rows)
     handle = [ids, layout.row_src, ids.new_empty(0), ids.new_empty(0)]
     handle += [x.new_zeros(shape, dtype=torch.int32) for shape in call.handle_shapes(ids.shape[0])]
     handle += [ids.new_empty(0, wire.width), _layout_tensor(ids, call.num_local, rows)]
     shape = layout.row_src.shape
-    return DispatchOutputs(x.new_zeros(*shape, x.shape[1]), weights.new_zeros(shape), layout.tokens_per_expert, layout.dropped, handle)
+    recv_x = x.new_zeros(*shape, x.shape[1], dtype=torch.int8 if quantized else x.dtype)
+    recv_scales = x.new_zeros(*shape, 1, dtype=torch.float32) if quantized else None
+    return DispatchOutputs(recv_x, weights.new_zeros(shape), layout.tokens_per_expert, layout.dropped, handle, recv_scales)
+
+
+def _check_quantized(scales: RowScales) -> None:
+    """What MC2 (hicann/ops-transformer c29bc10) cannot do of a quantized dispatch: a ``MoEInputError``.
+    MC2 quantizes its bf16/fp16 ``x`` itself, to int8 with one scale per token (``quant_mode`` 2)."""
+    spec = scales.quantize
+    if spec is None:  # moe_distribute_dispatch_v2_tiling.cpp, CheckTensorDataType: x is bf16 or fp16
+        raise MoEInputError(
+            "backend 'mc2' takes no pre-quantized x with x_scales: MC2 quantizes bf16/fp16 x itself "
+            "(its 'scales' input is smooth-quant factors [E, H], not per-token scales); pass quant='int8', quant_block=0"
+        )
+    if spec.mode != "int8":  # the same file, CheckAndSetExpertInfo: quantMode 0 (none) or 2 (dynamic int8) only
+        raise MoEInputError(f"backend 'mc2' quantizes to int8 only (MC2 quant_mode 2), got quant={spec.mode!r}")
+    if spec.block != 0:  # dynamic_scales is [A]: aclnnMoeDistributeDispatchV2.md; op-plugin's get_dispatch_dynamic_shape
+        raise MoEInputError(f"backend 'mc2' has one scale per token (MC2's dynamic_scales [A]): quant_block must be 0, got {spec.block}")
+    if spec.round_scale:  # the scale is 1 / (127 / amax): moe_distribute_dispatch_v2.h, QuantProcess
+        raise MoEInputError("backend 'mc2' cannot round scales to powers of two (MC2's scale is 1 / (127 / max|x|)): round_scale must be False")
+
+
+def _wire_dtype(rows: Tensor) -> torch.dtype:
+    """The dtype ``rows`` travel in: their own; rows of no columns (the router's gradient after a quantized
+    dispatch, moe_ops/ops.py) carry only weight-gradient pairs, in bf16 (float32's range)."""
+    return rows.dtype if rows.shape[-1] else torch.bfloat16
 
 
 class Mc2Backend(Backend):
+    """Quantized dispatch (``quant="int8", quant_block=0``): MC2's ``quant_mode`` 2 int8 rows and its
+    ``dynamic_scales`` as ``recv_x`` / ``recv_scales [rows, 1]``, in MC2's own arithmetic (docs/backends.md)."""
+
     name = "mc2"
     layouts = frozenset({"padded", "bounded"})
     multi_rank = True
-    quant_mode: ClassVar[int] = 0  #: MC2's quant_mode for the forward dispatch
+    quantized = True
+    quant_mode: ClassVar[int] = 0  #: MC2's quant_mode for a forward dispatch of moe.dispatch
 
     @property
     def device_types(self) -> frozenset[str]:  # type: ignore[override]
         return frozenset({"npu"}) | libraries.simulated_device_types("torch_npu")
 
+    def _wire(self, hidden: int, top_k: int, plan: DispatchPlan) -> Wire:
+        """The row format of a forward dispatch: int8 rows for ``mc2_int8`` and quantized dispatches."""
+        return Wire(hidden, top_k, quantized=self.quant_mode == 2 or plan.scales is not None)
+
     def check_dispatch(self, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, plan: DispatchPlan) -> None:
+        if plan.scales is not None:
+            _check_quantized(plan.scales)
         call = _Call.of(plan.comm, plan.num_experts, topk_idx.shape[1], plan.token_bound)
-        _raise(call.check(Wire(x.shape[1], topk_idx.shape[1], quantized=self.quant_mode == 2).width, x.dtype, "dispatch"))
+        _raise(call.check(self._wire(x.shape[1], topk_idx.shape[1], plan).width, x.dtype, "dispatch"))
         if topk_weights.dtype != torch.float32 or x.shape[1] == 0:
             raise MoEInputError("backend 'mc2' needs float32 topk_weights and a hidden size of at least 1")
 
@@ -284,27 +323,33 @@ class Mc2Backend(Backend):
                 f"backend 'mc2': {op} sends {columns} columns per row, but its dispatch's rows were {width} wide "
                 "(a combine moves rows of its dispatch's width): the hidden size may not grow between dispatch and combine"
             )
-        _raise(call.check(width, rows.dtype, op))
+        _raise(call.check(width, _wire_dtype(rows) if name == "grad_recv_x" else rows.dtype, op))
 
-    def dispatch(self, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, plan: DispatchPlan, peers: Peers) -> DispatchOutputs:
+    def dispatch(
+        self, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, plan: DispatchPlan, peers: Peers, x_scales: Tensor | None = None
+    ) -> DispatchOutputs:
         top_k = topk_idx.shape[1]
         call = _Call.of(plan.comm, plan.num_experts, top_k, plan.token_bound)
-        wire = Wire(x.shape[1], top_k, quantized=self.quant_mode == 2)
+        wire, quantized = self._wire(x.shape[1], top_k, plan), plan.scales is not None
         ids = route_ids(topk_idx, plan.num_experts)
         num_local = plan.num_local_experts
         if call.max_tokens == 0:
-            return _nothing_sent(call, x, topk_weights, ids, plan.rows, wire)
-        received, ends, mc2_handle = call.dispatch(wire, x, ids, topk_weights, self.quant_mode)
+            return _nothing_sent(call, x, topk_weights, ids, plan.rows, wire, quantized)
+        received, ends, mc2_handle = call.dispatch(wire, x, ids, topk_weights)
         placed = place(received, ends, plan.comm.rank, num_local, plan.rows)
         route_weights = received.weights.gather(1, placed.row_k.clamp(min=0).unsqueeze(1)).squeeze(1)
         handle = [ids, placed.slot_row, placed.row_slot, placed.row_k, *mc2_handle, ids.new_empty(0, wire.width),
                   _layout_tensor(ids, num_local, plan.rows)]
+        tokens = received.tokens
+        if wire.quantized and not quantized:  # mc2_int8: moe.dispatch returns rows in the token dtype
+            tokens = quant.dequantize(tokens, received.scales, 0, x.dtype)
         return DispatchOutputs(
-            take(received.tokens, placed.slot_row),
+            take(tokens, placed.slot_row),
             take(route_weights, placed.slot_row),
             placed.tokens_per_expert,
             placed.dropped,
             handle,
+            take(received.scales, placed.slot_row) if quantized else None,
         )
 
     def combine(self, expert_out: Tensor, recv_weights: Tensor, handle: list[Tensor], comm: Comm) -> Tensor:
@@ -326,14 +371,14 @@ class Mc2Backend(Backend):
         # Each row: its gradient, then its weight gradient as a hi + lo pair in columns k and K + k
         # (0 for rows holding no kept route), so that the sum over a token's rows lays them side by side.
         grad_w = stage.gather_routes(grad_recv_weights.flatten(), row_slot.unsqueeze(1)).float()
-        hi = grad_w.to(grad_recv_x.dtype)
+        hi = grad_w.to(_wire_dtype(grad_recv_x))
         lo = (grad_w - hi.float()).to(hi.dtype)
         k = row_k.clamp(min=0).unsqueeze(1)
         weight_columns = hi.new_zeros(row_k.shape[0], 2 * top_k).scatter_(1, k, hi).scatter_(1, k + top_k, lo)
-        rows = torch.cat([stage.reduce(grad_recv_x.flatten(0, -2), row_slot.unsqueeze(1), None), weight_columns], 1)
+        rows = torch.cat([stage.reduce(grad_recv_x.flatten(0, -2), row_slot.unsqueeze(1), None).to(hi.dtype), weight_columns], 1)
         out = call.combine(rows, ids, mc2_handle, wire.shape[1])
         grad_weights = out[:, hidden : hidden + top_k].float() + out[:, hidden + top_k :].float()
-        return out[:, :hidden].contiguous(), grad_weights.to(grad_recv_weights.dtype)
+        return out[:, :hidden].contiguous().to(grad_recv_x.dtype), grad_weights.to(grad_recv_weights.dtype)
 
     def combine_backward(
         self, grad_out: Tensor, expert_out: Tensor, recv_weights: Tensor, handle: list[Tensor], comm: Comm
@@ -342,7 +387,7 @@ class Mc2Backend(Backend):
         ids = handle[0]
         if call.max_tokens == 0:
             return torch.zeros_like(expert_out), torch.zeros_like(recv_weights)
-        received, ends, _ = call.dispatch(Wire(grad_out.shape[1], call.top_k), grad_out, ids, None, quant_mode=0)
+        received, ends, _ = call.dispatch(Wire(grad_out.shape[1], call.top_k), grad_out, ids, None)
         placed = place(received, ends, comm.rank, call.num_local, _row_layout(handle))
         return stage.expand_grad(received.tokens, expert_out, recv_weights, placed.row_slot.unsqueeze(1), placed.slot_row)
 
@@ -358,15 +403,17 @@ class Mc2Backend(Backend):
             int64_like(topk_idx, (call.rows,)),
             int64_like(topk_idx, (call.rows,)),
             *(topk_idx.new_empty(s, dtype=torch.int32) for s in call.handle_shapes(num_tokens)),
-            int64_like(topk_idx, (0, Wire(x.shape[1], top_k, quantized=self.quant_mode == 2).width)),
+            int64_like(topk_idx, (0, self._wire(x.shape[1], top_k, plan).width)),
             int64_like(topk_idx, (0, plan.num_local_experts, plan.rows.pad_multiple)),
         ]
 
 
 class Mc2Int8Backend(Mc2Backend):
-    """``mc2`` with int8 dynamic quantization of the dispatched rows (MC2 ``quant_mode`` 2)."""
+    """``mc2`` with int8 dynamic quantization of the dispatched rows (MC2 ``quant_mode`` 2), dequantized on
+    receipt: ``moe.dispatch``'s rows in the token dtype (``moe.dispatch_quantized`` is ``mc2``'s)."""
 
     name = "mc2_int8"
+    quantized = False
     quant_mode = 2
 
 

@@ -9,9 +9,11 @@ token's *key* (source rank * BS + token, 24 bits), its ``K`` contiguous expert i
 * plain rows (``quant_mode`` 0, a pure copy): base-256 digits stored as the values 0..255, exact in
   bf16 and fp16;
 * int8 rows (``quant_mode`` 2: MC2 scales each row by ``127 / max|row|`` and rounds to int8): base-16
-  digits ``d`` stored as ``(2d - 15) / 15 * s`` with ``s = max|x row|``. They never exceed the row's own
-  maximum, so the token's quantization is unchanged, and the int8 levels of two digits are 17 apart,
-  so every digit survives the rounding.
+  digits ``d`` stored as ``(2d - 15) / 15 * s`` with ``s = max(max|x row|, 1e-4)`` (the floor in the
+  token dtype, as :data:`moe_ops.quant.AMAX_FLOOR`). They never exceed ``s`` and the key's top digit is 0
+  (keys < 2^20), which is stored as ``-s``: the row's maximum is ``s``, so the token is quantized as MC2
+  quantizes it alone wherever ``max|x| >= 1e-4``, and an all-zero token gets a finite scale (MC2's own
+  ``127 / 0`` is infinite). The int8 levels of two digits are 17 apart, so every digit survives the rounding.
 
 On the expert rank, a row's local expert comes from ``expert_token_nums`` (rows are grouped by expert,
 in expert order), its route ``k`` from the ids, and its position from the keys: rows of one expert are
@@ -32,6 +34,7 @@ from moe_ops import routing, stage
 from moe_ops.indexing import take
 from moe_ops.packing import round_up
 from moe_ops.plan import RowLayout
+from moe_ops.quant import AMAX_FLOOR
 
 _KEY_BITS, _ID_BITS, _WEIGHT_BITS = 24, 16, 32
 _INT8_MAX = 127
@@ -71,7 +74,8 @@ def _undigits(digits: Tensor, bits: int, digit_bits: int) -> Tensor:
 class Received(NamedTuple):
     """Decoded ``expand_x`` rows (garbage past the rows MC2 filled)."""
 
-    tokens: Tensor  #: [A, H] in the token dtype (dequantized for int8 rows)
+    tokens: Tensor  #: [A, H] as on the wire: the token dtype, or int8 for int8 rows
+    scales: Tensor | None  #: [A, 1] float32: MC2's ``dynamic_scales`` of int8 rows (``tokens * scales`` dequantizes)
     keys: Tensor  #: [A] int64: source rank * BS + source token
     ids: Tensor  #: [A, K] int64: the token's contiguous expert ids, -1 = no route
     weights: Tensor  #: [A, K] float32: the token's router weights
@@ -110,23 +114,21 @@ class Wire:
         fields = (keys.unsqueeze(1), ids + 1, bits)
         digits = torch.cat([_digits(v, b, self._digit_bits) for v, (_, b) in zip(fields, self._fields, strict=True)], 1)
         if self.quantized:
-            scale = x.abs().amax(1, keepdim=True).float()
-            scale = torch.where(scale > 0, scale, 1.0)
-            digits = (2 * digits - 15) / 15 * scale
+            floor = torch.tensor(AMAX_FLOOR, dtype=x.dtype).float()  # exact in x.dtype: the digits reach it
+            digits = (2 * digits - 15) / 15 * x.abs().amax(1, keepdim=True).float().clamp(min=floor)
         rows = x.new_zeros(x.shape[0], self.width)
         rows[:, : self.hidden] = x
         rows[:, self.hidden : self.hidden + self.meta_columns] = digits.to(x.dtype)
         return rows
 
-    def decode(self, rows: Tensor, dequant_scales: Tensor | None, dtype: torch.dtype) -> Received:
-        """Read ``expand_x`` rows ``[A, width]`` back; int8 rows take MC2's ``dynamic_scales [A]``."""
+    def decode(self, rows: Tensor, dynamic_scales: Tensor | None) -> Received:
+        """Read ``expand_x`` rows ``[A, width]`` back; int8 rows come with MC2's ``dynamic_scales [A]``."""
         meta = rows[:, self.hidden : self.hidden + self.meta_columns].float()
+        scales = None
         if self.quantized:
-            assert dequant_scales is not None
-            tokens = (rows[:, : self.hidden].float() * dequant_scales.unsqueeze(1)).to(dtype)
+            assert dynamic_scales is not None
+            scales = dynamic_scales.unsqueeze(1)
             meta = (meta * (15 / _INT8_MAX) + 15) / 2
-        else:
-            tokens = rows[:, : self.hidden]
         digits = torch.nan_to_num(meta).round().long().clamp(0, (1 << self._digit_bits) - 1)
         values, start = [], 0
         for count, bits in self._fields:
@@ -135,7 +137,7 @@ class Wire:
             start += width
         keys, ids, bits = values
         weights = torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32).view(torch.float32)
-        return Received(tokens, keys[:, 0], ids - 1, weights)
+        return Received(rows[:, : self.hidden], scales, keys[:, 0], ids - 1, weights)
 
 
 class Placement(NamedTuple):

@@ -32,14 +32,17 @@ def _quantize_block(v, QMAX: tl.constexpr, QMAX_INV: tl.constexpr, GROUP: tl.con
     defines it: ``(q [H_BLOCK] float32 holding the format's values, scales [H_BLOCK // GROUP])``."""
     g = tl.reshape(v.to(tl.float32), [H_BLOCK // GROUP, GROUP])
     amax = tl.maximum(tl.max(tl.abs(g), axis=1), AMAX_FLOOR)
-    scale = amax * QMAX_INV
-    if ROUND_SCALE:  # the least power of two >= scale (a positive normal float32), and its exact inverse
-        bits = scale.to(tl.int32, bitcast=True)
+    if ROUND_SCALE:  # the least power of two >= amax / QMAX (a positive normal float32), and its exact inverse
+        bits = (amax * QMAX_INV).to(tl.int32, bitcast=True)
         exponent = (bits >> 23) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
         scale = (exponent << 23).to(tl.float32, bitcast=True)
         factor = ((254 - exponent) << 23).to(tl.float32, bitcast=True)
     else:
         factor = tl.math.div_rn(tl.full([H_BLOCK // GROUP], QMAX, tl.float32), amax)
+        if INT8:  # MC2's scale: the reciprocal of the factor
+            scale = tl.math.div_rn(tl.full([H_BLOCK // GROUP], 1.0, tl.float32), factor)
+        else:  # DeepEP's
+            scale = amax * QMAX_INV
     q = g * tl.broadcast_to(factor[:, None], (H_BLOCK // GROUP, GROUP))
     # Rounded as magnitudes, the sign put back after: -0.0 stays -0.0 (as torch's casts keep it), and the
     # rounding adds to |q|, never to the product itself, which the compiler could fuse into one FMA

@@ -22,13 +22,16 @@ or cumulative counts (``expert_token_nums_type``); ``ep_recv_counts`` as cumulat
 (expert, source rank); ``A = (global_bs or BS * W) * min(L, K)`` with an error where more rows arrive;
 ``global_bs`` (equal on every rank; 0 only when every BS is equal; else ``>= max BS * W``);
 ``x_active_mask`` (v2: 1-D with true before false, or 2-D; only with equal batches; v1: reserved,
-rejected); ids in ``[0, E)`` without repeats in a row; ``quant_mode`` 2 (per-row int8 with
-``127 / max|row|`` and ``dynamic_scales = max|row| / 127``); ``expert_scales`` -> ``expand_scales`` and
+rejected); ids in ``[0, E)`` without repeats in a row; ``quant_mode`` 2 as the kernels compute it
+(:func:`.mc2.dynamic_quant`: ``m = 127 / max|row|``, ``q = rint(row * m)``, ``dynamic_scales = 1 / m``, in
+float32; the ops' other quantization modes are refused, as the tiling refuses them); ``expert_scales`` -> ``expand_scales`` and
 combine's weighted sum ``sum_k expert_scales[t, k] * row(t, k)`` (float32 accumulation, one rounding);
 combine rows must come back in the shape and from the ranks its dispatch sent them to.
 
 Decided where the documentation is silent: rows of one expert arrive in (source rank, token) order;
-rows past the filled ones are NaN (int8: -128); combine accumulates in float32; ``assist_info_for_combine``
+rows past the filled ones, which the ops allocate uninitialised and leave unwritten, are NaN in
+``expand_x`` and ``dynamic_scales`` (int8 ``expand_x``: -128, which MC2's quantization never writes; also
+where the source leaves a conversion undefined: an all-zero row's NaN products); combine accumulates in float32; ``assist_info_for_combine``
 uses this module's own encoding (a header, then (source rank, token, k) per row) and combine sends each
 row where it says, checking nothing else (as MC2, which documents the handle as opaque: the handle of
 another dispatch of the same shapes gives wrong sums, not an error); ``expand_idx`` holds each source
@@ -36,7 +39,7 @@ route's row at its destination; ``npu_moe_token_permute`` sorts stably.
 
 Not modelled: timing, overlap and the HCCL window buffer (HCCL_BUFFSIZE is only checked by the backend),
 shared experts, TP domains, elastic scaling, special (zero/copy/const) experts, smooth ``scales``,
-quantization modes other than 0 and 2, ``comm_alg`` (the backend passes none), int8 combine
+``comm_alg`` (the backend passes none), int8 combine
 (``comm_quant_mode``), and what the hardware does that neither the tiling nor the documentation says.
 """
 

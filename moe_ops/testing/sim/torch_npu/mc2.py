@@ -20,6 +20,9 @@ from moe_ops.testing.sim.torch_npu.common import enter, require, soc
 PREFIX = "sim-hccl:"  # the simulated HCCL communicator name of a group is PREFIX + its name
 _MAGIC = 0x4D4332  # "MC2": first value of a simulated assist_info_for_combine
 _HEADER = 3  # magic, filled rows, A
+#: int8 values the simulated ops leave unspecified (memory not written; NaN converted): no value MC2's
+#: quantization writes (its levels are -127..127)
+UNWRITTEN_INT8 = -128
 DISPATCH_V2 = "mc2/moe_distribute_dispatch_v2/op_host/op_tiling/moe_distribute_dispatch_v2_tiling.cpp"
 DISPATCH_V1 = "mc2/moe_distribute_dispatch/op_host/op_tiling/moe_distribute_dispatch_tiling.cpp"
 
@@ -190,25 +193,26 @@ def _dispatch(version: int, args: dict[str, Any]) -> tuple[Tensor, ...]:
     g = _Group.check(args, version, x)
     quant_mode, count_type, expert_scales = args["quant_mode"], args["expert_token_nums_type"], args["expert_scales"]
     _agree(g.group, _first(
-        (quant_mode in (0, 2) and count_type in (0, 1), f"quant_mode={quant_mode} / expert_token_nums_type={count_type} not modelled"),
+        # DISPATCH_V2: CheckAndSetExpertInfo takes quantMode in [0, 2], GetParamsAndSetTilingData refuses 1 ("cannot
+        # support static quant now"); MoeDistributeDispatchA2CheckAttrAndSetTiling takes 0 and 2
+        (quant_mode in (0, 2), f"quantMode={quant_mode}: 0 (no quantization) or 2 (dynamic) only"),
+        (count_type in (0, 1), f"expert_token_nums_type={count_type} not in [0, 1]"),
         (expert_scales is None or _weights_like(expert_scales, ids), "expert_scales must be float32 [BS, K]"),
         # DISPATCH_V2, MoeDistributeDispatchA2CheckShapeAndSetTiling: isLayered && expertScales == nullptr
         (not (_hierarchy() and version == 2 and expert_scales is None), "expertScales is null (A2 hierarchy needs it)"),
     ))
-    payload, dequant = x, torch.zeros(x.shape[0])
-    if quant_mode == 2:  # per-row dynamic int8: x * 127 / max|x|, scale max|x| / 127 travels along
-        amax = x.float().abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny)
-        payload = torch.round(x.float() * (127 / amax).unsqueeze(1)).clamp(-127, 127).to(torch.int8)
-        dequant = amax / 127
+    payload, dequant = (x, torch.zeros(x.shape[0])) if quant_mode == 0 else dynamic_quant(x)
     weights = torch.zeros(ids.shape) if expert_scales is None else expert_scales
     sources = _gather(g.group, (payload, ids.long(), g.active, dequant, weights))
     table = _route_table([(s[1], s[2]) for s in sources], g.num_local)
     mine = table[table[:, 0] == g.rank]
     filled, src, tok, k = mine.shape[0], mine[:, 2], mine[:, 3], mine[:, 4]
     _agree(g.group, None if filled <= g.rows else f"{filled} rows arrive but expand_x has A={g.rows} (global_bs too small?)")
-    expand_x = payload.new_full((g.rows, x.shape[1]), -128 if payload.dtype == torch.int8 else float("nan"))
+    # op-plugin MoeDistributeDispatch(V2)KernelOpApi.cpp: expand_x and dynamic_scales come from
+    # apply_tensor_without_format (uninitialised); the kernels write the filled rows only. NaN here (int8: UNWRITTEN_INT8).
+    expand_x = payload.new_full((g.rows, x.shape[1]), UNWRITTEN_INT8 if payload.dtype == torch.int8 else float("nan"))
     expand_x[:filled] = _stack([s[0] for s in sources])[src, tok]
-    dynamic_scales = torch.zeros(g.rows)
+    dynamic_scales = torch.full((g.rows,), float("nan"))
     dynamic_scales[:filled] = _stack([s[3] for s in sources])[src, tok]
     expand_scales = torch.zeros(g.rows if expert_scales is not None else 0)
     if expert_scales is not None:
@@ -229,6 +233,29 @@ def _dispatch(version: int, args: dict[str, Any]) -> tuple[Tensor, ...]:
         torch.zeros(args.get("tp_world_size", 0), dtype=torch.int32),
         expand_scales,
     )
+
+
+def dynamic_quant(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``quant_mode`` 2 of the rows ``x [BS, H]`` (bf16/fp16) as every dispatch kernel computes it:
+    ``(int8 [BS, H], dynamic_scales float32 [BS])``. Per row, in float32 (the kernels' ``QuantProcess``:
+    mc2/moe_distribute_dispatch_v2/op_kernel/moe_distribute_dispatch_v2.h and ``_full_mesh.h`` on A3;
+    mc2/moe_distribute_dispatch/op_kernel/moe_distribute_dispatch_a2.h, ``_a2_layered.h``, ``_a2_layered_aicpu.h``
+    on A2; ``moe_distribute_dispatch.h``, v1 on A3):
+
+    * ``m = 127.0f / max|x|`` (``dynamicScale``: a float32 division on the scalar unit; no floor, no clamp);
+    * ``q = x * m`` (``Muls``, float32), then ``Cast(int32, CAST_RINT)`` (round half to even),
+      ``Cast(half, CAST_ROUND)`` and ``Cast(int8, CAST_TRUNC)``, both exact on integers ``|q| <= 127``;
+    * the scale sent along is ``1.0f / m`` (not ``max|x| / 127``).
+
+    IEEE binary32 round-to-nearest is assumed for the division and the product. Where ``m`` is not finite
+    (an all-zero row: ``127 / 0``; ``max|x| < 127 / FLT_MAX``) the products are NaN or infinite and their
+    int8 conversion is not defined by the source: those rows get UNWRITTEN_INT8 here, and their scale
+    ``1 / inf = 0``, as the kernels compute it."""
+    xf = x.float()
+    amax = xf.abs().amax(dim=1, keepdim=True)
+    m = torch.div(torch.full_like(amax, 127.0), amax)  # one division (``127.0 / t`` is reciprocal, then product)
+    q = torch.where(torch.isfinite(m), torch.round(xf * m), UNWRITTEN_INT8).to(torch.int8)
+    return q, torch.div(torch.ones_like(m), m).squeeze(1)
 
 
 def _route_table(routes: list[tuple[Tensor, Tensor]], num_local: int) -> Tensor:
