@@ -39,8 +39,13 @@ def ptx(fn: triton.JITFunction, constexprs: dict[str, object]) -> str:
 
 LAYOUT = dict(BINS=256, K_BLOCK=8, H_BLOCK=1024, P_BLOCK=128)
 SMALL = dict(LAYOUT, R_BLOCK=512, E_BLOCK=16)
+PUT_TOKENS = dict(ROWS=8, BLOCK=2048, K_BLOCK=8, SCALES=0, S_BLOCK=1, Q_DTYPE=tl.int8, QMAX=0.0, GROUP=2048, ROUND_SCALE=False,
+                  AMAX_FLOOR=1e-4)
 KERNELS = {
-    "put_tokens": (put._put_tokens, dict(ROWS=8, BLOCK=2048, K_BLOCK=8), "st.global.v4"),
+    "put_tokens": (put._put_tokens, PUT_TOKENS, "st.global.v4"),
+    "put_tokens, quantizing to fp8 (block scales, UE8M0)": (
+        put._put_tokens, dict(PUT_TOKENS, SCALES=2, Q_DTYPE=tl.float8e4nv, QMAX=448.0, GROUP=128, ROUND_SCALE=True), "st.global.v4"
+    ),
     "put_rows": (put._put_rows, dict(HAS_META=True, ROWS=8, BLOCK=2048, META_BLOCK=8), "st.global.v4"),
     "scatter_rows": (layout._scatter_rows, dict(LAYOUT, PADDED=True, PAD=False, BOUNDED=False, ZERO=False, CHUNK=128), "st.global.v4"),
     "scatter_rows, bounded, pad_multiple, zero padding": (
