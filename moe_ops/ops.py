@@ -106,7 +106,9 @@ def _plan_dispatch(
     validation.check_placement(expert_map, log2phy, o.num_experts, comm.world_size, x.device)
     impl = backends.resolve(o.backend, x.device.type, comm.world_size, plan.kind)
     if scales is not None and not impl.quantized:
-        raise MoEInputError(f"backend {impl.name!r} does not dispatch quantized rows (docs/backends.md: 'local', 'collective', 'allgather' do)")
+        raise MoEInputError(
+            f"backend {impl.name!r} does not dispatch quantized rows (docs/backends.md: 'local', 'collective', 'allgather', 'symm' do)"
+        )
     impl.check_dispatch(x, topk_idx, topk_weights, plan)
     return impl, plan
 

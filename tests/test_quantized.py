@@ -208,7 +208,7 @@ def test_bad_input_is_refused(case: str) -> None:
 
 
 def test_a_backend_without_quantized_rows_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every backend that runs on a CPU here moves quantized rows; the refusal (deepep, mc2, symm: not yet)
+    """Every backend that runs on a CPU here moves quantized rows; the refusal (deepep, mc2: not yet)
     is driven through the flag the ops read, before anything moves."""
     from moe_ops.backends.local import LocalBackend
 

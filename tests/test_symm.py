@@ -1,9 +1,10 @@
 """The ``symm`` backend (stores into the peers' buffers) on real processes over gloo, its peer buffers
 simulated with shared memory (:mod:`moe_ops.testing.sim.symmetric_memory`) and its Triton kernels interpreted
 (``TRITON_INTERPRET=1``): the put kernel's exact placement, the conformance suite at W = 1…4 in both
-layouts, compiled equals eager, opcheck, and the buffer's life cycle. On a GPU: W = 1 over real
-symmetric memory, eager and captured in a CUDA graph. More than one GPU is not tested here (issue 7:
-``tools/bench_multi_gpu.py`` on a multi-GPU machine).
+layouts, quantized dispatch at W = 1…3 (rows and scales exact), compiled equals eager, opcheck, and the
+buffer's life cycle. On a GPU (tests/test_symm_gpu.py): W = 1 over real symmetric memory, eager and
+captured in a CUDA graph. More than one GPU is not tested here (issue 7: ``tools/bench_multi_gpu.py`` on
+a multi-GPU machine).
 
 Example counts (2-core CI, interpreted kernels): EXAMPLES[W] Hypothesis problems per world size.
 """
@@ -184,7 +185,7 @@ def test_quantized_matches_reference(world, case: str) -> None:
     """Quantized dispatch: rows and scales exactly the reference layout of the quantized tokens, combine
     of the dequantized rows through the same handle, and the router's gradient as after dispatch."""
     tokens, hidden, kw, spec, prequantized = QUANTIZED[case]
-    problem = make_problem(tokens, hidden, 4 * len(tokens), 3, mask_fraction=0.2, dtype=torch.bfloat16, seed=len(case), **kw)
+    problem = make_problem(tokens, hidden, 4 * len(tokens), 3, mask_fraction=0.2, dtype=torch.bfloat16, seed=list(QUANTIZED).index(case), **kw)
     quantized.check_world(world(len(tokens)), problem, spec, prequantized, "symm")
 
 

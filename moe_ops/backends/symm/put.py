@@ -2,8 +2,9 @@
 
 The sender has ``W * B`` slots: slot ``i = d * B + t`` goes to rank ``d``, where it lands in row
 ``rank * B + t`` of that rank's buffer. Each row of a buffer is ``row_bytes`` long: a payload at byte 0
-(a quantized dispatch: its scales at ``scales_offset``) and, optionally, metadata at ``meta_offset``. A slot without a payload sends only its metadata, so a
-token crosses a link once per destination rank that needs it.
+(a quantized dispatch: its scales at ``scales_offset``) and, optionally, metadata at ``meta_offset``. A
+slot without a payload sends only its metadata, so a token crosses a link once per destination rank that
+needs it.
 
 * ``_put_tokens`` (dispatch): reads the routes itself; slot ``d * B + t`` carries token ``t`` if one of
   its routes goes to rank ``d``, and always its ids local to ``d`` and their router weights. A quantized
