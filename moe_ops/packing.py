@@ -19,9 +19,11 @@ def round_up(n: int, multiple: int) -> int:
 
 @dataclass(frozen=True)
 class RowFormat:
-    """The byte layout of one packed row: ``fields[i] = (width, dtype)``."""
+    """The byte layout of one packed row: ``fields[i] = (width, dtype)``, each starting at a multiple of
+    ``align`` bytes."""
 
     fields: tuple[tuple[int, torch.dtype], ...]
+    align: int = _ALIGN
 
     @functools.cached_property
     def _spans(self) -> list[tuple[int, int]]:
@@ -29,7 +31,7 @@ class RowFormat:
         for width, dtype in self.fields:
             size = width * dtype.itemsize
             spans.append((offset, size))
-            offset += round_up(size, _ALIGN)
+            offset += round_up(size, self.align)
         return spans
 
     def offset(self, field: int) -> int:
@@ -39,7 +41,7 @@ class RowFormat:
     @property
     def row_bytes(self) -> int:
         offset, size = self._spans[-1]
-        return max(_ALIGN, round_up(offset + size, _ALIGN))
+        return max(self.align, round_up(offset + size, self.align))
 
     def empty(self, rows: int, device: torch.device) -> Tensor:
         """An uninitialized ``[rows, row_bytes]`` uint8 buffer."""

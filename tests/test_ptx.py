@@ -23,12 +23,15 @@ ALIGNED = {"x_stride", "src_stride", "token_stride", "row_stride", "hidden", "pa
            "meta_offset", "weights_offset", "bound", "capacity"}  # what run-time specialization finds 16-aligned
 
 
-def ptx(fn: triton.JITFunction, constexprs: dict[str, object]) -> str:
-    """``fn`` compiled for sm_90 with bf16 rows, its pointers and ``ALIGNED`` sizes 16-byte aligned."""
+def ptx(fn: triton.JITFunction, constexprs: dict[str, object], pointers: dict[str, str] | None = None) -> str:
+    """``fn`` compiled for sm_90 with bf16 rows (``pointers``: other element types by name), its pointers
+    and ``ALIGNED`` sizes 16-byte aligned."""
     signature = {}
     for name in fn.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
+        elif name in (pointers or {}):
+            signature[name] = pointers[name]  # type: ignore[index]
         elif name.endswith("_ptr"):
             signature[name] = "*i64" if name in INT64_POINTERS else "*i32" if name in INT32_POINTERS else "*bf16"
         else:
@@ -37,14 +40,28 @@ def ptx(fn: triton.JITFunction, constexprs: dict[str, object]) -> str:
     return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned), target=HOPPER).asm["ptx"]
 
 
-LAYOUT = dict(BINS=256, K_BLOCK=8, H_BLOCK=1024, P_BLOCK=128)
+LAYOUT = dict(BINS=256, K_BLOCK=8, H_BLOCK=1024, P_BLOCK=128, SCALES=0, S_BLOCK=1, QMAX=0.0, QMAX_INV=0.0, GROUP=1024, INT8=False,
+              ROUND_SCALE=False, AMAX_FLOOR=1e-4)
+#: the scatter quantizing bf16 rows to fp8 with block scales: 2048 one-byte columns per program
+QUANTIZING = dict(H_BLOCK=2048, SCALES=2, QMAX=448.0, QMAX_INV=1 / 448, GROUP=128)
+FP8_ROWS = {"recv_x_ptr": "*fp8e4nv", "recv_scales_ptr": "*fp32", "scales_ptr": "*fp32"}
 SMALL = dict(LAYOUT, R_BLOCK=512, E_BLOCK=16)
+PUT_TOKENS = dict(ROWS=8, BLOCK=2048, K_BLOCK=8, SCALES=0, S_BLOCK=1, Q_DTYPE=tl.int8, QMAX=0.0, QMAX_INV=0.0, GROUP=2048,
+                  ROUND_SCALE=False, AMAX_FLOOR=1e-4)
 KERNELS = {
-    "put_tokens": (put._put_tokens, dict(ROWS=8, BLOCK=2048, K_BLOCK=8), "st.global.v4"),
+    "put_tokens": (put._put_tokens, PUT_TOKENS, "st.global.v4"),
+    "put_tokens, quantizing to fp8 (block scales, UE8M0)": (
+        put._put_tokens, dict(PUT_TOKENS, SCALES=2, Q_DTYPE=tl.float8e4nv, QMAX=448.0, QMAX_INV=1 / 448, GROUP=128, ROUND_SCALE=True),
+        "st.global.v4"
+    ),
     "put_rows": (put._put_rows, dict(HAS_META=True, ROWS=8, BLOCK=2048, META_BLOCK=8), "st.global.v4"),
     "scatter_rows": (layout._scatter_rows, dict(LAYOUT, PADDED=True, PAD=False, BOUNDED=False, ZERO=False, CHUNK=128), "st.global.v4"),
     "scatter_rows, bounded, pad_multiple, zero padding": (
         layout._scatter_rows, dict(LAYOUT, PADDED=False, PAD=True, BOUNDED=True, ZERO=True, CHUNK=128), "st.global.v4"
+    ),
+    "scatter_rows, quantizing to fp8 (block scales)": (
+        layout._scatter_rows, dict(LAYOUT, PADDED=True, PAD=False, BOUNDED=False, ZERO=False, CHUNK=128, **QUANTIZING), "st.global.v4",
+        FP8_ROWS,
     ),
     "dispatch_small": (layout._dispatch_small, dict(SMALL, PADDED=True, PAD=False, BOUNDED=False, ZERO=False), "st.global.v4"),
     "dispatch_small, bounded, pad_multiple, zero padding": (
@@ -59,6 +76,6 @@ KERNELS = {
 
 @pytest.mark.parametrize("name", KERNELS)
 def test_compiles_for_hopper_with_vector_access(name: str) -> None:
-    fn, constexprs, vector = KERNELS[name]
-    code = ptx(fn, constexprs)
+    fn, constexprs, vector, *pointers = KERNELS[name]
+    code = ptx(fn, constexprs, *pointers)
     assert vector in code, f"{name}: no {vector} in its sm_90 PTX; scalar stores: {code.count('st.global.b16')}"

@@ -215,7 +215,7 @@ def test_bad_input_is_refused(case: str) -> None:
 
 
 def test_a_backend_without_quantized_rows_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every backend that runs on a CPU here moves quantized rows; the refusal (deepep, symm: not yet)
+    """Every backend that runs on a CPU here without a group moves quantized rows; the refusal (mc2_int8's)
     is driven through the flag the ops read, before anything moves."""
     from moe_ops.backends.local import LocalBackend
 

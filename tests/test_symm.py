@@ -1,9 +1,10 @@
 """The ``symm`` backend (stores into the peers' buffers) on real processes over gloo, its peer buffers
 simulated with shared memory (:mod:`moe_ops.testing.sim.symmetric_memory`) and its Triton kernels interpreted
 (``TRITON_INTERPRET=1``): the put kernel's exact placement, the conformance suite at W = 1…4 in both
-layouts, compiled equals eager, opcheck, and the buffer's life cycle. On a GPU: W = 1 over real
-symmetric memory, eager and captured in a CUDA graph. More than one GPU is not tested here (issue 7:
-``tools/bench_multi_gpu.py`` on a multi-GPU machine).
+layouts, quantized dispatch at W = 1…3 (rows and scales exact), compiled equals eager, opcheck, and the
+buffer's life cycle. On a GPU (tests/test_symm_gpu.py): W = 1 over real symmetric memory, eager and
+captured in a CUDA graph. More than one GPU is not tested here (issue 7: ``tools/bench_multi_gpu.py`` on
+a multi-GPU machine).
 
 Example counts (2-core CI, interpreted kernels): EXAMPLES[W] Hypothesis problems per world size.
 """
@@ -13,8 +14,11 @@ import functools
 import pytest
 import torch
 from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from moe_ops.testing import conformance, sim
+from moe_ops import quant
+from moe_ops.packing import RowFormat
+from moe_ops.testing import conformance, quantized, sim
 from moe_ops.testing.harness import set_up
 from moe_ops.testing.problems import Problem, make_problem, problems
 from moe_ops.testing.sim import symmetric_memory
@@ -74,18 +78,35 @@ def _put_rows_task(rank: int) -> None:
         assert bool((rows[:, meta_offset : meta_offset + 4 * meta_words].view(torch.int32) == 7).all())
 
 
-def test_put_tokens_places_every_slot(world) -> None:
-    assert world(1).run(_put_tokens_task) == [None]
+PUT_TOKENS = {  # what dispatch's put moves: plain rows, quantized rows with their scales, or rows it quantizes
+    "bf16": None,
+    "e5m2 with scales": "scales",
+    "quantizing: fp8 block": quant.QuantSpec("fp8_e4m3", 128),
+    "quantizing: int8 per token, UE8M0": quant.QuantSpec("int8", 0, True),
+}
 
 
-def _put_tokens_task(rank: int) -> None:
+@pytest.mark.parametrize("rows", PUT_TOKENS)
+def test_put_tokens_places_every_slot(world, rows: str) -> None:
+    assert world(1).run(_put_tokens_task, PUT_TOKENS[rows]) == [None]
+
+
+def _put_tokens_task(rank: int, moved: quant.QuantSpec | str | None) -> None:
     """Dispatch's put for three simulated ranks (T = 5, 6, 0; bound 6; 2 experts per rank, K = 3, masked
     and out-of-range ids): row ``s * 6 + t`` of rank ``d`` holds token ``t`` of rank ``s`` exactly when one
-    of its routes goes to ``d``, its ids local to ``d`` (-1 elsewhere) and their weights (0 elsewhere)."""
+    of its routes goes to ``d``, its ids local to ``d`` (-1 elsewhere) and their weights (0 elsewhere).
+    Quantized (H = 2100: two column blocks, 17 scales, the last group short): the 1-byte token and its
+    scales beside it, only where the token goes, bit for bit :func:`moe_ops.quant.quantize`'s when the
+    kernel quantizes."""
     from moe_ops.backends.symm.put import put_tokens
 
-    world, bound, hidden, num_local, top_k = 3, 6, 5, 2, 3
-    row_bytes, meta_offset, weights_offset = 48, 16, 16  # payload 10 bytes -> 16; ids 12 bytes -> 16; weights 12
+    world, bound, num_local, top_k = 3, 6, 2, 3
+    hidden = 5 if moved is None else 2100
+    num_scales = 0 if moved is None else quant.scale_columns(hidden, 0 if moved == "scales" else moved.block)
+    meta_format = RowFormat(((top_k, torch.int32), (top_k, torch.float32)))
+    payload_dtype = torch.bfloat16 if moved is None else torch.float8_e5m2 if moved == "scales" else moved.dtype
+    row_format = RowFormat(((hidden, payload_dtype), (num_scales, torch.float32), (meta_format.row_bytes, torch.uint8)), 16)
+    row_bytes, scales_offset, meta_offset = row_format.row_bytes, row_format.offset(1), row_format.offset(2)
     buffers = [torch.full((world * bound * row_bytes,), 0xEE, dtype=torch.uint8) for _ in range(world)]
     peers = torch.tensor([b.data_ptr() for b in buffers], dtype=torch.int64)
     sent = []
@@ -94,23 +115,32 @@ def _put_tokens_task(rank: int) -> None:
         x = torch.randn(tokens, hidden, generator=gen).to(torch.bfloat16)
         idx = torch.randint(-1, world * num_local + 2, (tokens, top_k), generator=gen)
         w = torch.rand(tokens, top_k, generator=gen)
-        put_tokens(x, idx, w, num_local, peers, sender, bound, row_bytes, meta_offset, weights_offset, programs=2)
-        sent.append((x, idx, w))
+        scales, spec = None, None
+        if moved == "scales":
+            x, scales = x.to(torch.float8_e5m2), torch.rand(tokens, num_scales, generator=gen)
+        elif moved is not None:
+            spec = moved
+        put_tokens(x, idx, w, num_local, peers, sender, bound, row_bytes, meta_offset, meta_format.offset(1), programs=2,
+                   scales=scales, quantize=spec, scales_offset=scales_offset)
+        if spec is not None:
+            x, scales = quant.quantize(x, spec)
+        sent.append((x, idx, w, scales))
     for dest in range(world):
         rows = buffers[dest].view(world * bound, row_bytes)
-        for sender, (x, idx, w) in enumerate(sent):
+        for sender, (x, idx, w, scales) in enumerate(sent):
             for t in range(bound):
                 row = rows[sender * bound + t]
-                ids = row[meta_offset : meta_offset + 4 * top_k].view(torch.int32)
-                weights = row[meta_offset + weights_offset : meta_offset + weights_offset + 4 * top_k].view(torch.float32)
+                ids, weights = meta_format.views(row[None, meta_offset : meta_offset + meta_format.row_bytes])
                 mine = (idx[t] >= 0) & (idx[t] < world * num_local) & (idx[t] // num_local == dest) if t < len(x) else torch.zeros(top_k, dtype=torch.bool)
-                assert torch.equal(ids, torch.where(mine, idx[t] - dest * num_local, -1).int() if t < len(x) else torch.full((top_k,), -1, dtype=torch.int32))
-                assert torch.equal(weights, torch.where(mine, w[t], 0) if t < len(x) else torch.zeros(top_k))
-                payload = row[: 2 * hidden]
+                assert torch.equal(ids[0], torch.where(mine, idx[t] - dest * num_local, -1).int() if t < len(x) else torch.full((top_k,), -1, dtype=torch.int32))
+                assert torch.equal(weights[0], torch.where(mine, w[t], 0) if t < len(x) else torch.zeros(top_k))
+                payload = row[: x.element_size() * hidden]
+                carried = row[scales_offset : scales_offset + 4 * num_scales]
                 if bool(mine.any()):
-                    assert torch.equal(payload.view(torch.bfloat16), x[t]), (dest, sender, t)
+                    assert torch.equal(payload, x[t].view(torch.uint8)), (dest, sender, t)
+                    assert scales is None or torch.equal(carried.view(torch.float32), scales[t]), (dest, sender, t)
                 else:
-                    assert bool((payload == 0xEE).all()), (dest, sender, t)
+                    assert bool((payload == 0xEE).all() and (carried == 0xEE).all()), (dest, sender, t)
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 4])
@@ -131,6 +161,44 @@ def test_edge_cases(world, size: int, layout: str) -> None:
     for pattern in ("one_rank", "one_expert", "all_masked", "uniform"):
         problem = make_problem([13, 0, 9][:size], 24, 4 * size, 3, pattern=pattern, mask_fraction=0.3, seed=3, **kw)
         conformance.check_world(world(size), problem, "symm")
+
+
+QUANTIZED = {  # tokens per rank, H, layout options, quantization, pre-quantized (else quantized by the put kernel)
+    "W=1 ragged, fp8 block, quantized": ([9], 200, {}, quant.QuantSpec("fp8_e4m3", 128), False),
+    "W=2 ragged, int8 per token, given": ([13, 0], 136, {}, quant.QuantSpec("int8", 0), True),
+    "W=2 padded, drops, fp8 per token UE8M0, quantized": (
+        [13, 6], 40, dict(layout="padded", max_tokens_per_rank=13, capacity=3), quant.QuantSpec("fp8_e4m3", 0, True), False
+    ),
+    "W=2 bounded, pad_multiple, two column blocks, int8 block UE8M0, quantized": (
+        [7, 5], 2100, dict(max_recv_rows=24, max_tokens_per_rank=7, pad_multiple=4), quant.QuantSpec("int8", 128, True), False
+    ),
+    "W=3 ragged, fp8 block UE8M0, given": ([9, 0, 5], 200, {}, quant.QuantSpec("fp8_e4m3", 128, True), True),
+    "W=3 padded, int8 block, quantized": (
+        [9, 4, 5], 200, dict(layout="padded", max_tokens_per_rank=9, capacity=4), quant.QuantSpec("int8", 128), False
+    ),
+    "W=3 bounded, fp8 per token, given": ([9, 4, 0], 7, dict(max_recv_rows=12, max_tokens_per_rank=9), quant.QuantSpec("fp8_e4m3", 0), True),
+}
+
+
+@pytest.mark.parametrize("case", QUANTIZED)
+def test_quantized_matches_reference(world, case: str) -> None:
+    """Quantized dispatch: rows and scales exactly the reference layout of the quantized tokens, combine
+    of the dequantized rows through the same handle, and the router's gradient as after dispatch."""
+    tokens, hidden, kw, spec, prequantized = QUANTIZED[case]
+    problem = make_problem(tokens, hidden, 4 * len(tokens), 3, mask_fraction=0.2, dtype=torch.bfloat16, seed=list(QUANTIZED).index(case), **kw)
+    quantized.check_world(world(len(tokens)), problem, spec, prequantized, "symm")
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_quantized_property(world, size: int) -> None:
+    @settings(max_examples=3)
+    @given(problem=problems(size, max_tokens=12, max_experts=16, hidden_sizes=(7, 128, 200)),
+           spec=st.builds(quant.QuantSpec, st.sampled_from(sorted(quant.FORMATS)), st.sampled_from((quant.BLOCK, 0)), st.booleans()),
+           prequantized=st.booleans())
+    def check(problem: Problem, spec: quant.QuantSpec, prequantized: bool) -> None:
+        quantized.check_world(world(size), problem, spec, prequantized, "symm")
+
+    check()
 
 
 @pytest.mark.parametrize("layout", ["ragged", "padded"])

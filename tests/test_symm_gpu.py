@@ -1,7 +1,8 @@
 """The ``symm`` backend on one GPU over real symmetric memory (CUDA only): a one-rank NCCL group, so
 the put kernel stores into this rank's own buffer and the barriers run with nobody else. Conformance
-in both layouts, eager and compiled, and a padded decode step captured in a CUDA graph. More than one
-GPU: ``tools/bench_multi_gpu.py`` (issue 7), not this file."""
+in both layouts, eager and compiled, quantized dispatch (rows and scales exact, quantized in the compiled
+put kernel or given), and a padded decode step captured in a CUDA graph. More than one GPU:
+``tools/bench_multi_gpu.py`` (issue 7), not this file."""
 
 import faulthandler
 from collections.abc import Iterator
@@ -10,8 +11,9 @@ import pytest
 import torch
 
 import moe_ops
+from moe_ops import quant
 from moe_ops.backends.symm import peer_memory
-from moe_ops.testing import conformance, cuda_graph
+from moe_ops.testing import conformance, cuda_graph, quantized
 from moe_ops.testing.conformance import assert_relative_close
 from moe_ops.testing.problems import make_problem
 
@@ -78,6 +80,26 @@ def _check(group: str, case: str, compiled: bool) -> None:
     ours = conformance.run_rank(problem, 0, group=group, backend="symm", device="cuda", step=step)
     ref, mag = conformance.expected(problem)
     conformance.assert_rank_matches(problem, 0, ours, ref[0], mag[0])
+
+
+QUANTIZED = {  # a PROBLEMS case, options added to it, quantization, pre-quantized (else quantized in the put kernel)
+    "ragged, fp8 block": ("ragged", {}, quant.QuantSpec("fp8_e4m3", 128), False),
+    "padded, int8 per token UE8M0, given": ("padded", {}, quant.QuantSpec("int8", 0, True), True),
+    "bounded, pad_multiple, fp8 per token UE8M0": (
+        "ragged", dict(max_recv_rows=1024, max_tokens_per_rank=300, pad_multiple=16), quant.QuantSpec("fp8_e4m3", 0, True), False
+    ),
+    "no tokens, int8 block": ("no tokens", {}, quant.QuantSpec("int8", 128), False),
+}
+
+
+@pytest.mark.parametrize("case", QUANTIZED)
+def test_quantized(group: str, case: str) -> None:
+    name, extra, spec, prequantized = QUANTIZED[case]
+    kw = dict(PROBLEMS[name], **extra)
+    problem = make_problem(kw.pop("tokens"), kw.pop("hidden"), kw.pop("experts"), kw.pop("top_k"), dtype=torch.bfloat16, seed=5, **kw)
+    ours = quantized.rank_task(0, problem, spec, prequantized, backend="symm", device="cuda")
+    rows, scales = quantized.expected(problem, spec)
+    quantized.assert_rank_matches(problem, spec, 0, ours, rows[0], scales[0])
 
 
 @torch.no_grad()

@@ -24,6 +24,11 @@ Dispatch's put kernel (``put_tokens``) reads the routes itself: it finds each sl
 and stores them with the router weights, so no send buffer or index is built first. The other three
 transfers store rows named by an index (``put_rows``).
 
+Quantized dispatch (``moe.dispatch_quantized``): a slot's row holds the 1-byte token and its float32
+scales ``[S]`` beside it, stored by the same put only where the token goes; with ``quant`` the put kernel
+quantizes each block as it stores it (``moe_ops.quant``'s rounding), so only quantized bytes are read
+back and moved. Combine and the backward passes move bf16/fp32 rows as after any dispatch.
+
 Handle: ``[send_slot [T, K], row_src [N] or [L, C], route_row [W*B, K], back_index [W*B]]``: the slot of
 each route's (token, destination); the layout's row map; the layout row of each received route; each
 received slot's own index where it carried a token (-1: empty).
@@ -41,51 +46,46 @@ from moe_ops.backends.base import Backend, DispatchOutputs, Peers, int64_like
 from moe_ops.backends.symm import peer_memory
 from moe_ops.comm import Comm, library_call
 from moe_ops.indexing import take_columns
-from moe_ops.packing import RowFormat, round_up
+from moe_ops.packing import RowFormat
 from moe_ops.plan import DispatchPlan, Kind
 
 _ALIGN = 16  # bytes: rows and their payloads start 16-byte aligned (vector stores)
 
 
-def _transfer(
-    comm: Comm, bound: int, payload: tuple[int, torch.dtype], meta_bytes: int, device: torch.device,
-    put: Callable[[Tensor, int, int], None],
-) -> tuple[Tensor, Tensor]:
-    """One transfer: ``put(peers, row_bytes, meta_offset)`` stores this rank's slots into the peers'
-    buffers between two barriers. Returns what every rank sent here — ``[W*bound, cols]`` payloads of
-    ``payload = (cols, dtype)`` and ``[W*bound, meta_bytes]`` uint8 metadata — as views of this rank's
-    buffer (valid until the next transfer)."""
-    cols, dtype = payload
+def _transfer(comm: Comm, bound: int, row: RowFormat, device: torch.device, put: Callable[[Tensor], None]) -> list[Tensor]:
+    """One transfer: ``put(peers)`` stores this rank's ``W*bound`` slots, rows of format ``row`` (fields
+    16-byte aligned), into the peers' buffers between two barriers. Returns each field of what every rank
+    sent here: ``[W*bound, width]`` views of this rank's buffer (valid until the next transfer)."""
     num_slots = comm.world_size * bound
-    payload_bytes = round_up(cols * dtype.itemsize, _ALIGN)
-    row_bytes = round_up(payload_bytes + meta_bytes, _ALIGN)
-    buffer = peer_memory.get(comm, num_slots * row_bytes, device)
+    buffer = peer_memory.get(comm, num_slots * row.row_bytes, device)
     library_call("symm barrier", comm, buffer.barrier)  # every rank has read what the previous transfer left
-    put(buffer.peers, row_bytes, payload_bytes)
+    put(buffer.peers)
     library_call("symm barrier", comm, buffer.barrier)  # every rank's rows for this rank have landed
-    rows = buffer.local[: num_slots * row_bytes].view(num_slots, row_bytes)
-    return rows[:, : cols * dtype.itemsize].view(dtype), rows[:, payload_bytes : payload_bytes + meta_bytes]
+    return row.views(buffer.local[: num_slots * row.row_bytes].view(num_slots, row.row_bytes))
 
 
-def _send_rows(comm: Comm, src: Tensor, src_index: Tensor, bound: int, meta: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def _send_rows(comm: Comm, src: Tensor, src_index: Tensor, bound: int, meta: Tensor | None = None) -> list[Tensor]:
     """:func:`_transfer` of rows named by an index: slot ``i`` sends ``src[src_index[i]]`` (-1: none) and
-    ``meta[i]`` (``[S, M]`` uint8, ``M`` a multiple of 4)."""
+    ``meta[i]`` (``[S, M]`` uint8, ``M`` a multiple of 4). Returns the rows received (and their metadata)."""
     from moe_ops.backends.symm.put import (
         put_rows,  # Triton: imported on the first transfer, not with moe_ops
     )
 
+    fields = ((src.shape[1], src.dtype),) if meta is None else ((src.shape[1], src.dtype), (meta.shape[1], torch.uint8))
+    row = RowFormat(fields, _ALIGN)
     words = None if meta is None else meta.view(torch.int32)
 
-    def put(peers: Tensor, row_bytes: int, meta_offset: int) -> None:
-        put_rows(src, src_index, words, peers, comm.rank, bound, row_bytes, meta_offset, config.symm_num_sms)
+    def put(peers: Tensor) -> None:
+        put_rows(src, src_index, words, peers, comm.rank, bound, row.row_bytes, row.offset(len(fields) - 1), config.symm_num_sms)
 
-    return _transfer(comm, bound, (src.shape[1], src.dtype), 0 if meta is None else meta.shape[1], src.device, put)
+    return _transfer(comm, bound, row, src.device, put)
 
 
 class SymmBackend(Backend):
     name = "symm"
     layouts = frozenset({"ragged", "bounded", "padded"})
     multi_rank = True
+    quantized = True
 
     @property
     def device_types(self) -> frozenset[str]:  # type: ignore[override]
@@ -98,7 +98,9 @@ class SymmBackend(Backend):
         dest = routing.destination_ranks(topk_idx, plan.num_experts, plan.comm.world_size)
         return torch.cat([dest.new_tensor([topk_idx.shape[0]]), routing.routes_per_rank(dest, plan.comm.world_size)])
 
-    def dispatch(self, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, plan: DispatchPlan, peers: Peers) -> DispatchOutputs:
+    def dispatch(
+        self, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, plan: DispatchPlan, peers: Peers, x_scales: Tensor | None = None
+    ) -> DispatchOutputs:
         from moe_ops.backends.symm.put import put_tokens
 
         comm, world, num_local = plan.comm, plan.comm.world_size, plan.num_local_experts
@@ -109,24 +111,29 @@ class SymmBackend(Backend):
         else:
             bound, num_routes = plan.token_bound, None
         meta_format = RowFormat(((topk_idx.shape[1], torch.int32), (topk_idx.shape[1], topk_weights.dtype)))
+        # A slot's row: the token, its scales beside it (a quantized dispatch), its ids and weights.
+        spec = None if plan.scales is None else plan.scales.quantize
+        scales = () if plan.scales is None else ((plan.scales.columns, torch.float32),)
+        row = RowFormat(((x.shape[1], x.dtype if spec is None else spec.dtype), *scales, (meta_format.row_bytes, torch.uint8)), _ALIGN)
 
-        def put(peer_buffers: Tensor, row_bytes: int, meta_offset: int) -> None:
+        def put(peer_buffers: Tensor) -> None:
             put_tokens(x, topk_idx.contiguous(), topk_weights.contiguous(), num_local, peer_buffers, comm.rank, bound,
-                       row_bytes, meta_offset, meta_format.offset(1), config.symm_num_sms)
+                       row.row_bytes, row.offset(len(row.fields) - 1), meta_format.offset(1), config.symm_num_sms,
+                       x_scales, spec, row.offset(1))
 
-        tokens, meta = _transfer(comm, bound, (x.shape[1], x.dtype), meta_format.row_bytes, x.device, put)
+        tokens, *recv_scales, meta = _transfer(comm, bound, row, x.device, put)
         ids, weights = meta_format.views(meta)
-        out = stage.dispatch_rows(tokens, weights, ids, num_local, plan.rows, num_routes)
+        out = stage.dispatch_rows(tokens, weights, ids, num_local, plan.rows, num_routes, scales=recv_scales[0] if recv_scales else None)
         back_index = torch.where((ids >= 0).any(1), torch.arange(world * bound, device=x.device), -1)
         send_slot = slots.send_slots(routing.destination_ranks(topk_idx, plan.num_experts, world), bound)
         handle = [send_slot, out.row_src, out.route_row, back_index]
-        return DispatchOutputs(out.recv_x, out.recv_weights, out.tokens_per_expert, out.dropped, handle)
+        return DispatchOutputs(out.recv_x, out.recv_weights, out.tokens_per_expert, out.dropped, handle, out.recv_scales)
 
     def combine(self, expert_out: Tensor, recv_weights: Tensor, handle: list[Tensor], comm: Comm) -> Tensor:
         send_slot, _, route_row, back_index = handle
         bound = route_row.shape[0] // comm.world_size
         partial = stage.reduce(expert_out.flatten(0, -2), route_row, recv_weights.reshape(-1), ragged=expert_out.dim() == 2)
-        back, _ = _send_rows(comm, partial, back_index, bound)
+        [back] = _send_rows(comm, partial, back_index, bound)
         return stage.reduce(back, send_slot, None, unique=True)
 
     def dispatch_backward(
@@ -150,7 +157,7 @@ class SymmBackend(Backend):
         send_slot, row_src, route_row, _ = handle
         bound = route_row.shape[0] // comm.world_size
         send_index = slots.slot_tokens(send_slot, route_row.shape[0])
-        grad_tokens, _ = _send_rows(comm, grad_out, send_index, bound)
+        [grad_tokens] = _send_rows(comm, grad_out, send_index, bound)
         return stage.expand_grad(grad_tokens, expert_out, recv_weights, route_row, row_src)
 
     def handle_len(self, kind: Kind) -> int:

@@ -2,11 +2,14 @@
 
 The sender has ``W * B`` slots: slot ``i = d * B + t`` goes to rank ``d``, where it lands in row
 ``rank * B + t`` of that rank's buffer. Each row of a buffer is ``row_bytes`` long: a payload at byte 0
-and, optionally, metadata at ``meta_offset``. A slot without a payload sends only its metadata, so a
-token crosses a link once per destination rank that needs it.
+(a quantized dispatch: its scales at ``scales_offset``) and, optionally, metadata at ``meta_offset``. A
+slot without a payload sends only its metadata, so a token crosses a link once per destination rank that
+needs it.
 
 * ``_put_tokens`` (dispatch): reads the routes itself; slot ``d * B + t`` carries token ``t`` if one of
-  its routes goes to rank ``d``, and always its ids local to ``d`` and their router weights.
+  its routes goes to rank ``d``, and always its ids local to ``d`` and their router weights. A quantized
+  dispatch stores the token's float32 scales beside it in the same row (moved as they came, or computed
+  here: the kernel quantizes each block as it stores it, :func:`moe_ops.stage.kernels.quantize._quantize_block`).
 * ``_put_rows`` (combine, the backward passes): ``src_index[i]`` names slot ``i``'s source row
   (``-1``: none); ``meta[i]`` (int32 words), if given, is always sent.
 
@@ -22,7 +25,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from moe_ops import quant
+from moe_ops.quant import QuantSpec
 from moe_ops.stage.kernels import block_size, k_block, unit_columns
+from moe_ops.stage.kernels.quantize import _quantize_block
 
 PUT_BLOCK = 2048  # payload elements per row of a tile
 PUT_TILE = 16384  # elements a program moves per step: PUT_TILE // block rows at once (bytes in flight)
@@ -48,13 +54,27 @@ def _row_pointer(base, offset, DTYPE: tl.constexpr, ALIGN: tl.constexpr):
 
 
 @triton.jit
-def _store_payload(src_ptr, src_stride, src_row, base, b, payload_cols, BLOCK: tl.constexpr):
-    """Columns of block ``b`` of source rows ``src_row`` (-1: none) to the rows at addresses ``base``."""
+def _load_payload(src_ptr, src_stride, src_row, b, payload_cols, BLOCK: tl.constexpr):
+    """Columns of block ``b`` of source rows ``src_row`` (-1: none): ``(values [ROWS, BLOCK] (0 where
+    masked), cols [BLOCK], mask)``."""
     cols = b * BLOCK + tl.arange(0, BLOCK)
     mask = (src_row >= 0)[:, None] & (cols < payload_cols)[None, :]
-    v = tl.load(src_ptr + src_row[:, None] * src_stride + cols[None, :], mask=mask)
-    out = _row_pointer(base, 0, src_ptr.dtype.element_ty, 16)  # buffers and rows are 16-byte aligned
+    return tl.load(src_ptr + src_row[:, None] * src_stride + cols[None, :], mask=mask, other=0), cols, mask
+
+
+@triton.jit
+def _store_fields(base, offset, v, cols, mask):
+    """``v [ROWS, n]`` to columns ``cols`` of the field at byte ``offset`` of the rows at addresses ``base``
+    (fields start 16-byte aligned: buffers, rows and field offsets are)."""
+    out = _row_pointer(base, offset, v.dtype, 16)
     tl.store(out[:, None] + cols[None, :], v, mask=mask)
+
+
+@triton.jit
+def _store_payload(src_ptr, src_stride, src_row, base, b, payload_cols, BLOCK: tl.constexpr):
+    """Columns of block ``b`` of source rows ``src_row`` (-1: none) to the rows at addresses ``base``."""
+    v, cols, mask = _load_payload(src_ptr, src_stride, src_row, b, payload_cols, BLOCK)
+    _store_fields(base, 0, v, cols, mask)
 
 
 @triton.jit
@@ -82,10 +102,16 @@ def _put_rows(
 def _put_tokens(
     x_ptr, x_stride, idx_ptr, weights_ptr, peers_ptr,
     rank, bound, num_slots, num_tokens, top_k, num_local, num_experts, hidden, row_bytes, meta_offset, weights_offset,
+    scales_ptr, scale_stride, num_scales, scales_offset,
     ROWS: tl.constexpr, BLOCK: tl.constexpr, K_BLOCK: tl.constexpr,
+    SCALES: tl.constexpr, S_BLOCK: tl.constexpr, Q_DTYPE: tl.constexpr, QMAX: tl.constexpr, QMAX_INV: tl.constexpr,
+    GROUP: tl.constexpr, ROUND_SCALE: tl.constexpr, AMAX_FLOOR: tl.constexpr,
 ):
     """Dispatch's transfer: slot ``d * bound + t`` carries token ``t`` to rank ``d`` if one of its routes
-    goes there, and always its ``K`` ids local to ``d`` (-1 where not there) and their router weights."""
+    goes there, and always its ``K`` ids local to ``d`` (-1 where not there) and their router weights.
+    ``SCALES``: 0 plain rows; 1 the token's ``num_scales`` scales (``scales_ptr``) go with it (block 0
+    stores them at ``scales_offset``); 2 every block quantizes its slice to ``Q_DTYPE`` (groups of
+    ``GROUP`` columns, whole groups per block) and stores the slice's scales there."""
     blocks = tl.maximum(tl.cdiv(hidden, BLOCK), 1)
     for item in range(tl.program_id(0), tl.cdiv(num_slots, ROWS) * blocks, tl.num_programs(0)):
         slot, b, in_range, base = _slot_tile(item, blocks, num_slots, rank, bound, peers_ptr, row_bytes, ROWS)
@@ -96,8 +122,21 @@ def _put_tokens(
         ids = tl.load(idx_ptr + route, mask=(in_range & (t < num_tokens))[:, None] & (k < top_k)[None, :], other=-1)
         mine = (ids >= 0) & (ids < num_experts) & (ids // num_local == dest[:, None])  # checked before narrowing
         goes = tl.max(mine.to(tl.int32), axis=1) > 0
-        _store_payload(x_ptr, x_stride, tl.where(goes, t, -1).to(tl.int64), base, b, hidden, BLOCK)
+        v, cols, mask = _load_payload(x_ptr, x_stride, tl.where(goes, t, -1).to(tl.int64), b, hidden, BLOCK)
+        if SCALES == 2:  # the rows are zero past the row and where masked: amax holds the floor there
+            q, scale = _quantize_block(tl.reshape(v, [ROWS * BLOCK]), QMAX, QMAX_INV, GROUP, Q_DTYPE == tl.int8, ROUND_SCALE,
+                                       AMAX_FLOOR, ROWS * BLOCK)
+            v = tl.reshape(q, [ROWS, BLOCK]).to(Q_DTYPE)  # on the format's grid already: the cast is exact
+            sc = b * (BLOCK // GROUP) + tl.arange(0, BLOCK // GROUP)
+            _store_fields(base, scales_offset, tl.reshape(scale, [ROWS, BLOCK // GROUP]), sc,
+                          goes[:, None] & (sc < num_scales)[None, :])
+        _store_fields(base, 0, v, cols, mask)
         if b == 0:
+            if SCALES == 1:
+                sc = tl.arange(0, S_BLOCK)
+                held = goes[:, None] & (sc < num_scales)[None, :]
+                s = tl.load(scales_ptr + t.to(tl.int64)[:, None] * scale_stride + sc[None, :], mask=held)
+                _store_fields(base, scales_offset, s, sc, held)
             fields = in_range[:, None] & (k < top_k)[None, :]
             local = tl.where(mine, ids - dest[:, None] * num_local, -1).to(tl.int32)
             ids_out = _row_pointer(base, meta_offset, tl.int32, 16)  # the payload is padded to 16 bytes
@@ -107,12 +146,21 @@ def _put_tokens(
             tl.store(w_out[:, None] + k[None, :], w, mask=fields)
 
 
-def _launch_shape(payload_cols: int, num_slots: int, programs: int) -> tuple[int, int, int]:
-    """``(block, rows, programs)``: payload columns and slots per step, programs to launch."""
-    block = block_size(payload_cols, PUT_BLOCK)
+def _launch_shape(block: int, payload_cols: int, num_slots: int, programs: int) -> tuple[int, int]:
+    """``(rows, programs)``: slots per step of ``block`` payload columns, programs to launch."""
     rows = max(1, PUT_TILE // block)
     items = triton.cdiv(num_slots, rows) * max(1, triton.cdiv(payload_cols, block))
-    return block, rows, max(1, min(programs, items))
+    return rows, max(1, min(programs, items))
+
+
+def _token_block(hidden: int, quantize: QuantSpec | None) -> int:
+    """Payload columns per step of dispatch's put; quantizing, whole scale groups (one scale per token:
+    the whole row)."""
+    if quantize is None:
+        return block_size(hidden, PUT_BLOCK)
+    if quantize.block == 0:
+        return triton.next_power_of_2(max(hidden, 1))
+    return max(block_size(hidden, PUT_BLOCK), quantize.block)
 
 
 def put_rows(
@@ -139,7 +187,8 @@ def put_rows(
     if not num_slots:
         return
     meta_words = 0 if meta is None else meta.shape[1]
-    block, rows, grid = _launch_shape(payload_cols, num_slots, programs)
+    block = block_size(payload_cols, PUT_BLOCK)
+    rows, grid = _launch_shape(block, payload_cols, num_slots, programs)
     _put_rows[(grid,)](
         src, src.stride(0), src_index, src_index if meta is None else meta, meta_words, peers,
         rank, bound, num_slots, payload_cols, row_bytes, meta_offset,
@@ -160,21 +209,45 @@ def put_tokens(
     meta_offset: int,
     weights_offset: int,
     programs: int,
+    scales: Tensor | None = None,
+    quantize: QuantSpec | None = None,
+    scales_offset: int = 0,
 ) -> None:
     """Dispatch's transfer, reading the routes directly: slot ``d * bound + t`` (``d`` over the ``W =
     len(peers)`` ranks) carries token ``t`` of ``x [T, H]`` to rank ``d`` if one of its routes ``topk_idx
     [T, K]`` (expert ``e`` lives on rank ``e // num_local``; ids outside ``[0, W * num_local)`` are masked)
     goes there; every slot's ``K`` int32 ids local to ``d`` (-1 elsewhere) go to ``meta_offset`` and their
-    ``topk_weights`` (0 elsewhere) to ``meta_offset + weights_offset`` of its row."""
+    ``topk_weights`` (0 elsewhere) to ``meta_offset + weights_offset`` of its row.
+
+    Quantized rows (at most one of): ``scales [T, S]`` float32 go with ``x`` (1-byte elements, moved as
+    they are); or ``quantize`` quantizes ``x`` (bf16/fp16/fp32) to ``quantize.dtype`` as it stores it, as
+    :func:`moe_ops.quant.quantize` defines it. Either way a sent token's ``S`` scales go to
+    ``scales_offset`` of its row (16-byte aligned, as ``meta_offset``)."""
     num_tokens, top_k = topk_idx.shape
     world, hidden = peers.numel(), x.shape[1]
     assert unit_columns(x) and topk_idx.is_contiguous() and topk_weights.is_contiguous()
-    assert row_bytes % 16 == 0 and num_tokens <= bound
+    assert row_bytes % 16 == 0 and num_tokens <= bound and (scales is None or quantize is None)
     if not bound:
         return
-    block, rows, grid = _launch_shape(hidden, world * bound, programs)
+    if x.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):  # moved as bytes: the same bits, any format
+        x = x.view(torch.uint8)
+    block = _token_block(hidden, quantize)
+    rows, grid = _launch_shape(block, hidden, world * bound, programs)
+    flags = dict(SCALES=0, S_BLOCK=1, Q_DTYPE=tl.int8, QMAX=0.0, QMAX_INV=0.0, GROUP=block, ROUND_SCALE=False,
+                 AMAX_FLOOR=quant.AMAX_FLOOR)
+    num_scales, source = 0, x  # (a pointer the kernel never reads without scales)
+    if scales is not None:
+        assert scales.dtype == torch.float32 and unit_columns(scales) and x.element_size() == 1
+        num_scales, source = scales.shape[1], scales
+        flags.update(SCALES=1, S_BLOCK=triton.next_power_of_2(num_scales))
+    elif quantize is not None:
+        num_scales = quant.scale_columns(hidden, quantize.block)
+        flags.update(SCALES=2, Q_DTYPE=tl.int8 if quantize.dtype == torch.int8 else tl.float8e4nv, QMAX=quantize.qmax,
+                     QMAX_INV=quant.inverse_qmax(quantize),
+                     GROUP=quantize.block or block, ROUND_SCALE=quantize.round_scale)
     _put_tokens[(grid,)](
         x, x.stride(0), topk_idx, topk_weights, peers,
         rank, bound, world * bound, num_tokens, top_k, num_local, world * num_local, hidden, row_bytes, meta_offset,
-        weights_offset, ROWS=rows, BLOCK=block, K_BLOCK=k_block(top_k), num_warps=PUT_WARPS,
+        weights_offset, source, source.stride(0), num_scales, scales_offset,
+        ROWS=rows, BLOCK=block, K_BLOCK=k_block(top_k), num_warps=PUT_WARPS, **flags,
     )
