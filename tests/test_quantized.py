@@ -280,7 +280,7 @@ def test_cuda_kernels_equal_plain(tokens: int) -> None:
 
     for i, spec in enumerate(SPECS):
         kw = [dict(), dict(layout="padded", capacity=40, max_tokens_per_rank=tokens),
-              dict(max_recv_rows=tokens * 2, max_tokens_per_rank=tokens, pad_multiple=16)][i % 3]
+              dict(max_recv_rows=-(-tokens * 2 // 16) * 16, max_tokens_per_rank=tokens, pad_multiple=16)][i % 3]
         problem = make_problem([tokens], [7168, 300, 2048][i % 3], 64, 8, mask_fraction=0.1, dtype=DTYPES[i % 3], seed=i, **kw)
         for prequantized in (False, True):
             ours = quantized.rank_task(0, problem, spec, prequantized, device="cuda")

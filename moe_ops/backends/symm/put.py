@@ -126,7 +126,7 @@ def _put_tokens(
         if SCALES == 2:  # the rows are zero past the row and where masked: amax holds the floor there
             q, scale = _quantize_block(tl.reshape(v, [ROWS * BLOCK]), QMAX, QMAX_INV, GROUP, Q_DTYPE == tl.int8, ROUND_SCALE,
                                        AMAX_FLOOR, ROWS * BLOCK)
-            v = tl.reshape(q, [ROWS, BLOCK]).to(Q_DTYPE)  # on the format's grid already: the cast is exact
+            v = tl.reshape(q, [ROWS, BLOCK]).to(Q_DTYPE)  # int8 values (exact), or e4m3's bytes (Q_DTYPE uint8)
             sc = b * (BLOCK // GROUP) + tl.arange(0, BLOCK // GROUP)
             _store_fields(base, scales_offset, tl.reshape(scale, [ROWS, BLOCK // GROUP]), sc,
                           goes[:, None] & (sc < num_scales)[None, :])
@@ -242,7 +242,7 @@ def put_tokens(
         flags.update(SCALES=1, S_BLOCK=triton.next_power_of_2(num_scales))
     elif quantize is not None:
         num_scales = quant.scale_columns(hidden, quantize.block)
-        flags.update(SCALES=2, Q_DTYPE=tl.int8 if quantize.dtype == torch.int8 else tl.float8e4nv, QMAX=quantize.qmax,
+        flags.update(SCALES=2, Q_DTYPE=tl.int8 if quantize.dtype == torch.int8 else tl.uint8, QMAX=quantize.qmax,
                      QMAX_INV=quant.inverse_qmax(quantize),
                      GROUP=quantize.block or block, ROUND_SCALE=quantize.round_scale)
     _put_tokens[(grid,)](

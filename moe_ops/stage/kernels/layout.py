@@ -440,14 +440,14 @@ def dispatch_rows(
     counts = torch.empty(num_local, dtype=torch.int32, device=device)
     dropped = torch.empty_like(counts)
     route_row = torch.empty(m, top_k, dtype=torch.int64, device=device)
-    # 1-byte rows (quantized) take twice the columns per program: 16-byte vectors either way
-    h_block = block_size(hidden, SCATTER_H_BLOCK * (2 if recv_x.element_size() == 1 else 1))
+    # 1-byte rows (quantized) take four times the columns per program (tools/bench.py --quant measured it)
+    h_block = block_size(hidden, SCATTER_H_BLOCK * (4 if recv_x.element_size() == 1 else 1))
     if quantize is not None:  # whole groups per program
         h_block = max(h_block, quantize.block)
-    if recv_x.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and quantize is None:  # moved as bytes
-        tokens, recv_x_bytes = tokens.view(torch.uint8), recv_x.view(torch.uint8)
-    else:
-        recv_x_bytes = recv_x
+    recv_x_bytes = recv_x
+    if recv_x.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):  # stored as bytes (quantized: the bytes it builds)
+        recv_x_bytes = recv_x.view(torch.uint8)
+        tokens = tokens if quantize is not None else tokens.view(torch.uint8)
     h_blocks = max(1, triton.cdiv(hidden, h_block))
     bins = bins_for(num_local)
     scale_args, scale_flags = _scale_args(tokens, recv_x_bytes, recv_scales, scales, quantize, h_block)

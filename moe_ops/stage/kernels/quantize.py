@@ -29,7 +29,8 @@ def _round_even(v):
 def _quantize_block(v, QMAX: tl.constexpr, QMAX_INV: tl.constexpr, GROUP: tl.constexpr, INT8: tl.constexpr,
                     ROUND_SCALE: tl.constexpr, AMAX_FLOOR: tl.constexpr, H_BLOCK: tl.constexpr):
     """A hidden block ``v [H_BLOCK]`` (zero past the row) quantized as :func:`moe_ops.quant.quantize`
-    defines it: ``(q [H_BLOCK] float32 holding the format's values, scales [H_BLOCK // GROUP])``."""
+    defines it: ``(q [H_BLOCK], scales [H_BLOCK // GROUP])``, ``q`` the values to store: int8 as float32
+    integers, e4m3 as its bytes (int32; store them through a byte view of the rows)."""
     g = tl.reshape(v.to(tl.float32), [H_BLOCK // GROUP, GROUP])
     amax = tl.maximum(tl.max(tl.abs(g), axis=1), AMAX_FLOOR)
     if ROUND_SCALE:  # the least power of two >= amax / QMAX (a positive normal float32), and its exact inverse
@@ -44,19 +45,32 @@ def _quantize_block(v, QMAX: tl.constexpr, QMAX_INV: tl.constexpr, GROUP: tl.con
         else:  # DeepEP's
             scale = amax * QMAX_INV
     q = g * tl.broadcast_to(factor[:, None], (H_BLOCK // GROUP, GROUP))
-    # Rounded as magnitudes, the sign put back after: -0.0 stays -0.0 (as torch's casts keep it), and the
-    # rounding adds to |q|, never to the product itself, which the compiler could fuse into one FMA
-    # (rounding the unrounded product: a different integer at ties)
+    # Rounded as magnitudes, the sign put back after: the rounding adds to |q|, never to the product
+    # itself, which the compiler could fuse into one FMA (rounding the unrounded product: a different
+    # integer at ties)
     magnitude = tl.abs(q)
+    negative = q.to(tl.int32, bitcast=True) < 0  # the sign bit: -0.0 too
     if INT8:
         magnitude = tl.minimum(_round_even(magnitude), 127.0)
-    else:  # to e4m3's grid (3 mantissa bits; below 2**-6 the subnormals' step 2**-9), so the cast is exact
+        out = tl.where(negative, -magnitude, magnitude)
+    else:  # to e4m3's grid (3 mantissa bits; below 2**-6 the subnormals' step 2**-9), then its bits
         exponent = tl.maximum(((magnitude.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
         step = ((exponent - 3 + 127) << 23).to(tl.float32, bitcast=True)
         inverse = ((127 - exponent + 3) << 23).to(tl.float32, bitcast=True)  # powers of two: both products exact
-        magnitude = tl.minimum(_round_even(magnitude * inverse) * step, QMAX)
-    negative = q.to(tl.int32, bitcast=True) < 0  # the sign bit: -0.0 too
-    return tl.reshape(tl.where(negative, -magnitude, magnitude), [H_BLOCK]), scale
+        out = _e4m3_bits(tl.minimum(_round_even(magnitude * inverse) * step, QMAX), negative)
+    return tl.reshape(out, [H_BLOCK]), scale
+
+
+@triton.jit
+def _e4m3_bits(magnitude, negative):
+    """The float8_e4m3fn encoding (int32 holding a byte) of ``magnitude`` (on e4m3's grid, at most 448) with
+    the sign ``negative``: built from the float32 bits, so no conversion instruction (nor the interpreter's
+    casts, which round ties away from zero) and no compiler's view of signed zeros can change it."""
+    bits = magnitude.to(tl.int32, bitcast=True)
+    biased = bits >> 23
+    normal = ((biased - 120) << 3) | ((bits >> 20) & 7)  # e4m3's exponent bias is 7, float32's 127
+    subnormal = (magnitude * 512.0).to(tl.int32)  # below 2**-6: multiples of 2**-9, exactly
+    return tl.where(biased >= 121, normal, subnormal) | tl.where(negative, 0x80, 0)
 
 
 @triton.jit
@@ -84,11 +98,12 @@ def quantize_rows(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
         return quant.quantize(x, spec)
     num_scales = quant.scale_columns(hidden, spec.block)
     q = torch.empty(m, hidden, dtype=spec.dtype, device=x.device)
+    q_out = q if spec.dtype == torch.int8 else q.view(torch.uint8)  # e4m3 stored as the bytes the kernel builds
     scales = torch.empty(m, num_scales, dtype=torch.float32, device=x.device)
     h_block = spec.block or triton.next_power_of_2(max(hidden, 1))
     if m:
         _quantize_rows[(m, triton.cdiv(hidden, h_block))](
-            x, x.stride(0), hidden, q, scales, num_scales, QMAX=spec.qmax, QMAX_INV=quant.inverse_qmax(spec), GROUP=h_block,
+            x, x.stride(0), hidden, q_out, scales, num_scales, QMAX=spec.qmax, QMAX_INV=quant.inverse_qmax(spec), GROUP=h_block,
             INT8=spec.dtype == torch.int8,
             ROUND_SCALE=spec.round_scale, AMAX_FLOOR=quant.AMAX_FLOOR, H_BLOCK=h_block, num_warps=ROWS_WARPS,
         )
