@@ -165,7 +165,6 @@ def test_edge_cases(world, size: int, layout: str) -> None:
 
 QUANTIZED = {  # tokens per rank, H, layout options, quantization, pre-quantized (else quantized by the put kernel)
     "W=1 ragged, fp8 block, quantized": ([9], 200, {}, quant.QuantSpec("fp8_e4m3", 128), False),
-    "W=2 ragged, int8 per token, given": ([13, 0], 136, {}, quant.QuantSpec("int8", 0), True),
     "W=2 padded, drops, fp8 per token UE8M0, quantized": (
         [13, 6], 40, dict(layout="padded", max_tokens_per_rank=13, capacity=3), quant.QuantSpec("fp8_e4m3", 0, True), False
     ),
@@ -173,9 +172,6 @@ QUANTIZED = {  # tokens per rank, H, layout options, quantization, pre-quantized
         [7, 5], 2100, dict(max_recv_rows=24, max_tokens_per_rank=7, pad_multiple=4), quant.QuantSpec("int8", 128, True), False
     ),
     "W=3 ragged, fp8 block UE8M0, given": ([9, 0, 5], 200, {}, quant.QuantSpec("fp8_e4m3", 128, True), True),
-    "W=3 padded, int8 block, quantized": (
-        [9, 4, 5], 200, dict(layout="padded", max_tokens_per_rank=9, capacity=4), quant.QuantSpec("int8", 128), False
-    ),
     "W=3 bounded, fp8 per token, given": ([9, 4, 0], 7, dict(max_recv_rows=12, max_tokens_per_rank=9), quant.QuantSpec("fp8_e4m3", 0), True),
 }
 
@@ -189,7 +185,7 @@ def test_quantized_matches_reference(world, case: str) -> None:
     quantized.check_world(world(len(tokens)), problem, spec, prequantized, "symm")
 
 
-@pytest.mark.parametrize("size", [2, 3])
+@pytest.mark.parametrize("size", [2])  # W = 3: the fixed cases above (CI time)
 def test_quantized_property(world, size: int) -> None:
     @settings(max_examples=3)
     @given(problem=problems(size, max_tokens=12, max_experts=16, hidden_sizes=(7, 128, 200)),
