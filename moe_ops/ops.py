@@ -105,10 +105,21 @@ def _plan_dispatch(
     )
     validation.check_placement(expert_map, log2phy, o.num_experts, comm.world_size, x.device)
     impl = backends.resolve(o.backend, x.device.type, comm.world_size, plan.kind)
+    _check_group(impl, comm)
     if scales is not None and not impl.quantized:
         raise MoEInputError(f"backend {impl.name!r} does not dispatch quantized rows (docs/backends.md, 'Quantized rows', says which do)")
     impl.check_dispatch(x, topk_idx, topk_weights, plan)
     return impl, plan
+
+
+def _check_group(impl: Backend, comm: Comm) -> None:
+    """A transport between ranks needs their group: without ``group_name`` it would run on torch's default
+    group (or fail inside torch), not on the group of one it was told."""
+    if impl.multi_rank and comm.group is None:
+        raise MoEInputError(
+            f"backend {impl.name!r} moves tokens between the ranks of a process group, but no group_name was given: "
+            "pass the expert-parallel group (group=), or backend='local' (or 'auto') without one"
+        )
 
 
 def _dispatch(
@@ -252,6 +263,7 @@ def _handle_call(
         header = handle.read(handle_tensors)
         impl = backends.producer(header.backend_code, requested)
         backends.resolve(impl.name, rows.device.type, comm.world_size, header.kind)
+        _check_group(impl, comm)
         if len(handle_tensors) != 1 + impl.handle_len(header.kind):
             raise MoEInputError(
                 f"handle must be the {1 + impl.handle_len(header.kind)} tensors moe.dispatch returned for backend {impl.name!r}"

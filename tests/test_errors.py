@@ -157,3 +157,28 @@ def test_placement_values(expert_map: list | None, log2phy: list | None, message
     with moe_ops.config.value_checks(True):
         with pytest.raises(MoEInputError, match=re.escape(message)):
             moe_ops.dispatch(x, idx, w, E, **kw)
+
+
+@pytest.mark.parametrize("backend", ["collective", "allgather"])
+def test_a_transport_without_its_group_is_refused(backend: str) -> None:
+    """Without group_name a transport would run on torch's default group (or fail inside torch)."""
+    x, idx, w = torch.randn(4, 8), torch.tensor([[0, 1]] * 4), torch.rand(4, 2)
+    with pytest.raises(MoEInputError, match=f"backend '{backend}' moves tokens between the ranks of a process group"):
+        moe_ops.dispatch(x, idx, w, 4, backend=backend, layout="padded", max_tokens_per_rank=4)
+
+
+@pytest.mark.multiproc
+def test_combine_without_the_dispatchs_group_is_refused(worlds) -> None:
+    assert worlds(1).run(_combine_without_group) == ["refused"]
+
+
+def _combine_without_group(rank: int) -> str:
+    import torch.distributed as dist
+
+    x, idx, w = torch.randn(4, 8), torch.tensor([[0, 1]] * 4), torch.rand(4, 2)
+    d = moe_ops.dispatch(x, idx, w, 4, group=dist.group.WORLD, backend="collective")
+    try:
+        moe_ops.combine(d.recv_x, d)  # the dispatch's group not passed
+    except MoEInputError as error:
+        return "refused" if "no group_name was given" in str(error) else str(error)
+    return "ran"
