@@ -6,6 +6,8 @@ quantized on the way into the layout), :func:`quantize_rows` quantizes rows befo
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -16,6 +18,10 @@ from moe_ops.quant import QuantSpec
 from moe_ops.stage.kernels import unit_columns
 
 ROWS_WARPS = 8
+#: e4m3 through the GPU's own conversion (one instruction per two values); the interpreter, whose casts
+#: round ties away from zero, builds the bytes from the float32 bits instead (the same bytes: the CUDA
+#: tests compare the compiled kernels with plain torch, the CPU tests the interpreted ones)
+HARDWARE_CAST: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
 
 
 @triton.jit
@@ -47,12 +53,14 @@ def _quantize_block(v, QMAX: tl.constexpr, QMAX_INV: tl.constexpr, GROUP: tl.con
     q = g * tl.broadcast_to(factor[:, None], (H_BLOCK // GROUP, GROUP))
     # Rounded as magnitudes, the sign put back after: the rounding adds to |q|, never to the product
     # itself, which the compiler could fuse into one FMA (rounding the unrounded product: a different
-    # integer at ties)
+    # integer at ties); e4m3 built from bits keeps -0.0, which a GPU compiler's select may not
     magnitude = tl.abs(q)
     negative = q.to(tl.int32, bitcast=True) < 0  # the sign bit: -0.0 too
     if INT8:
         magnitude = tl.minimum(_round_even(magnitude), 127.0)
         out = tl.where(negative, -magnitude, magnitude)
+    elif HARDWARE_CAST:  # the GPU's conversion: round to nearest even, saturating, the sign kept
+        out = tl.minimum(tl.maximum(q, -QMAX), QMAX).to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.int32)
     else:  # to e4m3's grid (3 mantissa bits; below 2**-6 the subnormals' step 2**-9), then its bits
         exponent = tl.maximum(((magnitude.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
         step = ((exponent - 3 + 127) << 23).to(tl.float32, bitcast=True)
