@@ -90,7 +90,7 @@ def test_quantize_rounds_ties_to_even() -> None:
 # --- the local backend, plain torch ---------------------------------------------------------------
 
 
-@settings(max_examples=120)
+@settings(max_examples=60)
 @given(problem=problems(world_size=1, max_tokens=40, max_experts=32, hidden_sizes=(1, 7, 128, 300), dtypes=DTYPES),
        spec=st.sampled_from(SPECS), prequantized=st.booleans())
 def test_local_matches_reference(problem: Problem, spec: quant.QuantSpec, prequantized: bool) -> None:
@@ -171,7 +171,7 @@ LAYOUTS = {"collective": ("ragged", "padded", "bounded"), "allgather": ("padded"
 @pytest.mark.parametrize("backend", LAYOUTS)
 @pytest.mark.parametrize("size", [2, 3])
 def test_multirank_matches_reference(worlds, backend: str, size: int) -> None:
-    @settings(max_examples=12)
+    @settings(max_examples=8)
     @given(problem=problems(world_size=size, max_tokens=40, max_experts=32, hidden_sizes=(7, 128, 200), dtypes=DTYPES,
                             layouts=LAYOUTS[backend]),
            spec=st.sampled_from(SPECS), prequantized=st.booleans())
