@@ -74,6 +74,7 @@ class DispatchOptions(NamedTuple):
     pad_multiple: int = 1
     zero_padding: bool = False
 
+
 class QuantOptions(NamedTuple):
     """The keyword-only arguments ``moe.dispatch_quantized`` adds to dispatch's."""
 
@@ -171,8 +172,7 @@ def _run_dispatch(
             x.device.type, expert_map is not None, log2phy is not None, repr(plan.scales),
         )
         peers = handshake.agree(signature, plan.static, payload)
-    out = impl.dispatch(x, ids, topk_weights, plan, peers) if plan.scales is None else \
-        impl.dispatch(x, ids, topk_weights, plan, peers, x_scales)
+    out = impl.dispatch(x, ids, topk_weights, plan, peers, x_scales)
     return out, handle.tag(impl.name, plan.kind, x)
 
 

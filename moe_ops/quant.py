@@ -127,13 +127,3 @@ def dequantize(q: Tensor, scales: Tensor, block: int, dtype: torch.dtype = torch
     group = h if block == 0 else block
     return (q.float() * scales.repeat_interleave(max(group, 1), dim=-1)[..., :h]).to(dtype)
 
-
-def rows_to_send(x: Tensor, x_scales: Tensor | None, scales: RowScales | None) -> tuple[Tensor, Tensor | None]:
-    """What a transport moves for ``x``: ``x`` itself (an unquantized dispatch, or ``x`` arrived quantized
-    with ``x_scales``), or ``x`` quantized here, once per token before it is packed (only quantized bytes
-    cross the wire)."""
-    if scales is None or scales.quantize is None:
-        return x, x_scales
-    from moe_ops import stage
-
-    return stage.quantize(x, scales.quantize)

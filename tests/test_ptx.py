@@ -46,12 +46,12 @@ LAYOUT = dict(BINS=256, K_BLOCK=8, H_BLOCK=1024, P_BLOCK=128, SCALES=0, S_BLOCK=
 QUANTIZING = dict(H_BLOCK=4096, SCALES=2, QMAX=448.0, QMAX_INV=1 / 448, GROUP=128)
 FP8_ROWS = {"recv_x_ptr": "*u8", "recv_scales_ptr": "*fp32", "scales_ptr": "*fp32"}  # e4m3 stored as its bytes
 SMALL = dict(LAYOUT, R_BLOCK=512, E_BLOCK=16)
-PUT_TOKENS = dict(ROWS=8, BLOCK=2048, K_BLOCK=8, SCALES=0, S_BLOCK=1, Q_DTYPE=tl.int8, QMAX=0.0, QMAX_INV=0.0, GROUP=2048,
+PUT_TOKENS = dict(ROWS=8, BLOCK=2048, K_BLOCK=8, SCALES=0, S_BLOCK=1, QMAX=0.0, QMAX_INV=0.0, GROUP=2048, INT8=False,
                   ROUND_SCALE=False, AMAX_FLOOR=1e-4)
 KERNELS = {
     "put_tokens": (put._put_tokens, PUT_TOKENS, "st.global.v4"),
     "put_tokens, quantizing to fp8 (block scales, UE8M0)": (
-        put._put_tokens, dict(PUT_TOKENS, SCALES=2, Q_DTYPE=tl.uint8, QMAX=448.0, QMAX_INV=1 / 448, GROUP=128, ROUND_SCALE=True),
+        put._put_tokens, dict(PUT_TOKENS, SCALES=2, QMAX=448.0, QMAX_INV=1 / 448, GROUP=128, ROUND_SCALE=True),
         "st.global.v4"
     ),
     "put_rows": (put._put_rows, dict(HAS_META=True, ROWS=8, BLOCK=2048, META_BLOCK=8), "st.global.v4"),

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moe_ops import quant, routing, stage
+from moe_ops import routing, stage
 from moe_ops.backends.base import Backend, DispatchOutputs, Peers, int64_like
 from moe_ops.comm import Comm, all_gather, all_gather_padded, reduce_scatter
 from moe_ops.indexing import pad_rows
@@ -39,7 +39,7 @@ class AllGatherBackend(Backend):
         self, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, plan: DispatchPlan, peers: Peers, x_scales: Tensor | None = None
     ) -> DispatchOutputs:
         comm, bound = plan.comm, plan.token_bound
-        x, x_scales = quant.rows_to_send(x, x_scales, plan.scales)
+        x, x_scales = stage.rows_to_send(x, x_scales, plan.scales)
         fields = [(x, 0), (topk_idx.long(), -1), (topk_weights, 0)]
         if x_scales is not None:  # scales packed beside the rows, in the same all-gather
             fields.append((x_scales, 0))

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moe_ops import quant, routing, slots, stage
+from moe_ops import routing, slots, stage
 from moe_ops.backends.base import Backend, DispatchOutputs, Peers, int64_like
 from moe_ops.comm import Comm, all_to_all
 from moe_ops.indexing import take, take_columns
@@ -81,7 +81,7 @@ class CollectiveBackend(Backend):
 
         # Pack: one row per (token, destination) with the token, its local ids there, and their weights
         # (a quantized dispatch: the quantized token and its scales).
-        x, x_scales = quant.rows_to_send(x, x_scales, plan.scales)
+        x, x_scales = stage.rows_to_send(x, x_scales, plan.scales)
         fields = [(x.shape[1], x.dtype), (top_k, torch.int32), (top_k, topk_weights.dtype)]
         row_format = RowFormat(tuple(fields if x_scales is None else [*fields, (x_scales.shape[1], torch.float32)]))
         send = row_format.empty(num_slots, x.device)

@@ -91,6 +91,15 @@ def quantize(tokens: Tensor, spec: quant.QuantSpec) -> tuple[Tensor, Tensor]:
     return quant.quantize(tokens, spec)
 
 
+def rows_to_send(x: Tensor, x_scales: Tensor | None, scales: quant.RowScales | None) -> tuple[Tensor, Tensor | None]:
+    """What a transport moves for ``x``: ``x`` itself (an unquantized dispatch, or ``x`` arrived quantized
+    with ``x_scales``), or ``x`` quantized here (:func:`quantize`), once per token before it is packed (only
+    quantized bytes cross the wire)."""
+    if scales is None or scales.quantize is None:
+        return x, x_scales
+    return quantize(x, scales.quantize)
+
+
 def reduce(rows: Tensor, route_row: Tensor, row_weights: Tensor | None, unique: bool = False, ragged: bool = False) -> Tensor:
     """``out[j] = sum_k w[r] * rows[r]`` over ``r = route_row[j, k] >= 0`` (``unique``: a row repeated in
     ``route_row[j]`` counts once; ``ragged``: ``rows`` is a ragged layout, one row per valid route).
@@ -129,4 +138,4 @@ def expand_grad(grad_tokens: Tensor, expert_out: Tensor, recv_weights: Tensor, r
 gather_routes = plain.gather_routes  # one gather: the same everywhere
 
 __all__ = ["ExpertLayout", "LocalDispatch", "dispatch_grad", "dispatch_rows", "expand_grad", "expert_layout", "gather_routes", "quantize", "reduce",
-           "use_npu", "use_triton"]
+           "rows_to_send", "use_npu", "use_triton"]

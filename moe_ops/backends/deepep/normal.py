@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from moe_ops import config, quant, routing, stage
+from moe_ops import config, routing, stage
 from moe_ops.backends.base import DispatchOutputs, Peers, int64_like
 from moe_ops.backends.deepep import runtime
 from moe_ops.comm import Comm
@@ -97,7 +97,7 @@ class DeepEPBackend(runtime.DeepEPBase):
     ) -> DispatchOutputs:
         buffer, dispatch_config, _ = runtime.normal_buffer(plan.comm, x.shape[1])
         ids = routing.masked_ids(topk_idx, plan.num_experts)
-        x, x_scales = quant.rows_to_send(x, x_scales, plan.scales)
+        x, x_scales = stage.rows_to_send(x, x_scales, plan.scales)
         got = _exchange(buffer, dispatch_config, x, ids, topk_weights, plan, x_scales)
         out = stage.dispatch_rows(got.tokens, got.weights, got.ids, plan.num_local_experts, plan.rows, got.num_routes, got.scales)
         handle = [ids, out.row_src, out.route_row, *got.handle]

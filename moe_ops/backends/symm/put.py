@@ -28,7 +28,7 @@ from torch import Tensor
 from moe_ops import quant
 from moe_ops.quant import QuantSpec
 from moe_ops.stage.kernels import block_size, k_block, unit_columns
-from moe_ops.stage.kernels.quantize import _quantize_block
+from moe_ops.stage.kernels.quantize import _quantize_block, quantize_flags
 
 PUT_BLOCK = 2048  # payload elements per row of a tile
 PUT_TILE = 16384  # elements a program moves per step: PUT_TILE // block rows at once (bytes in flight)
@@ -104,13 +104,13 @@ def _put_tokens(
     rank, bound, num_slots, num_tokens, top_k, num_local, num_experts, hidden, row_bytes, meta_offset, weights_offset,
     scales_ptr, scale_stride, num_scales, scales_offset,
     ROWS: tl.constexpr, BLOCK: tl.constexpr, K_BLOCK: tl.constexpr,
-    SCALES: tl.constexpr, S_BLOCK: tl.constexpr, Q_DTYPE: tl.constexpr, QMAX: tl.constexpr, QMAX_INV: tl.constexpr,
-    GROUP: tl.constexpr, ROUND_SCALE: tl.constexpr, AMAX_FLOOR: tl.constexpr,
+    SCALES: tl.constexpr, S_BLOCK: tl.constexpr, QMAX: tl.constexpr, QMAX_INV: tl.constexpr, GROUP: tl.constexpr,
+    INT8: tl.constexpr, ROUND_SCALE: tl.constexpr, AMAX_FLOOR: tl.constexpr,
 ):
     """Dispatch's transfer: slot ``d * bound + t`` carries token ``t`` to rank ``d`` if one of its routes
     goes there, and always its ``K`` ids local to ``d`` (-1 where not there) and their router weights.
     ``SCALES``: 0 plain rows; 1 the token's ``num_scales`` scales (``scales_ptr``) go with it (block 0
-    stores them at ``scales_offset``); 2 every block quantizes its slice to ``Q_DTYPE`` (groups of
+    stores them at ``scales_offset``); 2 every block quantizes its slice (int8 with ``INT8``, else e4m3's bytes; groups of
     ``GROUP`` columns, whole groups per block) and stores the slice's scales there."""
     blocks = tl.maximum(tl.cdiv(hidden, BLOCK), 1)
     for item in range(tl.program_id(0), tl.cdiv(num_slots, ROWS) * blocks, tl.num_programs(0)):
@@ -124,9 +124,12 @@ def _put_tokens(
         goes = tl.max(mine.to(tl.int32), axis=1) > 0
         v, cols, mask = _load_payload(x_ptr, x_stride, tl.where(goes, t, -1).to(tl.int64), b, hidden, BLOCK)
         if SCALES == 2:  # the rows are zero past the row and where masked: amax holds the floor there
-            q, scale = _quantize_block(tl.reshape(v, [ROWS * BLOCK]), QMAX, QMAX_INV, GROUP, Q_DTYPE == tl.int8, ROUND_SCALE,
+            q, scale = _quantize_block(tl.reshape(v, [ROWS * BLOCK]), QMAX, QMAX_INV, GROUP, INT8, ROUND_SCALE,
                                        AMAX_FLOOR, ROWS * BLOCK)
-            v = tl.reshape(q, [ROWS, BLOCK]).to(Q_DTYPE)  # int8 values (exact), or e4m3's bytes (Q_DTYPE uint8)
+            if INT8:  # int8 values (exact)
+                v = tl.reshape(q, [ROWS, BLOCK]).to(tl.int8)
+            else:  # e4m3's bytes
+                v = tl.reshape(q, [ROWS, BLOCK]).to(tl.uint8)
             sc = b * (BLOCK // GROUP) + tl.arange(0, BLOCK // GROUP)
             _store_fields(base, scales_offset, tl.reshape(scale, [ROWS, BLOCK // GROUP]), sc,
                           goes[:, None] & (sc < num_scales)[None, :])
@@ -233,8 +236,7 @@ def put_tokens(
         x = x.view(torch.uint8)
     block = _token_block(hidden, quantize)
     rows, grid = _launch_shape(block, hidden, world * bound, programs)
-    flags = dict(SCALES=0, S_BLOCK=1, Q_DTYPE=tl.int8, QMAX=0.0, QMAX_INV=0.0, GROUP=block, ROUND_SCALE=False,
-                 AMAX_FLOOR=quant.AMAX_FLOOR)
+    flags = dict(SCALES=0, S_BLOCK=1, **quantize_flags(quantize, block))
     num_scales, source = 0, x  # (a pointer the kernel never reads without scales)
     if scales is not None:
         assert scales.dtype == torch.float32 and unit_columns(scales) and x.element_size() == 1
@@ -242,9 +244,7 @@ def put_tokens(
         flags.update(SCALES=1, S_BLOCK=triton.next_power_of_2(num_scales))
     elif quantize is not None:
         num_scales = quant.scale_columns(hidden, quantize.block)
-        flags.update(SCALES=2, Q_DTYPE=tl.int8 if quantize.dtype == torch.int8 else tl.uint8, QMAX=quantize.qmax,
-                     QMAX_INV=quant.inverse_qmax(quantize),
-                     GROUP=quantize.block or block, ROUND_SCALE=quantize.round_scale)
+        flags.update(SCALES=2)
     _put_tokens[(grid,)](
         x, x.stride(0), topk_idx, topk_weights, peers,
         rank, bound, world * bound, num_tokens, top_k, num_local, world * num_local, hidden, row_bytes, meta_offset,

@@ -34,7 +34,7 @@ from moe_ops import quant
 from moe_ops.plan import RowLayout
 from moe_ops.quant import QuantSpec
 from moe_ops.stage.kernels import bins_for, block_size, k_block, unit_columns
-from moe_ops.stage.kernels.quantize import _quantize_block, quantize_rows
+from moe_ops.stage.kernels.quantize import _quantize_block, quantize_flags, quantize_rows
 
 CHUNK = 128  # routes ranked per program by one CHUNK x CHUNK comparison
 FILL_BLOCK = 1024  # padding slots reset per program
@@ -367,18 +367,14 @@ def _dispatch_small(
 
 
 def _scale_args(
-    tokens: Tensor, recv_x: Tensor, recv_scales: Tensor | None, scales: Tensor | None, quantize: QuantSpec | None, h_block: int
+    recv_x: Tensor, recv_scales: Tensor | None, scales: Tensor | None, quantize: QuantSpec | None, h_block: int
 ) -> tuple[tuple[object, ...], dict[str, object]]:
     """The kernels' scale arguments and flags (``SCALES`` 0: none, 1: ``scales`` move with the rows, 2:
     ``quantize`` block by block)."""
     mode = 0 if recv_scales is None else 1 if quantize is None else 2
     source = scales if scales is not None else recv_x  # a pointer the kernel never reads where mode != 1
     num_scales = 0 if recv_scales is None else recv_scales.shape[-1]
-    flags = dict(SCALES=mode, S_BLOCK=triton.next_power_of_2(max(num_scales, 1)), QMAX=0.0, QMAX_INV=0.0, GROUP=h_block, INT8=False,
-                 ROUND_SCALE=False, AMAX_FLOOR=quant.AMAX_FLOOR)
-    if quantize is not None:
-        flags.update(QMAX=quantize.qmax, QMAX_INV=quant.inverse_qmax(quantize), GROUP=quantize.block or h_block,
-                     INT8=quantize.dtype == torch.int8, ROUND_SCALE=quantize.round_scale)
+    flags = dict(SCALES=mode, S_BLOCK=triton.next_power_of_2(max(num_scales, 1)), **quantize_flags(quantize, h_block))
     stride = source.stride(0) if scales is not None else 0
     return (source, stride, num_scales, recv_x if recv_scales is None else recv_scales), flags
 
@@ -450,7 +446,7 @@ def dispatch_rows(
         tokens = tokens if quantize is not None else tokens.view(torch.uint8)
     h_blocks = max(1, triton.cdiv(hidden, h_block))
     bins = bins_for(num_local)
-    scale_args, scale_flags = _scale_args(tokens, recv_x_bytes, recv_scales, scales, quantize, h_block)
+    scale_args, scale_flags = _scale_args(recv_x_bytes, recv_scales, scales, quantize, h_block)
     flags = dict(PADDED=padded, PAD=pad > 1, BOUNDED=bounded, ZERO=rows.zero_padding and not padded, K_BLOCK=k_block(top_k),
                  H_BLOCK=h_block, P_BLOCK=P_BLOCK, num_warps=SCATTER_WARPS, **scale_flags)
     bookkeeping = triton.cdiv(num_local, SMALL_E_BLOCK) if padded else num_local

@@ -53,7 +53,7 @@ def _quantize_block(v, QMAX: tl.constexpr, QMAX_INV: tl.constexpr, GROUP: tl.con
     q = g * tl.broadcast_to(factor[:, None], (H_BLOCK // GROUP, GROUP))
     # Rounded as magnitudes, the sign put back after: the rounding adds to |q|, never to the product
     # itself, which the compiler could fuse into one FMA (rounding the unrounded product: a different
-    # integer at ties); e4m3 built from bits keeps -0.0, which a GPU compiler's select may not
+    # integer at ties); the interpreter's e4m3 is built from bits, sign bit included (-0.0 too)
     magnitude = tl.abs(q)
     negative = q.to(tl.int32, bitcast=True) < 0  # the sign bit: -0.0 too
     if INT8:
@@ -72,8 +72,8 @@ def _quantize_block(v, QMAX: tl.constexpr, QMAX_INV: tl.constexpr, GROUP: tl.con
 @triton.jit
 def _e4m3_bits(magnitude, negative):
     """The float8_e4m3fn encoding (int32 holding a byte) of ``magnitude`` (on e4m3's grid, at most 448) with
-    the sign ``negative``: built from the float32 bits, so no conversion instruction (nor the interpreter's
-    casts, which round ties away from zero) and no compiler's view of signed zeros can change it."""
+    the sign ``negative``, built from the float32 bits (under the interpreter, whose casts round ties away
+    from zero)."""
     bits = magnitude.to(tl.int32, bitcast=True)
     biased = bits >> 23
     normal = ((biased - 120) << 3) | ((bits >> 20) & 7)  # e4m3's exponent bias is 7, float32's 127
@@ -97,6 +97,15 @@ def _quantize_rows(
     tl.store(scales_ptr + j * num_scales + sc, scale, mask=sc < num_scales)
 
 
+def quantize_flags(spec: QuantSpec | None, group: int) -> dict[str, object]:
+    """The constexprs :func:`_quantize_block` takes for ``spec`` (``None``: the kernel quantizes nothing;
+    ``group``: the columns per scale of per-token scales, the caller's block over the whole row)."""
+    if spec is None:
+        return dict(QMAX=0.0, QMAX_INV=0.0, GROUP=group, INT8=False, ROUND_SCALE=False, AMAX_FLOOR=quant.AMAX_FLOOR)
+    return dict(QMAX=spec.qmax, QMAX_INV=quant.inverse_qmax(spec), GROUP=spec.block or group, INT8=spec.dtype == torch.int8,
+                ROUND_SCALE=spec.round_scale, AMAX_FLOOR=quant.AMAX_FLOOR)
+
+
 def quantize_rows(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
     """``x [M, H]`` (rows may be strided) quantized: ``(q [M, H] spec.dtype, scales [M, S] float32)``; one
     launch (a program per row and block of 128 columns, or per row with one scale per token)."""
@@ -111,8 +120,7 @@ def quantize_rows(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
     h_block = spec.block or triton.next_power_of_2(max(hidden, 1))
     if m:
         _quantize_rows[(m, triton.cdiv(hidden, h_block))](
-            x, x.stride(0), hidden, q_out, scales, num_scales, QMAX=spec.qmax, QMAX_INV=quant.inverse_qmax(spec), GROUP=h_block,
-            INT8=spec.dtype == torch.int8,
-            ROUND_SCALE=spec.round_scale, AMAX_FLOOR=quant.AMAX_FLOOR, H_BLOCK=h_block, num_warps=ROWS_WARPS,
+            x, x.stride(0), hidden, q_out, scales, num_scales, **quantize_flags(spec, h_block), H_BLOCK=h_block,
+            num_warps=ROWS_WARPS,
         )
     return q, scales
