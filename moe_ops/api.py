@@ -28,7 +28,7 @@ class DispatchResult(NamedTuple):
 class QuantizedDispatchResult(NamedTuple):
     """What :func:`dispatch` returns for quantized rows (``x_scales`` or ``quant`` given; docs/contract.md)."""
 
-    recv_x: Tensor  #: float8_e4m3fn / float8_e5m2 / int8, in the layout of DispatchResult.recv_x
+    recv_x: Tensor  #: float8_e4m3fn / float8_e5m2 / int8 (x.dtype with dequantize), in the layout of DispatchResult.recv_x
     recv_scales: Tensor  #: [N, S], [R, S] or [L, C, S] float32: each row's scales
     recv_weights: Tensor
     tokens_per_expert: Tensor
@@ -56,6 +56,7 @@ def dispatch(
     quant: str | None = None,
     quant_block: int = 128,
     round_scale: bool = False,
+    dequantize: bool = False,
 ) -> DispatchResult | QuantizedDispatchResult:
     """Send tokens to the ranks holding their experts (``torch.ops.moe.dispatch``; quantized rows:
     ``torch.ops.moe.dispatch_quantized``).
@@ -79,7 +80,9 @@ def dispatch(
     (float8_e4m3fn, float8_e5m2 or int8) with float32 ``x_scales`` (``[T, ceil(H / 128)]`` or ``[T, 1]``),
     or ``quant="fp8_e4m3"`` / ``"int8"`` to quantize a bf16/fp16/fp32 ``x`` in dispatch, with a scale per
     ``quant_block`` (128, or 0: per token) columns, rounded up to a power of two with ``round_scale``.
-    Quantized rows carry no gradient (``x`` must not require one); the router's does.
+    Quantized rows carry no gradient (``x`` must not require one); the router's does. With
+    ``dequantize=True`` (and ``quant``) the rows travel quantized and arrive dequantized in ``x.dtype``
+    (FP8 forward, bf16 backward): ``recv_x`` is differentiable, straight through the rounding.
     """
     name = group_name_of(group)
     options = dict(
@@ -95,10 +98,12 @@ def dispatch(
         zero_padding=torch.is_grad_enabled() if zero_padding is None else zero_padding,
     )
     if x_scales is None and quant is None:
+        if dequantize:
+            raise MoEInputError("dequantize=True needs quant= (the format the rows travel in)")
         return DispatchResult(*torch.ops.moe.dispatch(x, topk_idx, topk_weights, expert_map, log2phy, **options))
     out = torch.ops.moe.dispatch_quantized(
         x, topk_idx, topk_weights, x_scales, expert_map, log2phy, **options, quant=quant or "", quant_block=quant_block,
-        round_scale=round_scale,
+        round_scale=round_scale, dequantize=dequantize,
     )
     return QuantizedDispatchResult(*out)
 
@@ -140,6 +145,7 @@ class Dispatcher:
         quant: str | None = None,
         quant_block: int = 128,
         round_scale: bool = False,
+        dequantize: bool = False,
     ) -> None:
         comm = comm_for(group_name_of(group))
         validation.check_options(num_experts, comm.world_size, layout, capacity, max_tokens_per_rank, max_recv_rows, pad_multiple)
@@ -158,7 +164,9 @@ class Dispatcher:
         self.zero_padding = zero_padding
         if quant is not None:
             moe_quant.make_spec(quant, quant_block, round_scale)
-        self.quant, self.quant_block, self.round_scale = quant, quant_block, round_scale
+        elif dequantize:
+            raise MoEInputError("dequantize=True needs quant= (the format the rows travel in)")
+        self.quant, self.quant_block, self.round_scale, self.dequantize = quant, quant_block, round_scale, dequantize
 
     @property
     def num_local_experts(self) -> int:
@@ -191,6 +199,7 @@ class Dispatcher:
             quant=self.quant,
             quant_block=self.quant_block,
             round_scale=self.round_scale,
+            dequantize=self.dequantize,
         )
 
     def combine(self, expert_out: Tensor, dispatched: DispatchResult | QuantizedDispatchResult) -> Tensor:
@@ -201,6 +210,6 @@ class Dispatcher:
             f"Dispatcher(num_experts={self.num_experts}, group={self.group_name!r}, world_size={self.world_size}, "
             f"layout={self.layout!r}, capacity={self.capacity}, max_tokens_per_rank={self.max_tokens_per_rank}, "
             f"max_recv_rows={self.max_recv_rows}, pad_multiple={self.pad_multiple}, backend={self.backend!r}"
-            + ("" if self.quant is None else f", quant={self.quant!r}, quant_block={self.quant_block}, round_scale={self.round_scale}")
+            + ("" if self.quant is None else f", quant={self.quant!r}, quant_block={self.quant_block}, round_scale={self.round_scale}, dequantize={self.dequantize}")
             + ")"
         )

@@ -25,6 +25,8 @@ from moe_ops.plan import Kind
 
 _KIND_CODES: dict[Kind, int] = {"ragged": 2, "padded": 3, "bounded": 4}  # >= 2: torch.compile specializes 0 and 1
 _KINDS = {code: kind for kind, code in _KIND_CODES.items()}
+_PADDED_GROUPS = 5  #: the code of a ragged layout with ``pad_multiple`` (padding rows among the routed ones)
+_KINDS[_PADDED_GROUPS] = "ragged"
 
 
 def backend_code(name: str) -> int:
@@ -33,9 +35,11 @@ def backend_code(name: str) -> int:
     return zlib.crc32(name.encode()) % 65521 + 2
 
 
-def tag(backend: str, kind: Kind, like: Tensor) -> Tensor:
-    """The tag of a handle made by ``backend`` with a row layout of ``kind``, on ``like``'s device."""
-    return like.new_empty((0, backend_code(backend), _KIND_CODES[kind]), dtype=torch.int64)
+def tag(backend: str, kind: Kind, like: Tensor, pad_multiple: int = 1) -> Tensor:
+    """The tag of a handle made by ``backend`` with a row layout of ``kind`` (groups padded to
+    ``pad_multiple``), on ``like``'s device."""
+    code = _PADDED_GROUPS if kind == "ragged" and pad_multiple > 1 else _KIND_CODES[kind]
+    return like.new_empty((0, backend_code(backend), code), dtype=torch.int64)
 
 
 class Header(NamedTuple):
@@ -46,6 +50,7 @@ class Header(NamedTuple):
     num_tokens: int | torch.SymInt
     top_k: int | torch.SymInt
     rows_shape: tuple[int | torch.SymInt, ...]
+    packed: bool  #: a ragged layout without pad_multiple: each row exactly one route (no padding rows)
 
 
 def read(handle: object) -> Header:
@@ -60,4 +65,4 @@ def read(handle: object) -> Header:
         raise MoEInputError(f"handle[1] must be the int64 [T, K] source map, got {sources.dtype} of shape {tuple(sources.shape)}")
     if rows.dtype != torch.int64 or rows.dim() != (2 if kind == "padded" else 1):
         raise MoEInputError(f"handle[2] must be the {kind} layout's int64 row map, got {rows.dtype} of shape {tuple(rows.shape)}")
-    return Header(int(tag_.shape[1]), kind, sources.shape[0], sources.shape[1], tuple(rows.shape))
+    return Header(int(tag_.shape[1]), kind, sources.shape[0], sources.shape[1], tuple(rows.shape), int(tag_.shape[2]) == _KIND_CODES["ragged"])

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from moe_ops import backends, config, handle, placement, validation
+from moe_ops import backends, config, handle, placement, stage, validation
 from moe_ops.backends import Backend
 from moe_ops.backends.base import DispatchOutputs
 from moe_ops.comm import Comm, comm_for
@@ -45,8 +45,8 @@ DISPATCH_SCHEMA = (
 )
 DISPATCH_QUANTIZED_SCHEMA = (
     "dispatch_quantized(Tensor x, Tensor topk_idx, Tensor topk_weights, Tensor? x_scales=None, Tensor? expert_map=None, "
-    f"Tensor? log2phy=None, *, {_DISPATCH_OPTIONS}, str quant='', int quant_block=128, bool round_scale=False) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor[])"
+    f"Tensor? log2phy=None, *, {_DISPATCH_OPTIONS}, str quant='', int quant_block=128, bool round_scale=False, "
+    "bool dequantize=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor[])"
 )
 _HANDLE_OPTIONS = "*, str group_name='', str backend='auto'"
 COMBINE_SCHEMA = f"combine(Tensor expert_out, Tensor recv_weights, Tensor[] handle, {_HANDLE_OPTIONS}) -> Tensor"
@@ -81,6 +81,7 @@ class QuantOptions(NamedTuple):
     quant: str = ""
     quant_block: int = 128
     round_scale: bool = False
+    dequantize: bool = False  #: rows travel quantized and arrive in ``x``'s dtype, differentiable straight through
 
 
 DISPATCH_FIELDS = ("backend", "layout", "num_experts", "hidden", "top_k", "dtype", "weight_dtype", "capacity",
@@ -98,7 +99,7 @@ def _plan_dispatch(
     dispatch's options)."""
     if o.group_size not in (-1, comm.world_size):
         raise MoEInputError(f"group_size={o.group_size}, but group {o.group_name!r} has {comm.world_size} ranks")
-    scales = None if q is None else validation.check_quantized(x, x_scales, q.quant, q.quant_block, q.round_scale)
+    scales = None if q is None else validation.check_quantized(x, x_scales, q.quant, q.quant_block, q.round_scale, q.dequantize)
     plan = make_plan(
         x, topk_idx, topk_weights, comm, num_experts=o.num_experts, layout=o.layout, capacity=o.capacity,
         max_tokens_per_rank=o.max_tokens_per_rank, max_recv_rows=o.max_recv_rows, pad_multiple=o.pad_multiple,
@@ -173,7 +174,7 @@ def _run_dispatch(
         )
         peers = handshake.agree(signature, plan.static, payload)
     out = impl.dispatch(x, ids, topk_weights, plan, peers, x_scales)
-    return out, handle.tag(impl.name, plan.kind, x)
+    return out, handle.tag(impl.name, plan.kind, x, plan.rows.pad_multiple)
 
 
 def _fake_outputs(
@@ -187,12 +188,12 @@ def _fake_outputs(
     if plan.scales is None:
         recv_x, recv_scales = x.new_empty(*rows, x.shape[1]), None
     else:
-        dtype = x.dtype if plan.scales.quantize is None else plan.scales.quantize.dtype
+        dtype = x.dtype if plan.scales.quantize is None or (q is not None and q.dequantize) else plan.scales.quantize.dtype
         recv_x = x.new_empty(*rows, x.shape[1], dtype=dtype)
         recv_scales = x.new_empty(*rows, plan.scales.columns, dtype=torch.float32)
     out = DispatchOutputs(recv_x, topk_weights.new_empty(rows), counts, torch.empty_like(counts),
                           impl.fake_handle(x, topk_idx, rows, plan), recv_scales)
-    return out, handle.tag(impl.name, plan.kind, x)
+    return out, handle.tag(impl.name, plan.kind, x, plan.rows.pad_multiple)
 
 
 def _dispatch_fake(
@@ -222,12 +223,17 @@ def _dispatch_quantized(
     Either ``x`` is already quantized (float8_e4m3fn, float8_e5m2 or int8 ``[T, H]``) with float32
     ``x_scales`` (``[T, ceil(H / 128)]`` or ``[T, 1]``), or ``quant`` (``"fp8_e4m3"``, ``"int8"``) quantizes
     a bf16/fp16/fp32 ``x`` here (``quant_block`` 128 or 0: one scale per token; ``round_scale``: UE8M0
-    scales). Returns ``(recv_x, recv_scales, recv_weights, tokens_per_expert, dropped, handle)``:
-    ``recv_x`` quantized in dispatch's layout, ``recv_scales`` float32 with its rows (``[N, S]``,
+    scales; ``dequantize``: the rows travel quantized and arrive dequantized in ``x.dtype``, with a gradient
+    to ``x`` straight through the rounding). Returns ``(recv_x, recv_scales, recv_weights, tokens_per_expert,
+    dropped, handle)``: ``recv_x`` quantized (or dequantized) in dispatch's layout, ``recv_scales`` float32 with its rows (``[N, S]``,
     ``[R, S]`` or ``[L, C, S]``); the rest as :func:`_dispatch` returns them.
     """
     o, q = _split_quant_options(dict(options))
-    return _quantized_returns(*_run_dispatch(x, topk_idx, topk_weights, expert_map, log2phy, o, x_scales, q))
+    out, tag = _run_dispatch(x, topk_idx, topk_weights, expert_map, log2phy, o, x_scales, q)
+    if q.dequantize:
+        assert out.recv_scales is not None
+        out = out._replace(recv_x=stage.dequantize(out.recv_x, out.recv_scales, q.quant_block, x.dtype))
+    return _quantized_returns(out, tag)
 
 
 def _dispatch_quantized_fake(
@@ -315,8 +321,8 @@ def _combine(expert_out: Tensor, recv_weights: Tensor, handle: list[Tensor], *, 
     ``out[t] = sum_k w[t, k] * expert_out(t, k)``, accumulated in float32; masked and dropped routes add 0.
     ``backend``: ``"auto"`` (the backend that made the handle) or that backend's name.
     """
-    impl, comm, _ = _combine_call(expert_out, recv_weights, handle, group_name, backend, agree=True)
-    return impl.combine(expert_out, recv_weights, handle[1:], comm)
+    impl, comm, header = _combine_call(expert_out, recv_weights, handle, group_name, backend, agree=True)
+    return impl.combine(expert_out, recv_weights, handle[1:], comm, header.packed)
 
 
 def _combine_fake(expert_out: Tensor, recv_weights: Tensor, handle: list[Tensor], *, group_name: str = "", backend: str = "auto") -> Tensor:
@@ -339,8 +345,8 @@ def _dispatch_backward(
 ) -> tuple[Tensor, Tensor]:
     """``moe::dispatch_backward``: ``grad_x [T, H]`` sums the gradients of each token's copies (reverse
     exchange); ``grad_topk_weights [T, K]`` returns each route's ``grad_recv_weights`` (0 if masked or dropped)."""
-    impl, comm, _ = _dispatch_backward_call(grad_recv_x, grad_recv_weights, handle, group_name, backend, agree=True)
-    return impl.dispatch_backward(grad_recv_x, grad_recv_weights, handle[1:], comm)
+    impl, comm, header = _dispatch_backward_call(grad_recv_x, grad_recv_weights, handle, group_name, backend, agree=True)
+    return impl.dispatch_backward(grad_recv_x, grad_recv_weights, handle[1:], comm, header.packed)
 
 
 def _dispatch_backward_fake(
@@ -369,6 +375,27 @@ def _combine_backward_fake(
 # --- autograd -------------------------------------------------------------------------------------
 
 
+def _save_handle(ctx: Any, handle_tensors: list[Tensor], options: dict[str, Any], recv_x: Tensor, recv_weights: Tensor) -> None:
+    """What a dispatch's backward needs: the handle, the group and backend, and the shapes and dtypes of
+    the rows that carry a gradient (``recv_x`` of no columns where only the router's does)."""
+    ctx.set_materialize_grads(False)  # no zeros for the integer outputs; backward fills what it needs
+    ctx.save_for_backward(*handle_tensors)
+    ctx.comm = {"group_name": options.get("group_name", ""), "backend": options.get("backend", "auto")}
+    ctx.recv_meta = (recv_x.shape, recv_x.dtype, recv_weights.shape, recv_weights.dtype)
+
+
+def _dispatch_grads(ctx: Any, grad_recv_x: Tensor | None, grad_recv_weights: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``moe::dispatch_backward`` on the saved handle; a gradient that did not arrive is zeros."""
+    handle_tensors = list(ctx.saved_tensors)
+    x_shape, x_dtype, w_shape, w_dtype = ctx.recv_meta
+    device = handle_tensors[1].device
+    if grad_recv_x is None:
+        grad_recv_x = torch.zeros(x_shape, dtype=x_dtype, device=device)
+    if grad_recv_weights is None:
+        grad_recv_weights = torch.zeros(w_shape, dtype=w_dtype, device=device)
+    return dispatch_backward(grad_recv_x.contiguous(), grad_recv_weights.contiguous(), handle_tensors, **ctx.comm)
+
+
 class _DispatchFunction(torch.autograd.Function):
     """Autograd of ``moe::dispatch``: the backward is ``moe::dispatch_backward`` on the saved handle."""
 
@@ -379,22 +406,12 @@ class _DispatchFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(counts, dropped)
         # rows of an input that needs no gradient need none either (no grouped-GEMM input gradient for them)
         ctx.mark_non_differentiable(*(t for t, grad in ((recv_x, ctx.needs_input_grad[0]), (recv_weights, ctx.needs_input_grad[2])) if not grad))
-        ctx.set_materialize_grads(False)  # no zeros for the integer outputs; backward fills what it needs
-        ctx.save_for_backward(*handle_tensors)
-        ctx.comm = {"group_name": options.get("group_name", ""), "backend": options.get("backend", "auto")}
-        ctx.recv_meta = (recv_x.shape, recv_x.dtype, recv_weights.shape, recv_weights.dtype)
+        _save_handle(ctx, handle_tensors, options, recv_x, recv_weights)
         return out
 
     @staticmethod
     def backward(ctx, grad_recv_x, grad_recv_weights, *_):  # type: ignore[no-untyped-def, override]
-        handle_tensors = list(ctx.saved_tensors)
-        x_shape, x_dtype, w_shape, w_dtype = ctx.recv_meta
-        device = handle_tensors[1].device
-        if grad_recv_x is None:
-            grad_recv_x = torch.zeros(x_shape, dtype=x_dtype, device=device)
-        if grad_recv_weights is None:
-            grad_recv_weights = torch.zeros(w_shape, dtype=w_dtype, device=device)
-        grad_x, grad_w = dispatch_backward(grad_recv_x.contiguous(), grad_recv_weights.contiguous(), handle_tensors, **ctx.comm)
+        grad_x, grad_w = _dispatch_grads(ctx, grad_recv_x, grad_recv_weights)
         return grad_x, None, grad_w, None, None, None
 
 
@@ -408,28 +425,29 @@ def _dispatch_autograd(
 
 
 class _QuantizedDispatchFunction(torch.autograd.Function):
-    """Autograd of ``moe::dispatch_quantized``: quantized rows and their scales carry no gradient; the
-    router's does (``recv_weights``), through ``moe::dispatch_backward`` with rows of no columns."""
+    """Autograd of ``moe::dispatch_quantized``: the router's gradient flows through ``recv_weights`` and,
+    with ``dequantize``, ``x``'s through the dequantized ``recv_x`` straight through the rounding (the
+    derivative of ``dequantize(quantize(x))`` taken as 1): both by ``moe::dispatch_backward``, as after
+    ``moe::dispatch``, in the rows' dtype. Quantized rows and their scales carry none (where only the
+    router's gradient flows, the backward moves rows of no columns)."""
 
     @staticmethod
     def forward(ctx, x, topk_idx, topk_weights, x_scales, expert_map, log2phy, options):  # type: ignore[no-untyped-def, override]
         args = (x, topk_idx, topk_weights, x_scales, expert_map, log2phy)
         out = below_autograd(dispatch_quantized, _dispatch_quantized, args, options)
         recv_x, recv_scales, recv_weights, counts, dropped, handle_tensors = out
-        ctx.mark_non_differentiable(recv_x, recv_scales, counts, dropped)
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(*handle_tensors)
-        ctx.comm = {"group_name": options.get("group_name", ""), "backend": options.get("backend", "auto")}
+        ctx.mark_non_differentiable(recv_scales, counts, dropped)
+        ctx.mark_non_differentiable(*(t for t, grad in ((recv_x, ctx.needs_input_grad[0]), (recv_weights, ctx.needs_input_grad[2])) if not grad))
+        rows = recv_x if ctx.needs_input_grad[0] else recv_weights.new_empty(*recv_weights.shape, 0)
+        _save_handle(ctx, handle_tensors, options, rows, recv_weights)
         return out
 
     @staticmethod
-    def backward(ctx, _grad_recv_x, _grad_recv_scales, grad_recv_weights, *_):  # type: ignore[no-untyped-def, override]
-        if grad_recv_weights is None:
+    def backward(ctx, grad_recv_x, _grad_recv_scales, grad_recv_weights, *_):  # type: ignore[no-untyped-def, override]
+        if grad_recv_x is None and grad_recv_weights is None:
             return (None,) * 7
-        handle_tensors = list(ctx.saved_tensors)
-        no_columns = grad_recv_weights.new_empty(*grad_recv_weights.shape, 0)
-        _, grad_w = dispatch_backward(no_columns, grad_recv_weights.contiguous(), handle_tensors, **ctx.comm)
-        return None, None, grad_w, None, None, None, None
+        grad_x, grad_w = _dispatch_grads(ctx, grad_recv_x, grad_recv_weights)
+        return grad_x if ctx.needs_input_grad[0] else None, None, grad_w, None, None, None, None
 
 
 def _dispatch_quantized_autograd(
@@ -437,12 +455,13 @@ def _dispatch_quantized_autograd(
     log2phy: Tensor | None = None, **options: Any,
 ) -> QuantizedReturn:
     args = (x, topk_idx, topk_weights, x_scales, expert_map, log2phy)
-    if needs_grad(x):
+    if needs_grad(x) and not options.get("dequantize", False):
         raise MoEInputError(
             "moe.dispatch_quantized: x requires a gradient, but quantized rows carry none (docs/contract.md, "
-            "'Quantized dispatch'); dispatch x.detach(), or use moe.dispatch for rows that train"
+            "'Quantized dispatch'); pass dequantize=True (rows arrive in x's dtype, gradient straight through), "
+            "or dispatch x.detach()"
         )
-    if needs_grad(topk_weights):
+    if needs_grad(x, topk_weights):
         return _QuantizedDispatchFunction.apply(*args, options)
     return below_autograd(dispatch_quantized, _dispatch_quantized, args, options)
 

@@ -122,8 +122,11 @@ def inverse_qmax(spec: QuantSpec) -> float:
 
 
 def dequantize(q: Tensor, scales: Tensor, block: int, dtype: torch.dtype = torch.float32) -> Tensor:
-    """``q [..., H]`` times its scales ``[..., S]`` (``block`` columns each, 0: one per row), in ``dtype``."""
+    """``q [..., H]`` times its scales ``[..., S]`` (``block`` columns each, 0: one per row): the product in
+    float32, rounded once to ``dtype``."""
     h = q.shape[-1]
     group = h if block == 0 else block
-    return (q.float() * scales.repeat_interleave(max(group, 1), dim=-1)[..., :h]).to(dtype)
-
+    if h % max(group, 1) == 0:  # whole groups: broadcast each scale over its columns
+        groups = q.float().unflatten(-1, (scales.shape[-1], h // scales.shape[-1] if scales.shape[-1] else 0))
+        return (groups * scales.unsqueeze(-1)).flatten(-2).to(dtype)
+    return (q.float() * scales.repeat_interleave(group, dim=-1)[..., :h]).to(dtype)

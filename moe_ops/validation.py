@@ -69,10 +69,11 @@ def check_dispatch(
         raise MoEInputError(f"x has {x.shape[0]} tokens, more than max_tokens_per_rank={max_tokens_per_rank}")
 
 
-def check_quantized(x: object, x_scales: object, mode: str, block: int, round_scale: bool) -> quant.RowScales:
+def check_quantized(x: object, x_scales: object, mode: str, block: int, round_scale: bool, dequantize: bool = False) -> quant.RowScales:
     """The quantization arguments of ``moe.dispatch_quantized``: either ``x_scales`` (``x`` already
     quantized: float8/int8 ``[T, H]`` with float32 scales ``[T, ceil(H / 128)]`` or ``[T, 1]``) or
-    ``quant`` (``x`` bf16/fp16/fp32, quantized inside). Returns the scales the rows carry."""
+    ``quant`` (``x`` bf16/fp16/fp32, quantized inside; ``dequantize`` only here). Returns the scales the
+    rows carry."""
     if x_scales is None:
         spec = quant.make_spec(mode, block, round_scale)
         _check_tensor("x", x, 2, QUANTIZABLE_DTYPES)
@@ -80,6 +81,8 @@ def check_quantized(x: object, x_scales: object, mode: str, block: int, round_sc
         return quant.RowScales(quant.scale_columns(x.shape[1], spec.block), spec)
     if mode or round_scale:
         raise MoEInputError("give x_scales (x is already quantized) or quant and round_scale (quantize x in dispatch), not both")
+    if dequantize:
+        raise MoEInputError("dequantize=True needs quant= (x in bf16/fp16/fp32, quantized for the wire), not a pre-quantized x with x_scales")
     _check_tensor("x", x, 2, quant.QUANTIZED_DTYPES)
     _check_tensor("x_scales", x_scales, 2, (torch.float32,))
     assert isinstance(x, Tensor) and isinstance(x_scales, Tensor)

@@ -327,6 +327,15 @@ def test_prequantized_e5m2_refused_by_deepep(world) -> None:
 
 
 @pytest.mark.parametrize("backend", ["deepep", "deepep_ll"])
+def test_straight_through(world, backend: str) -> None:
+    """``dequantize=True``: DeepEP moves FP8 rows (its tuple, or its own cast), they arrive dequantized, and
+    the backward is DeepEP's bf16 combine; rows and both gradients as ``moe.dispatch`` of the rounded tokens."""
+    ll = backend == "deepep_ll"
+    problem = bf16_problem([6, 4], LL_HIDDEN if ll else 256, 8, 2, seed=2, **(padded(8, None) if ll else {}))
+    quantized.check_straight_through(world(2), problem, FP8_UE8M0 if ll else FP8, backend)
+
+
+@pytest.mark.parametrize("backend", ["deepep", "deepep_ll"])
 def test_router_gradient_through_quantized_dispatch_refused(world, backend: str) -> None:
     problem = bf16_problem([6, 4], LL_HIDDEN if backend == "deepep_ll" else 256, 8, 2, seed=2,
                            **(padded(8, None) if backend == "deepep_ll" else {}))

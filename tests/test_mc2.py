@@ -355,6 +355,17 @@ def test_quantized_property(world, size: int) -> None:
 
 
 @pytest.mark.parametrize("layout", STATIC)
+def test_straight_through(world, layout: str) -> None:
+    """``dequantize=True``: MC2 quantizes to int8 on the wire (its own rounding), the rows arrive
+    dequantized, the backward is MC2's bf16 combine; rows and both gradients as ``moe.dispatch`` of the
+    tokens MC2's rounding makes."""
+    problem = mc2_problem([9, 5], HIDDEN, 8, 3, mask_fraction=0.2, seed=4, **STATIC[layout])
+    outputs = world(2).run(mc2_tasks.in_environment, {}, quantized.straight_through_task, problem, mc2_tasks.INT8_PER_TOKEN, "mc2",
+                           "cpu", mc2_tasks.mc2_quantize)
+    quantized.assert_straight_through(outputs, problem, mc2_tasks.INT8_PER_TOKEN)
+
+
+@pytest.mark.parametrize("layout", STATIC)
 def test_quantized_zero_and_tiny_tokens(world, layout: str) -> None:
     """Tokens whose maximum is 0 or below 1e-4: the floor (MC2 alone would divide by zero), drops, masked
     routes; and MC2's own outputs past the rows it filled (uninitialised: -128 and NaN in the simulator),

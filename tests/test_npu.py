@@ -134,6 +134,16 @@ def test_property(problem: Problem) -> None:
 
 
 @pytest.mark.usefixtures("_npu_kernels")
+@pytest.mark.parametrize("kw", [dict(pad_multiple=4), dict(max_recv_rows=8, max_tokens_per_rank=8)], ids=["pad_multiple", "bounded"])
+def test_unpermute_only_for_packed_rows(kw: dict) -> None:
+    """Two routes masked and as many rows as routes (padding rows fill the gap): the rows are not one per
+    route, so combine must not take the unpermute kernel (which would read route -1; Hypothesis found it)."""
+    problem = make_problem([8], 7, 1, 1, dtype=torch.float32, seed=0, **kw)
+    problem.topk_idx[0][4:6] = -1
+    assert "npu_moe_token_unpermute" not in check(problem)
+
+
+@pytest.mark.usefixtures("_npu_kernels")
 def test_ragged_dispatch_sorts_unique_keys() -> None:
     """The permute kernel gets one key per route (so its tie-breaking cannot change the order) and
     every valid route comes out, in the contract's order (checked against the reference)."""

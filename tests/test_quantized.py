@@ -99,6 +99,15 @@ def test_local_matches_reference(problem: Problem, spec: quant.QuantSpec, prequa
     quantized.assert_rank_matches(problem, spec, 0, ours, rows[0], scales[0])
 
 
+@settings(max_examples=40)
+@given(problem=problems(world_size=1, max_tokens=40, max_experts=32, hidden_sizes=(1, 7, 128, 300), dtypes=DTYPES),
+       spec=st.sampled_from(SPECS))
+def test_straight_through_local(problem: Problem, spec: quant.QuantSpec) -> None:
+    """``dequantize=True``: the rows of the tokens as quantizing rounds them, and ``x``'s and the router's
+    gradients those of ``moe.dispatch`` of those rows (straight through the rounding), exactly."""
+    quantized.assert_straight_through([quantized.straight_through_task(0, problem, spec)], problem, spec)
+
+
 def test_prequantized_e5m2_rows_move_unchanged() -> None:
     """float8_e5m2 (no quant mode makes it: a caller's own) moves as it came, scales beside it."""
     x = torch.randn(6, 256).to(torch.float8_e5m2)
@@ -115,7 +124,7 @@ def test_prequantized_e5m2_rows_move_unchanged() -> None:
 
 
 def _triton_equals_plain(rank: int, problem: Problem, spec: quant.QuantSpec, prequantized: bool, small_routes: int) -> None:
-    from moe_ops import config
+    from moe_ops import config, stage
     from moe_ops.stage.kernels import layout
     from moe_ops.stage.kernels.quantize import quantize_rows
 
@@ -138,6 +147,15 @@ def _triton_equals_plain(rank: int, problem: Problem, spec: quant.QuantSpec, pre
         x.view(-1)[:4] = torch.tensor([-0.0, -1e-6, 1e-6, 0.0], dtype=x.dtype)
     for got, want in zip(quantize_rows(x, spec), quant.quantize(x, spec), strict=True):
         assert torch.equal(got.view(torch.uint8) if got.element_size() == 1 else got, want.view(torch.uint8) if want.element_size() == 1 else want)
+    # dequantizing (dequantize=True): every e4m3 byte and int8 value, then the whole straight-through step
+    codes = [torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn), torch.arange(-128, 128, dtype=torch.int8)]
+    scales = torch.rand(2, 1, generator=torch.Generator().manual_seed(small_routes)) * 3
+    for q in codes:
+        for dtype in DTYPES:
+            got, want = stage.dequantize(q.view(2, 128), scales, 128, dtype), quant.dequantize(q.view(2, 128), scales, 128, dtype)
+            assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num()), (q.dtype, dtype)
+    if not prequantized:
+        quantized.assert_straight_through([quantized.straight_through_task(0, problem, spec)], problem, spec)
 
 
 KERNEL_CASES = {
@@ -174,9 +192,12 @@ def test_multirank_matches_reference(worlds, backend: str, size: int) -> None:
     @settings(max_examples=8)
     @given(problem=problems(world_size=size, max_tokens=40, max_experts=32, hidden_sizes=(7, 128, 200), dtypes=DTYPES,
                             layouts=LAYOUTS[backend]),
-           spec=st.sampled_from(SPECS), prequantized=st.booleans())
-    def check(problem: Problem, spec: quant.QuantSpec, prequantized: bool) -> None:
-        quantized.check_world(worlds(size), problem, spec, prequantized, backend)
+           spec=st.sampled_from(SPECS), way=st.sampled_from(("prequantized", "quant", "dequantize")))
+    def check(problem: Problem, spec: quant.QuantSpec, way: str) -> None:
+        if way == "dequantize":
+            quantized.check_straight_through(worlds(size), problem, spec, backend)
+        else:
+            quantized.check_world(worlds(size), problem, spec, way == "prequantized", backend)
 
     check()
 
@@ -201,6 +222,8 @@ ERRORS = {
     "bf16 x with scales": (lambda x, i, w: dict(x_scales=torch.ones(6, 2)), "x must have dtype"),
     "an fp8 x to quantize": (lambda x, i, w: dict(x=x.to(torch.float8_e4m3fn), quant="int8"), "x must have dtype"),
     "round_scale with x_scales": (lambda x, i, w: dict(x=x.to(torch.int8), x_scales=torch.ones(6, 1), round_scale=True), "not both"),
+    "dequantize with x_scales": (lambda x, i, w: dict(x=x.to(torch.int8), x_scales=torch.ones(6, 1), dequantize=True), "needs quant="),
+    "dequantize without quant": (lambda x, i, w: dict(dequantize=True), "needs quant="),
 }
 
 
@@ -226,8 +249,9 @@ def test_a_backend_without_quantized_rows_refuses(monkeypatch: pytest.MonkeyPatc
 
 
 def test_x_requiring_a_gradient_is_refused() -> None:
+    """Without ``dequantize`` (whose rows carry ``x``'s gradient: test_straight_through_local)."""
     x, idx, w = _inputs()
-    with pytest.raises(MoEInputError, match="quantized rows carry none"):
+    with pytest.raises(MoEInputError, match="quantized rows carry none.*dequantize=True"):
         moe_ops.dispatch(x.requires_grad_(), idx, w, 4, quant="fp8_e4m3")
     with torch.no_grad():  # inference: nothing records, nothing to refuse
         assert moe_ops.dispatch(x, idx, w, 4, quant="fp8_e4m3").recv_x.dtype == torch.float8_e4m3fn
@@ -247,23 +271,29 @@ def test_opcheck(layout: dict) -> None:
     # compiles that backward instead.
     no_aot = ("test_schema", "test_autograd_registration", "test_faketensor")
     torch.library.opcheck(op, (q, idx, w.clone().requires_grad_(), s), options, test_utils=no_aot)
+    # dequantized rows (bf16, differentiable) go through every test, the AOT ones included
+    grad = dict(options, quant="int8", quant_block=0, dequantize=True)
+    torch.library.opcheck(op, (x.clone().requires_grad_(), idx, w.clone().requires_grad_()), grad)
 
 
-def test_compiles_with_static_shapes() -> None:
-    """A bounded quantized dispatch, dequantized rows through combine and the router's gradient back: one
-    graph, no break, static shapes, equal to eager."""
+@pytest.mark.parametrize("dequantize", [False, True], ids=["router gradient", "straight through"])
+def test_compiles_with_static_shapes(dequantize: bool) -> None:
+    """A bounded quantized dispatch, dequantized rows through combine and the router's gradient back (with
+    ``dequantize``, ``x``'s too): one graph, no break, static shapes, equal to eager."""
     x, idx, w = _inputs()
-    moe = moe_ops.Dispatcher(num_experts=4, max_recv_rows=16, max_tokens_per_rank=6, quant="fp8_e4m3", round_scale=True)
+    moe = moe_ops.Dispatcher(num_experts=4, max_recv_rows=16, max_tokens_per_rank=6, quant="fp8_e4m3", round_scale=True,
+                             dequantize=dequantize)
 
     def step(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         d = moe.dispatch(x, idx, w)
-        return moe.combine(quant.dequantize(d.recv_x, d.recv_scales, 128, torch.bfloat16), d)
+        rows = d.recv_x if dequantize else quant.dequantize(d.recv_x, d.recv_scales, 128, torch.bfloat16)
+        return moe.combine(rows * 3, d)
 
-    def run(fn) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[no-untyped-def]
-        weights = w.clone().requires_grad_()
-        out = fn(x, idx, weights)
+    def run(fn) -> tuple[torch.Tensor, ...]:  # type: ignore[no-untyped-def]
+        tokens, weights = x.clone().requires_grad_(dequantize), w.clone().requires_grad_()
+        out = fn(tokens, idx, weights)
         out.float().sum().backward()
-        return out, weights.grad
+        return (out, weights.grad, tokens.grad) if dequantize else (out, weights.grad)
 
     compiled = torch.compile(step, fullgraph=True, dynamic=False)
     for got, want in zip(run(compiled), run(step), strict=True):
@@ -295,6 +325,17 @@ def test_cuda_kernels_equal_plain(tokens: int) -> None:
                 assert torch.equal(as_bits(a), as_bits(b)), (name, spec, prequantized, kw)
             rows, scales = quantized.expected(problem, spec)
             quantized.assert_rank_matches(problem, spec, 0, ours, rows[0], scales[0])
+
+
+@pytest.mark.cuda
+def test_cuda_straight_through() -> None:
+    """``dequantize=True`` on the GPU: the Triton kernels' rows dequantized, and both gradients, equal to
+    ``moe.dispatch`` of the tokens rounded by plain torch."""
+    for i, spec in enumerate(SPECS):
+        tokens = (37, 700)[i % 2]
+        kw = [dict(), dict(max_recv_rows=tokens * 8, max_tokens_per_rank=tokens)][i // 4]
+        problem = make_problem([tokens], 7168, 64, 8, mask_fraction=0.1, dtype=torch.bfloat16, seed=i, **kw)
+        quantized.assert_straight_through([quantized.straight_through_task(0, problem, spec, device="cuda")], problem, spec)
 
 
 @pytest.mark.cuda

@@ -185,6 +185,13 @@ def test_quantized_matches_reference(world, case: str) -> None:
     quantized.check_world(world(len(tokens)), problem, spec, prequantized, "symm")
 
 
+def test_straight_through(world) -> None:
+    """``dequantize=True``: the put kernel quantizes, the receiver dequantizes; rows and both gradients as
+    ``moe.dispatch`` of the rounded tokens."""
+    problem = make_problem([9, 5], 200, 8, 3, mask_fraction=0.2, dtype=torch.bfloat16, seed=3)
+    quantized.check_straight_through(world(2), problem, quant.QuantSpec("fp8_e4m3", 128), "symm")
+
+
 @pytest.mark.parametrize("size", [2])  # W = 3: the fixed cases above (CI time)
 def test_quantized_property(world, size: int) -> None:
     @settings(max_examples=3)

@@ -97,7 +97,10 @@ def test_fullgraph_compile(worlds, training) -> None:
 @pytest.mark.multiproc
 def test_pad_multiple_and_padded_layout(worlds) -> None:
     """``pad_multiple=16`` (the FP8 converter's) and the padded layout give the plain ragged layout's
-    logits and gradients, exactly: the padding rows are zero and weigh 0."""
+    logits and gradients: the padding rows are zero and weigh 0. To bfloat16 rounding, not bit for bit:
+    torchtitan's grouped GEMM runs in bfloat16, the experts' GEMMs see other row counts, and the CPU's BLAS
+    may block their sums differently for them, which moves bfloat16 roundings (bit-equal on one machine, up
+    to 0.9 % of the largest expert-weight gradient on another)."""
     tokens = 2 * 32  # batch x seq per rank
     setups = {
         "ragged": tasks.ours(sac=False),
@@ -108,7 +111,7 @@ def test_pad_multiple_and_padded_layout(worlds) -> None:
         for name, ours in result.items():
             assert ours["dispatchers"] == ["MoEOpsTokenDispatcher"], name
             for key, (diff, scale) in ours["diffs"].items():
-                assert diff == 0 and scale > 0, f"rank {rank}, {name}: {key} differs by {diff} (largest {scale})"
+                assert diff <= 2e-2 * scale and scale > 0, f"rank {rank}, {name}: {key} differs by {diff} (largest {scale})"
         for counts in result["pad_multiple=16"]["counts"]:
             assert (counts % 16 == 0).all() and (counts > 0).all(), counts
         capacity = 2 * tokens  # the padded layout's default: the worst case W * max_tokens_per_rank

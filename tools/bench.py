@@ -280,6 +280,9 @@ def quantized(dtype: torch.dtype, bw: float, device: torch.device, l2: int) -> l
                 s.x, s.idx, s.w, num_experts=experts, **bounded, **q)) for s in sets]))
         row["fp8 pre-quantized max_recv_rows GPU ms"] = median_ms(rotating([graphed(lambda s=s, p=p: torch.ops.moe.dispatch_quantized(
             p[0], s.idx, s.w, p[1], num_experts=experts, **bounded)) for s, p in zip(sets, prequantized, strict=True)]))
+        # training's straight-through dispatch: fp8 rows, dequantized to bf16 on receipt (one more pass)
+        row["fp8 dequantize max_recv_rows GPU ms"] = median_ms(rotating([graphed(lambda s=s: torch.ops.moe.dispatch_quantized(
+            s.x, s.idx, s.w, num_experts=experts, **bounded, quant="fp8_e4m3", dequantize=True)) for s in sets]))
         if tokens <= DECODE_TOKENS:
             for label, q in (("bf16", None), ("fp8", dict(quant="fp8_e4m3"))):
                 replays = []

@@ -52,14 +52,14 @@ class AllGatherBackend(Backend):
             out.recv_x, out.recv_weights, out.tokens_per_expert, out.dropped, [own_slot, out.row_src, out.route_row], out.recv_scales
         )
 
-    def combine(self, expert_out: Tensor, recv_weights: Tensor, handle: list[Tensor], comm: Comm) -> Tensor:
+    def combine(self, expert_out: Tensor, recv_weights: Tensor, handle: list[Tensor], comm: Comm, packed: bool) -> Tensor:
         own_slot, _, route_row = handle
         partial = stage.reduce(expert_out.flatten(0, -2), route_row, recv_weights.reshape(-1))
         summed = reduce_scatter(comm, "moe.combine reduce_scatter", partial.float())
         return summed[: own_slot.shape[0]].to(expert_out.dtype)
 
     def dispatch_backward(
-        self, grad_recv_x: Tensor, grad_recv_weights: Tensor, handle: list[Tensor], comm: Comm
+        self, grad_recv_x: Tensor, grad_recv_weights: Tensor, handle: list[Tensor], comm: Comm, packed: bool
     ) -> tuple[Tensor, Tensor]:
         own_slot, _, route_row = handle
         grad_tokens, grad_weights = stage.dispatch_grad(grad_recv_x.flatten(0, -2), grad_recv_weights.reshape(-1), route_row)

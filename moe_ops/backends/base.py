@@ -72,12 +72,13 @@ class Backend(ABC):
         ``recv_scales``."""
 
     @abstractmethod
-    def combine(self, expert_out: Tensor, recv_weights: Tensor, handle: list[Tensor], comm: Comm) -> Tensor:
-        """``[T, H]`` in ``expert_out.dtype``."""
+    def combine(self, expert_out: Tensor, recv_weights: Tensor, handle: list[Tensor], comm: Comm, packed: bool) -> Tensor:
+        """``[T, H]`` in ``expert_out.dtype``. ``packed`` (here and in :meth:`dispatch_backward`): the handle
+        is a ragged layout's without ``pad_multiple``, each row exactly one route (``handle.Header.packed``)."""
 
     @abstractmethod
     def dispatch_backward(
-        self, grad_recv_x: Tensor, grad_recv_weights: Tensor, handle: list[Tensor], comm: Comm
+        self, grad_recv_x: Tensor, grad_recv_weights: Tensor, handle: list[Tensor], comm: Comm, packed: bool
     ) -> tuple[Tensor, Tensor]:
         """``(grad_x [T, H], grad_topk_weights [T, K])``."""
 

@@ -102,15 +102,15 @@ class CollectiveBackend(Backend):
             handle.append(torch.tensor([send_splits, recv_splits], dtype=torch.int64))
         return DispatchOutputs(out.recv_x, out.recv_weights, out.tokens_per_expert, out.dropped, handle, out.recv_scales)
 
-    def combine(self, expert_out: Tensor, recv_weights: Tensor, handle: list[Tensor], comm: Comm) -> Tensor:
+    def combine(self, expert_out: Tensor, recv_weights: Tensor, handle: list[Tensor], comm: Comm, packed: bool) -> Tensor:
         send_slot, _, route_row = handle[:3]
         sent, received = _splits(handle)
-        partial = stage.reduce(expert_out.flatten(0, -2), route_row, recv_weights.reshape(-1), ragged=expert_out.dim() == 2)
+        partial = stage.reduce(expert_out.flatten(0, -2), route_row, recv_weights.reshape(-1), packed=packed)
         back = all_to_all(comm, "moe.combine all_to_all", partial, received, sent)
         return stage.reduce(back, send_slot, None, unique=True)
 
     def dispatch_backward(
-        self, grad_recv_x: Tensor, grad_recv_weights: Tensor, handle: list[Tensor], comm: Comm
+        self, grad_recv_x: Tensor, grad_recv_weights: Tensor, handle: list[Tensor], comm: Comm, packed: bool
     ) -> tuple[Tensor, Tensor]:
         send_slot, _, route_row = handle[:3]
         sent, received = _splits(handle)
@@ -118,7 +118,7 @@ class CollectiveBackend(Backend):
         row_format = RowFormat(((grad_recv_x.shape[-1], grad_recv_x.dtype), (top_k, grad_recv_weights.dtype)))
         rows = row_format.empty(route_row.shape[0], grad_recv_x.device)
         grad_tokens, grad_weights = row_format.views(rows)
-        summed, picked = stage.dispatch_grad(grad_recv_x.flatten(0, -2), grad_recv_weights.reshape(-1), route_row, ragged=grad_recv_x.dim() == 2)
+        summed, picked = stage.dispatch_grad(grad_recv_x.flatten(0, -2), grad_recv_weights.reshape(-1), route_row, packed=packed)
         grad_tokens.copy_(summed)
         grad_weights.copy_(picked)
         back = all_to_all(comm, "moe.dispatch_backward all_to_all", rows, received, sent)

@@ -27,15 +27,15 @@ class LocalBackend(Backend):
         out = stage.dispatch_rows(x, topk_weights, topk_idx, plan.num_local_experts, plan.rows, scales=x_scales, quantize=quantize)
         return DispatchOutputs(out.recv_x, out.recv_weights, out.tokens_per_expert, out.dropped, [out.route_row, out.row_src], out.recv_scales)
 
-    def combine(self, expert_out: Tensor, recv_weights: Tensor, handle: list[Tensor], comm: Comm) -> Tensor:
+    def combine(self, expert_out: Tensor, recv_weights: Tensor, handle: list[Tensor], comm: Comm, packed: bool) -> Tensor:
         route_row, _ = handle
-        return stage.reduce(expert_out.flatten(0, -2), route_row, recv_weights.reshape(-1), ragged=expert_out.dim() == 2)
+        return stage.reduce(expert_out.flatten(0, -2), route_row, recv_weights.reshape(-1), packed=packed)
 
     def dispatch_backward(
-        self, grad_recv_x: Tensor, grad_recv_weights: Tensor, handle: list[Tensor], comm: Comm
+        self, grad_recv_x: Tensor, grad_recv_weights: Tensor, handle: list[Tensor], comm: Comm, packed: bool
     ) -> tuple[Tensor, Tensor]:
         route_row, _ = handle
-        return stage.dispatch_grad(grad_recv_x.flatten(0, -2), grad_recv_weights.reshape(-1), route_row, ragged=grad_recv_x.dim() == 2)
+        return stage.dispatch_grad(grad_recv_x.flatten(0, -2), grad_recv_weights.reshape(-1), route_row, packed=packed)
 
     def combine_backward(
         self, grad_out: Tensor, expert_out: Tensor, recv_weights: Tensor, handle: list[Tensor], comm: Comm

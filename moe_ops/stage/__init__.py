@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 from typing import NamedTuple
 
+import torch
 from torch import Tensor
 
 from moe_ops import config, quant
@@ -91,6 +92,16 @@ def quantize(tokens: Tensor, spec: quant.QuantSpec) -> tuple[Tensor, Tensor]:
     return quant.quantize(tokens, spec)
 
 
+def dequantize(rows: Tensor, scales: Tensor, block: int, dtype: torch.dtype) -> Tensor:
+    """Quantized layout rows ``[..., H]`` times their scales ``[..., S]`` (:func:`moe_ops.quant.dequantize`:
+    ``block`` columns each, 0: one per row), in ``dtype``; on Triton one launch."""
+    if use_triton(rows):
+        from moe_ops.stage.kernels.quantize import dequantize_rows
+
+        return dequantize_rows(rows.contiguous(), scales.contiguous(), block, dtype)
+    return quant.dequantize(rows, scales, block, dtype)
+
+
 def rows_to_send(x: Tensor, x_scales: Tensor | None, scales: quant.RowScales | None) -> tuple[Tensor, Tensor | None]:
     """What a transport moves for ``x``: ``x`` itself (an unquantized dispatch, or ``x`` arrived quantized
     with ``x_scales``), or ``x`` quantized here (:func:`quantize`), once per token before it is packed (only
@@ -100,11 +111,12 @@ def rows_to_send(x: Tensor, x_scales: Tensor | None, scales: quant.RowScales | N
     return quantize(x, scales.quantize)
 
 
-def reduce(rows: Tensor, route_row: Tensor, row_weights: Tensor | None, unique: bool = False, ragged: bool = False) -> Tensor:
+def reduce(rows: Tensor, route_row: Tensor, row_weights: Tensor | None, unique: bool = False, packed: bool = False) -> Tensor:
     """``out[j] = sum_k w[r] * rows[r]`` over ``r = route_row[j, k] >= 0`` (``unique``: a row repeated in
-    ``route_row[j]`` counts once; ``ragged``: ``rows`` is a ragged layout, one row per valid route).
+    ``route_row[j]`` counts once; ``packed``: ``rows`` is a ragged layout without ``pad_multiple``, each row
+    exactly one valid route).
     ``rows [R, H]`` (rows may be strided); returns ``[M, H]`` in ``rows.dtype``."""
-    if ragged and use_npu(rows) and npu.unpermute_fits(rows, route_row):
+    if packed and use_npu(rows) and npu.unpermute_fits(rows, route_row):
         return npu.reduce(rows, route_row, row_weights)
     if use_triton(rows):
         from moe_ops.stage.kernels import reduce as kernels
@@ -113,7 +125,7 @@ def reduce(rows: Tensor, route_row: Tensor, row_weights: Tensor | None, unique: 
     return plain.reduce(rows, route_row, row_weights, unique)
 
 
-def dispatch_grad(grad_rows: Tensor, grad_row_weights: Tensor, route_row: Tensor, ragged: bool = False) -> tuple[Tensor, Tensor]:
+def dispatch_grad(grad_rows: Tensor, grad_row_weights: Tensor, route_row: Tensor, packed: bool = False) -> tuple[Tensor, Tensor]:
     """Dispatch's backward on the layout rows: ``grad_rows [R, H]`` summed per token (``[M, H]``, as
     :func:`reduce` without weights) and ``grad_row_weights [R]`` gathered per route (``[M, K]``, 0 where
     ``route_row`` is -1); on Triton one launch does both."""
@@ -121,7 +133,7 @@ def dispatch_grad(grad_rows: Tensor, grad_row_weights: Tensor, route_row: Tensor
         from moe_ops.stage.kernels import reduce as kernels
 
         return kernels.dispatch_grad(grad_rows, grad_row_weights, route_row)
-    return reduce(grad_rows, route_row, None, ragged=ragged), gather_routes(grad_row_weights, route_row)
+    return reduce(grad_rows, route_row, None, packed=packed), gather_routes(grad_row_weights, route_row)
 
 
 def expand_grad(grad_tokens: Tensor, expert_out: Tensor, recv_weights: Tensor, route_row: Tensor, row_src: Tensor) -> tuple[Tensor, Tensor]:
@@ -137,5 +149,5 @@ def expand_grad(grad_tokens: Tensor, expert_out: Tensor, recv_weights: Tensor, r
 
 gather_routes = plain.gather_routes  # one gather: the same everywhere
 
-__all__ = ["ExpertLayout", "LocalDispatch", "dispatch_grad", "dispatch_rows", "expand_grad", "expert_layout", "gather_routes", "quantize", "reduce",
+__all__ = ["ExpertLayout", "LocalDispatch", "dequantize", "dispatch_grad", "dispatch_rows", "expand_grad", "expert_layout", "gather_routes", "quantize", "reduce",
            "rows_to_send", "use_npu", "use_triton"]

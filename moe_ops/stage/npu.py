@@ -65,7 +65,8 @@ def dispatch_rows(
 
 
 def unpermute_fits(rows: Tensor, route_row: Tensor) -> bool:
-    """Whether :func:`reduce` can sum the ragged ``rows`` back: one row per route of ``route_row``."""
+    """Whether :func:`reduce` can sum the packed ragged ``rows`` back (each row one valid route, the
+    caller's promise): one row per route of ``route_row``, so no route is masked or dropped."""
     return _ops() is not None and rows.dtype in _DTYPES and 0 < route_row.numel() == rows.shape[0]
 
 

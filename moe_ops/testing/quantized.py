@@ -121,3 +121,44 @@ def check_world(world: object, problem: Problem, spec: quant.QuantSpec, prequant
     rows, scales = expected(problem, spec, quantize)
     for rank, ours in enumerate(outputs):
         assert_rank_matches(problem, spec, rank, ours, rows[rank], scales[rank])
+
+
+def straight_through_task(rank: int, problem: Problem, spec: quant.QuantSpec, backend: str = "auto", device: str = "cpu",
+                          quantize: Quantizer = quant.quantize) -> tuple[tuple[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]:
+    """Rank ``rank``'s training step through a quantized dispatch with ``dequantize=True`` (a loss of
+    combine's output and of the rows themselves), and the same step through ``moe.dispatch`` of the
+    tokens as ``quantize`` rounds them (quantized, then dequantized in ``x``'s dtype). Straight through
+    the rounding, the two must agree exactly: rows, ``x``'s gradient and the router's. Returns
+    ``(rows, grad_x, grad_weights)`` of each, CPU tensors."""
+    import torch.distributed as dist
+
+    group = dist.group.WORLD.group_name if dist.is_initialized() else None
+    x = problem.xs[rank].to(device)
+    idx = problem.topk_idx[rank].to(device)
+    kwargs = dict(group=group, backend=backend, zero_padding=True, **problem.dispatch_kwargs(device))
+
+    def step(tokens: Tensor, **quantized: object) -> tuple[Tensor, Tensor, Tensor]:
+        xr = tokens.detach().clone().requires_grad_()
+        wr = problem.topk_weights[rank].to(device, copy=True).requires_grad_()
+        d = moe_ops.dispatch(xr, idx, wr, problem.num_experts, **quantized, **kwargs)  # type: ignore[arg-type]
+        out = moe_ops.combine(d.recv_x * 2, d, group=group, backend=backend)
+        loss = (out.float() * torch.arange(out.numel(), device=device).view_as(out).sin()).sum()
+        (loss + (d.recv_x.float() * torch.arange(d.recv_x.numel(), device=device).view_as(d.recv_x).cos()).sum()).backward()
+        assert xr.grad is not None and wr.grad is not None
+        return d.recv_x.detach().cpu(), xr.grad.cpu(), wr.grad.cpu()
+
+    q, s = quantize(x, spec)
+    ours = step(x, quant=spec.mode, quant_block=spec.block, round_scale=spec.round_scale, dequantize=True)
+    return ours, step(quant.dequantize(q, s, spec.block, x.dtype))
+
+
+def check_straight_through(world: object, problem: Problem, spec: quant.QuantSpec, backend: str = "auto") -> None:
+    """:func:`straight_through_task` on every rank of ``world``: rows and both gradients exactly equal."""
+    assert_straight_through(world.run(straight_through_task, problem, spec, backend), problem, spec)  # type: ignore[attr-defined]
+
+
+def assert_straight_through(outputs: list[tuple[tuple[Tensor, ...], tuple[Tensor, ...]]], problem: Problem, spec: quant.QuantSpec) -> None:
+    """Every rank's :func:`straight_through_task` pairs equal, bit for bit."""
+    for rank, (ours, plain) in enumerate(outputs):
+        for name, a, b in zip(("rows", "grad_x", "grad_weights"), ours, plain, strict=True):
+            assert a.dtype == b.dtype and torch.equal(a, b), f"{name} differ on rank {rank} ({spec}; {problem.description})"

@@ -173,11 +173,11 @@ class DeepEPLowLatencyBackend(runtime.DeepEPBase):
         out, _, _ = buffer.low_latency_combine(sent.view(num_local, -1, h.hidden), h.ids, _first_routes(h.ids), h.deepep())
         return out
 
-    def combine(self, expert_out: Tensor, recv_weights: Tensor, handle: list[Tensor], comm: Comm) -> Tensor:
+    def combine(self, expert_out: Tensor, recv_weights: Tensor, handle: list[Tensor], comm: Comm, packed: bool) -> Tensor:
         return self._combine_rows(expert_out, recv_weights, _Handle(handle, comm.world_size), comm)
 
     def dispatch_backward(
-        self, grad_recv_x: Tensor, grad_recv_weights: Tensor, handle: list[Tensor], comm: Comm
+        self, grad_recv_x: Tensor, grad_recv_weights: Tensor, handle: list[Tensor], comm: Comm, packed: bool
     ) -> tuple[Tensor, Tensor]:
         h = _Handle(handle, comm.world_size)
         grad_x = self._combine_rows(grad_recv_x, None, h, comm)

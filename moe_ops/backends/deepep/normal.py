@@ -103,14 +103,14 @@ class DeepEPBackend(runtime.DeepEPBase):
         handle = [ids, out.row_src, out.route_row, *got.handle]
         return DispatchOutputs(out.recv_x, out.recv_weights, out.tokens_per_expert, out.dropped, handle, out.recv_scales)
 
-    def combine(self, expert_out: Tensor, recv_weights: Tensor, handle: list[Tensor], comm: Comm) -> Tensor:
+    def combine(self, expert_out: Tensor, recv_weights: Tensor, handle: list[Tensor], comm: Comm, packed: bool) -> Tensor:
         buffer, _, combine_config = runtime.normal_buffer(comm, expert_out.shape[-1])
         partial = stage.reduce(expert_out.flatten(0, -2), handle[2], recv_weights.reshape(-1))
         out, _, _ = buffer.combine(partial, handle=_deepep_handle(handle), config=combine_config)
         return out
 
     def dispatch_backward(
-        self, grad_recv_x: Tensor, grad_recv_weights: Tensor, handle: list[Tensor], comm: Comm
+        self, grad_recv_x: Tensor, grad_recv_weights: Tensor, handle: list[Tensor], comm: Comm, packed: bool
     ) -> tuple[Tensor, Tensor]:
         buffer, _, combine_config = runtime.normal_buffer(comm, grad_recv_x.shape[-1])
         route_row = handle[2]

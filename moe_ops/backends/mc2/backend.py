@@ -352,7 +352,7 @@ class Mc2Backend(Backend):
             take(received.scales, placed.slot_row) if quantized else None,
         )
 
-    def combine(self, expert_out: Tensor, recv_weights: Tensor, handle: list[Tensor], comm: Comm) -> Tensor:
+    def combine(self, expert_out: Tensor, recv_weights: Tensor, handle: list[Tensor], comm: Comm, packed: bool) -> Tensor:
         call = _Call.from_handle(comm, handle)
         ids, _, row_slot, _, *mc2_handle, wire, _ = handle
         if call.max_tokens == 0:
@@ -361,7 +361,7 @@ class Mc2Backend(Backend):
         return call.combine(rows, ids, mc2_handle, wire.shape[1])
 
     def dispatch_backward(
-        self, grad_recv_x: Tensor, grad_recv_weights: Tensor, handle: list[Tensor], comm: Comm
+        self, grad_recv_x: Tensor, grad_recv_weights: Tensor, handle: list[Tensor], comm: Comm, packed: bool
     ) -> tuple[Tensor, Tensor]:
         call = _Call.from_handle(comm, handle)
         hidden, top_k = grad_recv_x.shape[-1], call.top_k

@@ -129,20 +129,20 @@ class SymmBackend(Backend):
         handle = [send_slot, out.row_src, out.route_row, back_index]
         return DispatchOutputs(out.recv_x, out.recv_weights, out.tokens_per_expert, out.dropped, handle, out.recv_scales)
 
-    def combine(self, expert_out: Tensor, recv_weights: Tensor, handle: list[Tensor], comm: Comm) -> Tensor:
+    def combine(self, expert_out: Tensor, recv_weights: Tensor, handle: list[Tensor], comm: Comm, packed: bool) -> Tensor:
         send_slot, _, route_row, back_index = handle
         bound = route_row.shape[0] // comm.world_size
-        partial = stage.reduce(expert_out.flatten(0, -2), route_row, recv_weights.reshape(-1), ragged=expert_out.dim() == 2)
+        partial = stage.reduce(expert_out.flatten(0, -2), route_row, recv_weights.reshape(-1), packed=packed)
         [back] = _send_rows(comm, partial, back_index, bound)
         return stage.reduce(back, send_slot, None, unique=True)
 
     def dispatch_backward(
-        self, grad_recv_x: Tensor, grad_recv_weights: Tensor, handle: list[Tensor], comm: Comm
+        self, grad_recv_x: Tensor, grad_recv_weights: Tensor, handle: list[Tensor], comm: Comm, packed: bool
     ) -> tuple[Tensor, Tensor]:
         send_slot, _, route_row, back_index = handle
         bound = route_row.shape[0] // comm.world_size
         grad_tokens, grad_weights = stage.dispatch_grad(
-            grad_recv_x.flatten(0, -2), grad_recv_weights.reshape(-1), route_row, ragged=grad_recv_x.dim() == 2
+            grad_recv_x.flatten(0, -2), grad_recv_weights.reshape(-1), route_row, packed=packed
         )
         meta_format = RowFormat(((send_slot.shape[1], grad_recv_weights.dtype),))
         meta = meta_format.empty(route_row.shape[0], grad_recv_x.device)

@@ -40,6 +40,7 @@ CHUNK = 128  # routes ranked per program by one CHUNK x CHUNK comparison
 FILL_BLOCK = 1024  # padding slots reset per program
 SCATTER_H_BLOCK = 1024  # hidden elements per scatter program (tools/bench.py --sweep picks these)
 SCATTER_WARPS = 4
+BYTE_H_BLOCK = 4096  # the same for one-byte (quantized) rows (tools/bench.py --quant measured it)
 SMALL_ROUTES = 2048  # up to this many routes, one launch (_dispatch_small) does all of dispatch
 SMALL_R_BLOCK = 512  # routes compared per step there
 SMALL_E_BLOCK = 16  # experts counted per bookkeeping program there (padded layout)
@@ -436,8 +437,7 @@ def dispatch_rows(
     counts = torch.empty(num_local, dtype=torch.int32, device=device)
     dropped = torch.empty_like(counts)
     route_row = torch.empty(m, top_k, dtype=torch.int64, device=device)
-    # 1-byte rows (quantized) take four times the columns per program (tools/bench.py --quant measured it)
-    h_block = block_size(hidden, SCATTER_H_BLOCK * (4 if recv_x.element_size() == 1 else 1))
+    h_block = block_size(hidden, BYTE_H_BLOCK if recv_x.element_size() == 1 else SCATTER_H_BLOCK)
     if quantize is not None:  # whole groups per program
         h_block = max(h_block, quantize.block)
     recv_x_bytes = recv_x

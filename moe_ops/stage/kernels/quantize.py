@@ -18,6 +18,7 @@ from moe_ops.quant import QuantSpec
 from moe_ops.stage.kernels import unit_columns
 
 ROWS_WARPS = 8
+DEQUANTIZE_H_BLOCK = 2048  # columns per program of dequantize_rows
 #: e4m3 through the GPU's own conversion (one instruction per two values); the interpreter, whose casts
 #: round ties away from zero, builds the bytes from the float32 bits instead (the same bytes: the CUDA
 #: tests compare the compiled kernels with plain torch, the CPU tests the interpreted ones)
@@ -124,3 +125,51 @@ def quantize_rows(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
             num_warps=ROWS_WARPS,
         )
     return q, scales
+
+
+@triton.jit
+def _e4m3_value(bits):
+    """The float32 value of float8_e4m3fn bytes ``bits`` (int32 holding a byte), from the bits: the same
+    on the GPU and under the interpreter."""
+    biased = (bits >> 3) & 0xF
+    mantissa = bits & 7
+    normal = (((biased + 120) << 23) | (mantissa << 20)).to(tl.float32, bitcast=True)  # biases 7 and 127
+    magnitude = tl.where(biased > 0, normal, mantissa.to(tl.float32) * 0.001953125)  # subnormals: m * 2**-9
+    magnitude = tl.where((bits & 0x7F) == 0x7F, float("nan"), magnitude)
+    return tl.where((bits & 0x80) != 0, -magnitude, magnitude)
+
+
+@triton.jit
+def _dequantize_rows(q_ptr, scales_ptr, num_scales, hidden, out_ptr, GROUP: tl.constexpr, INT8: tl.constexpr, BF16_BITS: tl.constexpr,
+                     H_BLOCK: tl.constexpr):
+    """Program (j, b): hidden block b of row j times its scales (``GROUP`` columns each; 0: one per row),
+    the product in float32 rounded once to the output's dtype (``BF16_BITS``: to bfloat16's bits by hand,
+    nearest even, for the interpreter, whose bfloat16 cast truncates; ``out_ptr`` then holds int16)."""
+    j = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * H_BLOCK + tl.arange(0, H_BLOCK)
+    mask = cols < hidden
+    raw = tl.load(q_ptr + j * hidden + cols, mask=mask, other=0)
+    v = raw.to(tl.float32) if INT8 else _e4m3_value(raw.to(tl.int32) & 0xFF)
+    scale = tl.load(scales_ptr + j * num_scales + (cols * 0 if GROUP == 0 else cols // GROUP), mask=mask, other=0.0)
+    y = v * scale
+    if BF16_BITS:
+        bits = y.to(tl.int32, bitcast=True)
+        y = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.int16)
+    tl.store(out_ptr + j * hidden + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def dequantize_rows(q: Tensor, scales: Tensor, block: int, dtype: torch.dtype) -> Tensor:
+    """:func:`moe_ops.quant.dequantize` in one launch: ``q [..., H]`` (float8_e4m3fn or int8, contiguous)
+    times its float32 ``scales [..., S]`` (``block`` columns each, 0: one per row), in ``dtype``."""
+    assert q.dtype in (torch.float8_e4m3fn, torch.int8) and q.is_contiguous() and scales.is_contiguous()
+    hidden = q.shape[-1]
+    out = torch.empty(q.shape, dtype=dtype, device=q.device)
+    rows = q.numel() // hidden if hidden else 0
+    if rows:
+        h_block = min(DEQUANTIZE_H_BLOCK, triton.next_power_of_2(hidden))
+        bf16_bits = dtype == torch.bfloat16 and not HARDWARE_CAST
+        _dequantize_rows[(rows, triton.cdiv(hidden, h_block))](
+            q if q.dtype == torch.int8 else q.view(torch.uint8), scales, scales.shape[-1], hidden,
+            out.view(torch.int16) if bf16_bits else out, GROUP=block, INT8=q.dtype == torch.int8, BF16_BITS=bf16_bits, H_BLOCK=h_block,
+        )
+    return out
