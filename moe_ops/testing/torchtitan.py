@@ -4,12 +4,12 @@ and with moe_ops put in the documented way: torchtitan's ``apply_overrides`` wit
 tests/test_upstream_torchtitan.py (CPU, gloo, EP = 2) and tools/bench_torchtitan.py (one GPU, EP = 1).
 
 What CPU needs, and no GPU run does (set here, never in the library): torchtitan falls back to ``"cuda"``
-as its device type where it finds no accelerator, so its meshes are put on ``"cpu"``; the language models
-take FlexAttention, which compiles only for an accelerator, so every layer's inner attention becomes
-``ScaledDotProductAttention`` (causal: one document per sequence, which is what the models' block-causal
-masks give here); FSDP reduces gradients with a plain sum, then divides (gloo has no pre-multiplied sum).
+as its device type where it finds no accelerator, so its meshes are put on ``"cpu"``; FSDP reduces gradients with a plain sum, then divides (gloo has no pre-multiplied sum).
 torchtitan's trainer imports its data stack (``datasets``, ``torchdata``, tensorboard), so the step here is
-its ``train_step`` without it: forward, cross-entropy, backward, AdamW.
+its ``train_step`` without it: forward, cross-entropy, backward, AdamW. Its FlexAttention takes the
+block-causal masks that stack builds (and compiles only for an accelerator), so on every device each
+layer's inner attention becomes ``ScaledDotProductAttention``, causal: one document per sequence, which is
+what those masks give here.
 """
 
 from __future__ import annotations
@@ -98,9 +98,8 @@ def build(
     spec = importlib.import_module(f"torchtitan.models.{family}").model_registry(flavor or FLAVORS[family])
     model_config = spec.model
     model_config.layers = model_config.layers[:layers]
-    if device == "cpu":
-        for _, _, parent, attr in list(model_config.traverse(FlexAttention.Config)):
-            setattr(parent, attr, ScaledDotProductAttention.Config())
+    for _, _, parent, attr in list(model_config.traverse(FlexAttention.Config)):  # see the module docstring
+        setattr(parent, attr, ScaledDotProductAttention.Config())
     parallelism = ParallelismConfig(expert_parallel_degree=ep, spmd_backend=SPMD_BACKEND)
     dist_utils.set_spmd_backend(SPMD_BACKEND)  # as the trainer does
     # what the trainer's update_from_config does for these models (the trainer imports the data stack)
