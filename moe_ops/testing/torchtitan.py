@@ -49,7 +49,7 @@ class Setup:
 def ours(sac: bool = True, **options: Any) -> Setup:
     """moe_ops' dispatcher with ``options`` (its override's keyword arguments) and, with ``sac``, our SAC."""
     dispatcher = (DISPATCHER, options) if options else DISPATCHER
-    return Setup(overrides=(dispatcher, SELECTIVE_AC) if sac else (dispatcher,))
+    return Setup(overrides=(dispatcher, SELECTIVE_AC) if sac else (dispatcher,), sac=sac)
 
 
 def on_cpu() -> None:
