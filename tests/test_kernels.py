@@ -15,7 +15,7 @@ from moe_ops.testing.problems import Problem, make_problem, problems
 
 pytestmark = pytest.mark.multiproc
 
-INTERPRET_EXAMPLES = {1: 60, 2: 25}
+INTERPRET_EXAMPLES = {1: 45, 2: 18}
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from moe_ops.testing.sim import symmetric_memory
 
 pytestmark = pytest.mark.multiproc
 
-EXAMPLES = {1: 5, 2: 8, 3: 5, 4: 5}
+EXAMPLES = {1: 5, 2: 8, 3: 4, 4: 3}
 
 
 @pytest.fixture

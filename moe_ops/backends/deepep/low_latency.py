@@ -157,7 +157,8 @@ class DeepEPLowLatencyBackend(runtime.DeepEPBase):
     def check_rows(self, name: str, rows: Tensor, handle: list[Tensor], comm: Comm) -> None:
         super().check_rows(name, rows, handle, comm)
         h = _Handle(handle, comm.world_size)
-        if name != "grad_out" and rows.shape[-1] != h.hidden:
+        router_only = name == "grad_recv_x" and rows.shape[-1] == 0  # moe.dispatch_quantized's backward
+        if name != "grad_out" and not router_only and rows.shape[-1] != h.hidden:
             raise MoEInputError(
                 f"{name} has hidden size {rows.shape[-1]}, but DeepEP's low-latency combine returns the "
                 f"dispatched hidden size {h.hidden}"
@@ -180,7 +181,10 @@ class DeepEPLowLatencyBackend(runtime.DeepEPBase):
         self, grad_recv_x: Tensor, grad_recv_weights: Tensor, handle: list[Tensor], comm: Comm, packed: bool
     ) -> tuple[Tensor, Tensor]:
         h = _Handle(handle, comm.world_size)
-        grad_x = self._combine_rows(grad_recv_x, None, h, comm)
+        if grad_recv_x.shape[-1] == 0:  # moe.dispatch_quantized's backward: the router's gradient alone, no rows to move
+            grad_x = grad_recv_x.new_empty(h.ids.shape[0], 0)
+        else:
+            grad_x = self._combine_rows(grad_recv_x, None, h, comm)
         grad_routes = stage.gather_routes(grad_recv_weights.reshape(-1), h.route_row)
         return grad_x, _return_routes(comm, grad_routes, h.ids.shape[0])
 

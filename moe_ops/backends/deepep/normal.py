@@ -43,6 +43,7 @@ from moe_ops.comm import Comm
 from moe_ops.plan import DispatchPlan, Kind
 
 _OWN = 3  # handle tensors of ours before DeepEP's
+_ONE_UNIT = 8  # bf16 columns in 16 bytes, the least row DeepEP's combine moves (csrc/deep_ep.cpp, Buffer::intranode_combine)
 
 
 class _Received(NamedTuple):
@@ -112,13 +113,16 @@ class DeepEPBackend(runtime.DeepEPBase):
     def dispatch_backward(
         self, grad_recv_x: Tensor, grad_recv_weights: Tensor, handle: list[Tensor], comm: Comm, packed: bool
     ) -> tuple[Tensor, Tensor]:
-        buffer, _, combine_config = runtime.normal_buffer(comm, grad_recv_x.shape[-1])
         route_row = handle[2]
         grad_tokens, grad_weights = stage.dispatch_grad(grad_recv_x.flatten(0, -2), grad_recv_weights.reshape(-1), route_row)
+        router_only = grad_tokens.shape[-1] == 0  # moe.dispatch_quantized's backward: the router's gradient alone
+        if router_only:  # DeepEP's combine moves rows of whole 16-byte units: one of zeros rides with the weights
+            grad_tokens = grad_tokens.new_zeros(grad_tokens.shape[0], _ONE_UNIT, dtype=torch.bfloat16)
+        buffer, _, combine_config = runtime.normal_buffer(comm, grad_tokens.shape[-1])
         grad_x, grad_topk_weights, _ = buffer.combine(
             grad_tokens, handle=_deepep_handle(handle), topk_weights=grad_weights, config=combine_config
         )
-        return grad_x, grad_topk_weights
+        return (grad_x.new_empty(grad_x.shape[0], 0, dtype=grad_recv_x.dtype) if router_only else grad_x), grad_topk_weights
 
     def combine_backward(
         self, grad_out: Tensor, expert_out: Tensor, recv_weights: Tensor, handle: list[Tensor], comm: Comm
