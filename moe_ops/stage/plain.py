@@ -56,15 +56,27 @@ def expert_layout(local_ids: Tensor, num_local: int, rows: RowLayout, num_routes
     order = keys.argsort(stable=True)  # routes grouped by expert, in route order
     counts = torch.bincount(keys, minlength=num_local + 1)
     routes = torch.arange(keys.numel(), device=keys.device)
-    if rows.kind == "ragged" and rows.pad_multiple == 1:  # the common case: row = sorted position
-        valid = m * k - int(counts[num_local]) if num_routes is None else num_routes
+    if rows.kind != "padded" and rows.pad_multiple == 1:  # the common cases: row = sorted position
         rank = torch.empty_like(order).scatter_(0, order, routes)
         kept = counts[:num_local]
+        if rows.kind == "ragged":
+            valid = m * k - int(counts[num_local]) if num_routes is None else num_routes
+            return ExpertLayout(
+                route_row=rank.masked_fill_(keys == num_local, -1).view(m, k),
+                row_src=order[:valid],
+                tokens_per_expert=kept.to(torch.int32),
+                dropped=torch.zeros_like(kept, dtype=torch.int32),
+            )
+        # bounded: the ragged layout's first R rows (the routes not here sort last, so they never fit)
+        bound = rows.max_rows
+        _, tokens = group_rows(kept, rows)
+        sources = order[:bound] if bound <= order.numel() else torch.nn.functional.pad(order, (0, bound - order.numel()), value=-1)
+        routed = torch.arange(bound, device=keys.device) < (keys < num_local).sum()
         return ExpertLayout(
-            route_row=rank.masked_fill_(keys == num_local, -1).view(m, k),
-            row_src=order[:valid],
-            tokens_per_expert=kept.to(torch.int32),
-            dropped=torch.zeros_like(kept, dtype=torch.int32),
+            route_row=rank.masked_fill_((keys == num_local) | (rank >= bound), -1).view(m, k),
+            row_src=torch.where(routed, sources, -1),
+            tokens_per_expert=tokens.to(torch.int32),
+            dropped=(kept - tokens).to(torch.int32),
         )
     counts = counts[:num_local]
     first = torch.cumsum(counts, 0) - counts  # each expert's first position in ``order``
