@@ -365,6 +365,14 @@ def test_straight_through(world, layout: str) -> None:
     quantized.assert_straight_through(outputs, problem, mc2_tasks.INT8_PER_TOKEN)
 
 
+@pytest.mark.parametrize("task", [quantized.opcheck_task, quantized.compiled_task], ids=["opcheck", "compiled"])
+def test_quantized_op(world, task) -> None:  # type: ignore[no-untyped-def]
+    """moe.dispatch_quantized on mc2: opcheck (our fake shapes against MC2's, dequantized and quantized
+    rows) and a compiled training step equal to eager (bounded layout, W = 2)."""
+    problem = mc2_problem([10, 6], HIDDEN, 8, 3, mask_fraction=0.2, seed=2, **STATIC["bounded"])
+    world(2).run(mc2_tasks.in_environment, {}, task, problem, mc2_tasks.INT8_PER_TOKEN, "mc2")
+
+
 @pytest.mark.parametrize("layout", STATIC)
 def test_quantized_zero_and_tiny_tokens(world, layout: str) -> None:
     """Tokens whose maximum is 0 or below 1e-4: the floor (MC2 alone would divide by zero), drops, masked

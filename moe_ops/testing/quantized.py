@@ -162,3 +162,49 @@ def assert_straight_through(outputs: list[tuple[tuple[Tensor, ...], tuple[Tensor
     for rank, (ours, plain) in enumerate(outputs):
         for name, a, b in zip(("rows", "grad_x", "grad_weights"), ours, plain, strict=True):
             assert a.dtype == b.dtype and torch.equal(a, b), f"{name} differ on rank {rank} ({spec}; {problem.description})"
+
+
+def _dispatch_options(problem: Problem, spec: quant.QuantSpec, backend: str) -> dict[str, object]:
+    """``moe.dispatch_quantized``'s options for ``problem`` on the default group (``quant`` as ``spec``)."""
+    import torch.distributed as dist
+
+    return dict(num_experts=problem.num_experts, group_name=dist.group.WORLD.group_name, backend=backend, layout=problem.layout,
+                capacity=problem.capacity, max_tokens_per_rank=problem.max_tokens_per_rank, max_recv_rows=problem.max_recv_rows,
+                pad_multiple=problem.pad_multiple, zero_padding=True, quant=spec.mode, quant_block=spec.block,
+                round_scale=spec.round_scale)
+
+
+def opcheck_task(rank: int, problem: Problem, spec: quant.QuantSpec, backend: str) -> None:
+    """``torch.library.opcheck`` of ``moe.dispatch_quantized`` on this rank's inputs (every rank runs the
+    same calls, so the collectives inside stay matched): with ``dequantize=True`` every test, the AOT ones
+    included (the rows are bf16 and carry ``x``'s gradient); quantized rows the tests whose outputs torch
+    can sum (schema, autograd registration, fake tensors: float8 has no sum)."""
+    options = _dispatch_options(problem, spec, backend)
+    op = torch.ops.moe.dispatch_quantized.default
+    x, idx = problem.xs[rank], problem.topk_idx[rank]
+    w = problem.topk_weights[rank].clone().requires_grad_()
+    torch.library.opcheck(op, (x.clone().requires_grad_(), idx, w), dict(options, dequantize=True))
+    torch.library.opcheck(op, (x, idx, w), options, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def compiled_task(rank: int, problem: Problem, spec: quant.QuantSpec, backend: str) -> None:
+    """A training step through a quantized dispatch (``dequantize=True``) and combine, compiled with
+    ``fullgraph=True`` and static shapes, equals eager: rows, output and both gradients, bit for bit."""
+    options = _dispatch_options(problem, spec, backend)
+    comm = dict(group_name=options["group_name"], backend=backend)
+    idx = problem.topk_idx[rank]
+
+    def step(x: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+        rows, _, recv_w, _, _, handle = torch.ops.moe.dispatch_quantized(x, idx, w, **options, dequantize=True)
+        return rows, torch.ops.moe.combine(rows * 2, recv_w, handle, **comm)
+
+    def run(fn: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]) -> tuple[Tensor, ...]:
+        x, w = problem.xs[rank].clone().requires_grad_(), problem.topk_weights[rank].clone().requires_grad_()
+        rows, out = fn(x, w)
+        (rows.float().sum() + (out.float() * out.float()).sum()).backward()
+        assert x.grad is not None and w.grad is not None
+        return rows.detach(), out.detach(), x.grad, w.grad
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=False)
+    for name, a, b in zip(("rows", "out", "grad_x", "grad_weights"), run(compiled), run(step), strict=True):
+        assert torch.equal(a, b), f"compiled {name} differs from eager on rank {rank} ({spec}; {problem.description})"
