@@ -5,7 +5,11 @@
 #
 #   tools/gpu_session.sh OUTDIR [bench args...]
 #
-# STAGES (default "cuda hf profile bench multi cpu multiproc") picks stages ("sanitize": the hostile-values
+# STAGES (default "cuda hf profile bench multi cpu multiproc") picks stages ("torchtitan": the training step of
+# tools/bench_torchtitan.py, with torchtitan 0.3.0 and what its imports need carried in .gpu-torchtitan/, made here by
+#   pip install --no-deps --target .gpu-torchtitan torchtitan==0.3.0 tyro spmd_types==0.2.3 docstring-parser \
+#       typeguard shtab rich markdown-it-py mdurl pygments
+# and passed with carry; "sanitize": the hostile-values
 # run under compute-sanitizer's memcheck, tools/faults.py --cuda-hostile; memory errors only: NCCL's
 # start-up probes kernel images for other GPUs and fails CUDA API calls on purpose); each has its own time limit (env
 # CUDA_LIMIT, MULTI_LIMIT, CPU_LIMIT, MULTIPROC_LIMIT; TEST_TIMEOUT per test) so the
@@ -37,6 +41,7 @@ wants sanitize && TAIL=30 stage sanitize "${SANITIZE_LIMIT:-300}" compute-saniti
     --target-processes all python3 tools/faults.py --cuda-hostile
 wants profile && TAIL=40 stage profile 30 python3 tools/profile_kernels.py
 wants bench && TAIL=70 stage bench 120 python3 tools/bench.py --out "$out/bench" "$@"
+wants torchtitan && TAIL=12 stage torchtitan "${TORCHTITAN_LIMIT:-360}" env PYTHONPATH=.gpu-torchtitan:. python3 tools/bench_torchtitan.py --out "$out/torchtitan.json"
 wants multi && TAIL=40 stage multi-gpu "${MULTI_LIMIT:-150}" python3 tools/bench_multi_gpu.py --out "$out/multi"
 wants cpu && pytest_stage tests-cpu "${CPU_LIMIT:-150}" 8 "not cuda and not multiproc"
 wants multiproc && pytest_stage tests-multiproc "${MULTIPROC_LIMIT:-200}" 12 "multiproc and not cuda"
