@@ -3,9 +3,10 @@
 ``handle = [tag, sources, rows, *private]``:
 
 * ``tag``: an empty int64 tensor of shape ``[0, backend code, layout code]``. Its shape names the backend
-  and the kind of row layout (ragged, bounded, padded) that made the handle, readable at trace time without a host sync (shapes are static
-  in a compiled graph), so combine and the backward ops run the producing backend and check their
-  inputs against its layout, in the fake kernels too.
+  and the kind of row layout that made the handle (ragged, ragged with pad_multiple's padding rows,
+  bounded, padded), readable at trace time without a host sync (shapes are static in a compiled graph),
+  so combine and the backward ops run the producing backend and check their inputs against its layout,
+  in the fake kernels too.
 * ``sources``: int64 ``[T, K]`` on the source rank (the ops read ``T`` and ``K`` from it);
 * ``rows``: int64 ``[N]`` (ragged), ``[R]`` (bounded) or ``[L, C]`` (padded): the layout's row map, whose
   shape the rows given to combine must have;

@@ -225,8 +225,8 @@ def _dispatch_quantized(
     a bf16/fp16/fp32 ``x`` here (``quant_block`` 128 or 0: one scale per token; ``round_scale``: UE8M0
     scales; ``dequantize``: the rows travel quantized and arrive dequantized in ``x.dtype``, with a gradient
     to ``x`` straight through the rounding). Returns ``(recv_x, recv_scales, recv_weights, tokens_per_expert,
-    dropped, handle)``: ``recv_x`` quantized (or dequantized) in dispatch's layout, ``recv_scales`` float32 with its rows (``[N, S]``,
-    ``[R, S]`` or ``[L, C, S]``); the rest as :func:`_dispatch` returns them.
+    dropped, handle)``: ``recv_x`` quantized (or dequantized) in dispatch's layout, ``recv_scales`` float32
+    with its rows (``[N, S]``, ``[R, S]`` or ``[L, C, S]``); the rest as :func:`_dispatch` returns them.
     """
     o, q = _split_quant_options(dict(options))
     out, tag = _run_dispatch(x, topk_idx, topk_weights, expert_map, log2phy, o, x_scales, q)
