@@ -6,6 +6,9 @@ reference's layout of every rank's quantized tokens, and the expected scale rows
 scales: both must match **exactly** on the rows that hold a route (compared as float32, which holds every
 float8 and int8 value exactly). A rank's dispatch then feeds combine (bf16 rows, dequantized) and the
 router's gradient flows back through ``recv_weights``, checked against the unquantized dispatch's.
+With ``dequantize=True`` (:func:`straight_through_task`) the rows and both gradients must equal
+``moe.dispatch``'s of the rounded tokens; :func:`opcheck_task` and :func:`compiled_task` hold the op to
+``torch.library.opcheck`` and to ``torch.compile`` for backends tested in worlds of their own (mc2).
 """
 
 from __future__ import annotations
