@@ -9,7 +9,9 @@ torchtitan. On torchtitan's command line::
 * :class:`MoEOpsTokenDispatcher`: torchtitan's dispatcher interface (``dispatch``, ``combine``,
   ``wire_meshes``) on one ``moe_ops.Dispatcher`` per MoE layer: the ragged layout by default,
   ``pad_multiple`` (per-expert row alignment for FP8/MXFP8 grouped GEMMs), ``max_recv_rows`` (the ragged
-  rows in a static buffer: no host sync) and the padded layout (static shapes: decode, CUDA graphs).
+  rows in a static buffer: no host sync), the padded layout (static shapes: decode, CUDA graphs) and
+  ``quant`` (rows cross the EP group in FP8 / INT8 and arrive in x's dtype: half the bytes between ranks,
+  gradients in bf16).
 * :func:`moe_ops_dispatcher`: replaces every ``AllToAllTokenDispatcher.Config`` (exactly that class; the
   ``"standard"`` comm backend's, at EP = 1 too) with ours; its keyword arguments are our config's fields.
 * :func:`moe_ops_aligned_dispatcher`: replaces the ``TorchAOTokenDispatcher.Config`` that torchtitan's
@@ -37,13 +39,13 @@ from torchtitan.models.common.token_dispatcher import (
 )
 
 import moe_ops
-from moe_ops.api import DispatchResult
+from moe_ops.api import DispatchResult, QuantizedDispatchResult
 from moe_ops.integrations.common import check_transport, pad_multiple_for
 from moe_ops.plan import Layout
 
 UPSTREAM_VERSION = "0.3.0"
 #: what :class:`MoEOpsSelectiveAC` adds to torchtitan's save list
-SAVED_OPS = (torch.ops.moe.dispatch.default, torch.ops.moe.combine.default)
+SAVED_OPS = (torch.ops.moe.dispatch.default, torch.ops.moe.dispatch_quantized.default, torch.ops.moe.combine.default)
 
 
 class MoEOpsTokenDispatcher(BaseEPTokenDispatcher):
@@ -73,6 +75,12 @@ class MoEOpsTokenDispatcher(BaseEPTokenDispatcher):
         """Padded (required, or ``capacity``), or with ``max_recv_rows``: a bound on every rank's token count."""
         capacity: int | None = None
         """Padded only: rows per local expert (default: the worst case, which never drops)."""
+        quant: str | None = None
+        """The rows cross the EP group quantized (``"fp8_e4m3"``; ``"int8"``) and arrive dequantized in x's
+        dtype, differentiable straight through the rounding (moe_ops' ``dequantize=True``): half the bytes
+        between ranks; the backward moves bf16 gradients."""
+        quant_block: int = 128
+        """With ``quant``: columns per scale (128), or 0 for one scale per token."""
 
         def __post_init__(self) -> None:
             check_transport(self.backend)
@@ -93,7 +101,7 @@ class MoEOpsTokenDispatcher(BaseEPTokenDispatcher):
         topk_scores_TK: Tensor,
         topk_expert_ids_TK: Tensor,
         num_local_tokens_per_expert_E: Tensor,
-    ) -> tuple[Tensor, Tensor, DispatchResult]:
+    ) -> tuple[Tensor, Tensor, DispatchResult | QuantizedDispatchResult]:
         """``x_TD [T, D]``, ``topk_scores_TK [T, K]`` float, ``topk_expert_ids_TK [T, K]`` int64 global ids.
         The op counts the routes itself, so ``num_local_tokens_per_expert_E`` is not read."""
         del num_local_tokens_per_expert_E
@@ -104,7 +112,7 @@ class MoEOpsTokenDispatcher(BaseEPTokenDispatcher):
             return result.recv_x.view(num_local * capacity, dim), counts, result
         return result.recv_x, result.tokens_per_expert, result
 
-    def combine(self, routed_output_RD: Tensor, metadata: DispatchResult, x_TD: Tensor) -> Tensor:
+    def combine(self, routed_output_RD: Tensor, metadata: DispatchResult | QuantizedDispatchResult, x_TD: Tensor) -> Tensor:
         """``routed_output_RD`` (the experts' outputs, in ``dispatch``'s rows) summed per token, weighted
         by its scores: ``[T, D]``."""
         del x_TD
@@ -123,6 +131,9 @@ def _moe_dispatcher(config: MoEOpsTokenDispatcher.Config, ep_mesh: DeviceMesh | 
         max_recv_rows=config.max_recv_rows,
         pad_multiple=config.pad_multiple,
         backend=config.backend,
+        quant=config.quant,
+        quant_block=config.quant_block,
+        dequantize=config.quant is not None,
     )
 
 
@@ -140,11 +151,14 @@ def moe_ops_dispatcher(
     max_recv_rows: int | None = None,
     max_tokens_per_rank: int | None = None,
     capacity: int | None = None,
+    quant: str | None = None,
+    quant_block: int = 128,
 ) -> MoEOpsTokenDispatcher.Config:
     """torchtitan's all-to-all dispatcher replaced by ours (``num_experts`` and ``top_k`` kept)."""
     return derive(
         cfg, MoEOpsTokenDispatcher.Config, backend=backend, layout=layout, pad_multiple=pad_multiple,
-        max_recv_rows=max_recv_rows, max_tokens_per_rank=max_tokens_per_rank, capacity=capacity,
+        max_recv_rows=max_recv_rows, max_tokens_per_rank=max_tokens_per_rank, capacity=capacity, quant=quant,
+        quant_block=quant_block,
     )  # fmt: skip
 
 
@@ -170,8 +184,8 @@ def moe_ops_aligned_dispatcher(
 
 
 class MoEOpsSelectiveAC(SelectiveAC):
-    """torchtitan's per-op selective activation checkpointing with ``moe.dispatch`` and ``moe.combine``
-    saved, as it saves its own all-to-alls: the recompute in backward reuses their outputs instead of
+    """torchtitan's per-op selective activation checkpointing with ``moe.dispatch`` (and
+    ``moe.dispatch_quantized``) and ``moe.combine`` saved, as it saves its own all-to-alls: the recompute in backward reuses their outputs instead of
     exchanging tokens with the other ranks again."""
 
     @dataclass(kw_only=True, slots=True)
