@@ -12,7 +12,8 @@ from torch import Tensor
 
 import moe_ops
 from moe_ops import backends
-from moe_ops.api import DispatchResult
+from moe_ops import quant as moe_quant
+from moe_ops.api import DispatchResult, QuantizedDispatchResult
 from moe_ops.errors import MoEInputError
 
 
@@ -31,7 +32,7 @@ def check_contiguous_experts(num_local_experts: int, local_expert_indices: list[
         )
 
 
-def unweighted_combine(expert_out: Tensor, dispatched: DispatchResult, group: str) -> Tensor:
+def unweighted_combine(expert_out: Tensor, dispatched: DispatchResult | QuantizedDispatchResult, group: str) -> Tensor:
     """``moe.combine`` summing each token's rows as they are (Megatron-style experts already applied the
     probabilities): ``[T, H']`` in ``expert_out.dtype``."""
     return moe_ops.combine(expert_out, dispatched._replace(recv_weights=torch.ones_like(dispatched.recv_weights)), group=group)
@@ -88,8 +89,13 @@ def check_transport(backend: str) -> None:
         raise MoEInputError(f"backend={backend!r} is not a moe_ops transport; choose 'auto' or one of: {', '.join(backends.available())}")
 
 
-def bind_transport(cls: type, backend: str) -> type:
-    """A subclass of ``cls`` whose class attribute ``transport`` is the moe_ops backend ``backend``: what a
-    framework constructs (with its own constructor signature) when an install chose that transport."""
+def bind_transport(cls: type, backend: str, quant: str | None = None, quant_block: int = 128) -> type:
+    """A subclass of ``cls`` whose class attributes say the moe_ops backend ``backend`` (``transport``) and
+    the wire format ``quant`` / ``quant_block`` (rows cross the group quantized and arrive in the tokens'
+    dtype; ``None``: as they are): what a framework constructs (with its own constructor signature) when an
+    install chose them."""
     check_transport(backend)
-    return type(cls.__name__, (cls,), {"transport": backend, "__module__": cls.__module__, "__doc__": cls.__doc__})
+    if quant is not None:
+        moe_quant.make_spec(quant, quant_block, False)
+    attrs = {"transport": backend, "quant": quant, "quant_block": quant_block, "__module__": cls.__module__, "__doc__": cls.__doc__}
+    return type(cls.__name__, (cls,), attrs)

@@ -37,7 +37,7 @@ from torch import Tensor
 
 import moe_ops
 from moe_ops import config as config_module
-from moe_ops.api import DispatchResult
+from moe_ops.api import DispatchResult, QuantizedDispatchResult
 from moe_ops.comm import group_name_of
 from moe_ops.errors import MoEInputError
 from moe_ops.integrations.common import (
@@ -88,6 +88,10 @@ class MoEFlexTokenDispatcher(MoETokenDispatcher):
 
     #: the moe_ops backend the dispatches run on
     transport: ClassVar[str] = "auto"
+    #: the rows' format between ranks (``"fp8_e4m3"``, ``"int8"``; ``None``: the tokens' dtype) and its
+    #: columns per scale: they arrive dequantized, gradients straight through (moe_ops' ``dequantize=True``)
+    quant: ClassVar[str | None] = None
+    quant_block: ClassVar[int] = 128
 
     def __init__(
         self,
@@ -103,14 +107,15 @@ class MoEFlexTokenDispatcher(MoETokenDispatcher):
         padding = get_align_size_for_quantization(config) if config.moe_router_padding_for_quantization else None
         pad_multiple = pad_multiple_for("moe_router_padding_for_quantization", padding)
         self.moe = moe_ops.Dispatcher(
-            config.num_moe_experts, group=group_name_of(self.ep_group), backend=self.transport, pad_multiple=pad_multiple
+            config.num_moe_experts, group=group_name_of(self.ep_group), backend=self.transport, pad_multiple=pad_multiple,
+            quant=self.quant, quant_block=self.quant_block, dequantize=self.quant is not None,
         )
         check_contiguous_experts(num_local_experts, local_expert_indices, self.moe)
         self.num_local_experts = num_local_experts
         self.local_expert_indices = local_expert_indices
         self.token_probs: Tensor | None = None
         self.token_indices: Tensor | None = None
-        self._dispatched: DispatchResult | None = None
+        self._dispatched: DispatchResult | QuantizedDispatchResult | None = None
         self.cudagraph_attrs = ["token_probs", "token_indices"]
 
     def dispatch_preprocess(self, hidden_states: Tensor, routing_map: Tensor, probs: Tensor) -> tuple[Tensor, Tensor]:
@@ -317,19 +322,22 @@ class InferenceAllGatherVDispatcher(_GatherByDispatch, NVLSAllGatherVDispatcher)
 _installed = Patches()
 
 
-def _patch(patches: Patches, backend: str) -> None:
+def _patch(patches: Patches, backend: str, quant: str | None, quant_block: int) -> None:
     """Replace the dispatcher names ``MoELayer`` and the dynamic inference context look up."""
-    patches.set(moe_layer, "MoEFlexTokenDispatcher", bind_transport(MoEFlexTokenDispatcher, backend))
+    patches.set(moe_layer, "MoEFlexTokenDispatcher", bind_transport(MoEFlexTokenDispatcher, backend, quant, quant_block))
     for module in (moe_layer, dynamic_context):
         patches.set(module, "NCCLAllGatherDispatcher", InferenceAllGatherDispatcher)
         patches.set(module, "NVLSAllGatherVDispatcher", InferenceAllGatherVDispatcher)
 
 
-def install(backend: str = "auto") -> Patches:
+def install(backend: str = "auto", *, quant: str | None = None, quant_block: int = 128) -> Patches:
     """Make every ``MoELayer`` built from now on dispatch with moe_ops: the flex dispatcher
     (``moe_token_dispatcher_type="flex"``, any ``moe_flex_dispatcher_backend``) on the moe_ops transport
     ``backend`` (``"auto"``: ``local`` for one rank, ``collective`` otherwise; see docs/backends.md), and
     the inference dispatchers (``transformer_impl="inference_optimized"``) on the ``allgather`` transport.
+    ``quant`` (``"fp8_e4m3"`` or ``"int8"``, a scale per ``quant_block`` columns or, with 0, per token): the
+    flex dispatcher's rows cross the EP group quantized and reach the experts dequantized, gradients in the
+    tokens' dtype (Megatron-Core 0.19.2 has no FP8 dispatch of its own; docs/integrations/megatron.md).
 
     Replaces the names ``MoEFlexTokenDispatcher``, ``NCCLAllGatherDispatcher`` and
     ``NVLSAllGatherVDispatcher`` in ``megatron.core.transformer.moe.moe_layer`` (and the last two in
@@ -337,14 +345,14 @@ def install(backend: str = "auto") -> Patches:
     patches: ``.undo()`` (or leaving a ``with install(...):`` block) restores Megatron's. A second call
     replaces the first."""
     _installed.undo()
-    _patch(_installed, backend)
+    _patch(_installed, backend, quant, quant_block)
     return _installed
 
 
 class MoELayer(moe_layer.MoELayer):
     """Megatron-Core's ``MoELayer`` dispatching with moe_ops, for layer specs (``partial(MoELayer,
-    submodules=...)``): the same constructor, plus ``backend``, the moe_ops transport of the flex dispatcher.
-    Needs ``moe_token_dispatcher_type="flex"``."""
+    submodules=...)``): the same constructor, plus ``backend``, the moe_ops transport of the flex dispatcher,
+    and ``quant`` / ``quant_block`` as :func:`install` takes them. Needs ``moe_token_dispatcher_type="flex"``."""
 
     def __init__(
         self,
@@ -356,6 +364,8 @@ class MoELayer(moe_layer.MoELayer):
         name: str | None = None,
         *,
         backend: str = "auto",
+        quant: str | None = None,
+        quant_block: int = 128,
     ) -> None:
         if config.moe_token_dispatcher_type != "flex":
             raise MoEInputError(
@@ -363,7 +373,7 @@ class MoELayer(moe_layer.MoELayer):
                 "dispatcher's drop-in; set moe_token_dispatcher_type='flex'"
             )
         with Patches() as patches:
-            _patch(patches, backend)
+            _patch(patches, backend, quant, quant_block)
             super().__init__(config, submodules, layer_number, pg_collection, is_mtp_layer, name)
 
 

@@ -53,11 +53,12 @@ def _config(dispatcher: str, **overrides: Any) -> Any:
     )  # fmt: skip
 
 
-def _training_layer(rank: int, way: str, late_fields: dict[str, Any]) -> torch.nn.Module:
+def _training_layer(rank: int, way: str, late_fields: dict[str, Any], quant: str | None = None) -> torch.nn.Module:
     """``MoELayer`` (local spec: SequentialMLP experts) with identical weights for every ``way``:
     ``"megatron"`` (its all-gather dispatcher), ``"install"`` (flex + ``install()``) or ``"subclass"``
     (flex + our ``MoELayer`` in the spec). ``late_fields`` are set on the config after its validation
-    (FP8 fields, which it refuses without Transformer Engine, although SequentialMLP's own path needs none)."""
+    (FP8 fields, which it refuses without Transformer Engine, although SequentialMLP's own path needs none);
+    ``quant``: our dispatcher's rows cross the group in that format (``install(quant=...)``, ``MoELayer(quant=...)``)."""
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
 
     from moe_ops.integrations import megatron_core
@@ -69,19 +70,19 @@ def _training_layer(rank: int, way: str, late_fields: dict[str, Any]) -> torch.n
     build = spec
     if way == "subclass":  # the spec Megatron made, with our layer class
         backend = "collective" if dist.get_world_size() > 1 else "auto"
-        build = partial(megatron_core.MoELayer, submodules=spec.keywords["submodules"], backend=backend)
+        build = partial(megatron_core.MoELayer, submodules=spec.keywords["submodules"], backend=backend, quant=quant)
     torch.manual_seed(0)
-    with megatron_core.install() if way == "install" else nullcontext():
+    with megatron_core.install(quant=quant) if way == "install" else nullcontext():
         return build(config=config, pg_collection=_groups(rank), layer_number=1)
 
 
-def training_task(rank: int, tokens: int = TOKENS, late_fields: dict[str, Any] | None = None) -> dict[str, Any]:
+def training_task(rank: int, tokens: int = TOKENS, late_fields: dict[str, Any] | None = None, quant: str | None = None) -> dict[str, Any]:
     """One forward and backward of Megatron's layer each way: output, input and parameter gradients, the
     dispatcher class each layer built and the ``tokens_per_expert`` its experts were handed."""
     _cpu_megatron()
     results: dict[str, Any] = {}
     for way in ("megatron", "install", "subclass"):
-        layer = _training_layer(rank, way, late_fields or {})
+        layer = _training_layer(rank, way, late_fields or {}, quant)
         counts: list[Tensor] = []
         layer.experts.register_forward_pre_hook(lambda module, args: counts.append(args[1]))
         x = torch.randn(tokens, 1, HIDDEN, generator=torch.Generator().manual_seed(100 + rank), requires_grad=True)
