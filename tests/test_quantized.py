@@ -151,10 +151,11 @@ def _triton_equals_plain(rank: int, problem: Problem, spec: quant.QuantSpec, pre
     # dequantizing (dequantize=True): every e4m3 byte and int8 value, then the whole straight-through step
     codes = [torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn), torch.arange(-128, 128, dtype=torch.int8)]
     scales = torch.rand(2, 1, generator=torch.Generator().manual_seed(small_routes)) * 3
-    for q in codes:
+    for q in codes:  # as rows [2, 128], and as a padded layout's [L, C, H] with a per-token scale
         for dtype in DTYPES:
-            got, want = stage.dequantize(q.view(2, 128), scales, 128, dtype), quant.dequantize(q.view(2, 128), scales, 128, dtype)
-            assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num()), (q.dtype, dtype)
+            for rows, sc, block in ((q.view(2, 128), scales, 128), (q.view(2, 2, 64), scales.view(2, 1, 1).expand(2, 2, 1), 0)):
+                got, want = stage.dequantize(rows, sc, block, dtype), quant.dequantize(rows, sc, block, dtype)
+                assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num()), (q.dtype, dtype, block)
     if straight_through:
         quantized.assert_straight_through([quantized.straight_through_task(0, problem, spec)], problem, spec)
 
