@@ -30,7 +30,7 @@ from torch import Tensor
 
 import moe_ops
 from moe_ops import config as config_module
-from moe_ops.api import DispatchResult
+from moe_ops.api import DispatchResult, QuantizedDispatchResult
 from moe_ops.comm import group_name_of
 from moe_ops.errors import MoEInputError
 from moe_ops.integrations.common import (
@@ -125,6 +125,10 @@ class MoEFlexTokenDispatcher:
     shared_uccl_manager: ClassVar[Any] = None
     #: the moe_ops backend the dispatches run on
     transport: ClassVar[str] = "auto"
+    #: the rows' format between ranks (``"fp8_e4m3"``, ``"int8"``; ``None``: the tokens' dtype) and its
+    #: columns per scale: they arrive dequantized, gradients straight through (moe_ops' ``dequantize=True``)
+    quant: ClassVar[str | None] = None
+    quant_block: ClassVar[int] = 128
 
     def __init__(
         self,
@@ -144,7 +148,8 @@ class MoEFlexTokenDispatcher:
             config_module.deepep_num_sms = sms
         pad_multiple = pad_multiple_for("moe_router_expert_pad_multiple", config.moe_router_expert_pad_multiple)
         self.moe = moe_ops.Dispatcher(
-            config.num_moe_experts, group=group_name_of(ep_group), backend=self.transport, pad_multiple=pad_multiple
+            config.num_moe_experts, group=group_name_of(ep_group), backend=self.transport, pad_multiple=pad_multiple,
+            quant=self.quant, quant_block=self.quant_block, dequantize=self.quant is not None,
         )
         self.ep_size = self.moe.world_size
         check_contiguous_experts(num_local_experts, local_expert_indices, self.moe)
@@ -152,7 +157,7 @@ class MoEFlexTokenDispatcher:
         self.local_expert_indices = local_expert_indices
         self.token_probs: Tensor | None = None
         self.token_indices: Tensor | None = None
-        self._dispatched: DispatchResult | None = None
+        self._dispatched: DispatchResult | QuantizedDispatchResult | None = None
 
     def get_pipeline_runtime_initializers(self, *, hidden_dim: int, dtype: torch.dtype) -> tuple[()]:
         """Nothing to prepare before a pipeline step (NeMo returns HybridEP initializers only)."""
@@ -230,10 +235,12 @@ class MoEFlexTokenDispatcher:
 _installed = Patches()
 
 
-def install(backend: str = "auto") -> Patches:
+def install(backend: str = "auto", *, quant: str | None = None, quant_block: int = 128) -> Patches:
     """Make NeMo Automodel's ``BackendConfig.dispatcher`` values ``"deepep"``, ``"uccl_ep"`` and
     ``"hybridep"`` build moe_ops dispatchers on the moe_ops transport ``backend`` (``"auto"``: ``local`` for
     one rank, ``collective`` otherwise; or ``"deepep"``, ``"allgather"``, ... see docs/backends.md).
+    ``quant`` (``"fp8_e4m3"`` or ``"int8"``, a scale per ``quant_block`` columns or, with 0, per token): the
+    rows cross the EP group quantized and reach the experts dequantized, gradients in the tokens' dtype.
 
     Call it before the model is parallelized. It replaces, in ``nemo_automodel.components.moe.experts``,
     the names ``TokenDispatcherConfig`` and ``MoEFlexTokenDispatcher``, and
@@ -241,7 +248,7 @@ def install(backend: str = "auto") -> Patches:
     a ``with install(...):`` block) restores NeMo's own. A second call replaces the first."""
     from nemo_automodel.components.moe import experts
 
-    dispatcher = bind_transport(MoEFlexTokenDispatcher, backend)
+    dispatcher = bind_transport(MoEFlexTokenDispatcher, backend, quant, quant_block)
     _installed.undo()
     _installed.set(experts, "TokenDispatcherConfig", TokenDispatcherConfig)
     _installed.set(experts, "MoEFlexTokenDispatcher", dispatcher)

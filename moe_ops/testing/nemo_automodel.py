@@ -67,15 +67,16 @@ def _step(layer: torch.nn.Module, rank: int) -> dict[str, torch.Tensor]:
     return result
 
 
-def compare_task(rank: int, backend: str, pad_multiple: int | None = None) -> dict[str, Any]:
+def compare_task(rank: int, backend: str, pad_multiple: int | None = None, quant: str | None = None) -> dict[str, Any]:
     """NeMo's ``dispatcher="torch"`` layer and the same layer with ``dispatcher="deepep"`` after
     ``install(backend)``: their results, whether NeMo built a moe_ops dispatcher, its transport and the
     ``tokens_per_expert`` it handed the experts. NeMo's layer leaves ``moe_router_expert_pad_multiple``
-    at its default; ``pad_multiple`` sets it as a user constructing the config would."""
+    at its default; ``pad_multiple`` sets it as a user constructing the config would; ``quant`` goes to
+    ``install``."""
     from nemo_automodel.components.moe import experts as upstream_experts
 
     reference = _step(_layer("torch"), rank)
-    with adapter.install(backend) as patches:
+    with adapter.install(backend, quant=quant) as patches:
         if pad_multiple is not None:
             patches.set(upstream_experts, "TokenDispatcherConfig", partial(adapter.TokenDispatcherConfig, moe_router_expert_pad_multiple=pad_multiple))
         layer = _layer("deepep")
