@@ -5,7 +5,7 @@ mapped, the transport check, and reversible replacement of the names a framework
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -89,11 +89,33 @@ def check_transport(backend: str) -> None:
         raise MoEInputError(f"backend={backend!r} is not a moe_ops transport; choose 'auto' or one of: {', '.join(backends.available())}")
 
 
-def bind_transport(cls: type, backend: str, quant: str | None = None, quant_block: int = 128) -> type:
-    """A subclass of ``cls`` whose class attributes say the moe_ops backend ``backend`` (``transport``) and
-    the wire format ``quant`` / ``quant_block`` (rows cross the group quantized and arrive in the tokens'
-    dtype; ``None``: as they are): what a framework constructs (with its own constructor signature) when an
-    install chose them."""
+class BoundTransport:
+    """What an adapter's dispatcher class takes from an install (:func:`bind_transport` sets it): the moe_ops
+    backend its dispatches run on, and the rows' format between ranks."""
+
+    #: the moe_ops backend the dispatches run on
+    transport: ClassVar[str] = "auto"
+    #: ``"fp8_e4m3"`` or ``"int8"`` with a scale per ``quant_block`` columns (0: per token): the rows cross the
+    #: group quantized and arrive dequantized, gradients straight through; ``None``: as they are
+    quant: ClassVar[str | None] = None
+    quant_block: ClassVar[int] = 128
+
+    @classmethod
+    def wire_options(cls) -> dict[str, Any]:
+        """``moe_ops.Dispatcher``'s keyword arguments for this class's wire format (:func:`wire_options`)."""
+        return wire_options(cls.quant, cls.quant_block)
+
+
+def wire_options(quant: str | None, quant_block: int) -> dict[str, Any]:
+    """``moe_ops.Dispatcher``'s keyword arguments for rows that cross the group as ``quant`` (``None``: as
+    they are) and arrive dequantized in the tokens' dtype (``dequantize=True``)."""
+    return dict(quant=quant, quant_block=quant_block, dequantize=quant is not None)
+
+
+def bind_transport(cls: type[BoundTransport], backend: str, quant: str | None = None, quant_block: int = 128) -> type:
+    """A subclass of ``cls`` bound to the moe_ops backend ``backend`` and the wire format ``quant`` /
+    ``quant_block`` (:class:`BoundTransport`): what a framework constructs (with its own constructor
+    signature) when an install chose them."""
     check_transport(backend)
     if quant is not None:
         moe_quant.make_spec(quant, quant_block, False)

@@ -41,6 +41,7 @@ from moe_ops.api import DispatchResult, QuantizedDispatchResult
 from moe_ops.comm import group_name_of
 from moe_ops.errors import MoEInputError
 from moe_ops.integrations.common import (
+    BoundTransport,
     Patches,
     bind_transport,
     check_contiguous_experts,
@@ -76,7 +77,7 @@ def _check_flex_config(config: TransformerConfig, tp_size: int) -> None:
         raise MoEInputError(f"expert_tensor_parallel_size={tp_size} is not supported: moe_ops dispatches over the EP group only")
 
 
-class MoEFlexTokenDispatcher(MoETokenDispatcher):
+class MoEFlexTokenDispatcher(BoundTransport, MoETokenDispatcher):
     """Megatron-Core's flex dispatcher protocol on the moe_ops transport ``transport`` (class attribute).
 
     ``dispatch_preprocess(hidden [S, B, H], routing_map [T, E] bool, probs [T, E])`` keeps the top
@@ -86,12 +87,6 @@ class MoEFlexTokenDispatcher(MoETokenDispatcher):
     ``[T, H]``; ``combine_postprocess`` restores ``[S, B, H]``. One rank (no expert parallelism) works too.
     """
 
-    #: the moe_ops backend the dispatches run on
-    transport: ClassVar[str] = "auto"
-    #: the rows' format between ranks (``"fp8_e4m3"``, ``"int8"``; ``None``: the tokens' dtype) and its
-    #: columns per scale: they arrive dequantized, gradients straight through (moe_ops' ``dequantize=True``)
-    quant: ClassVar[str | None] = None
-    quant_block: ClassVar[int] = 128
 
     def __init__(
         self,
@@ -108,7 +103,7 @@ class MoEFlexTokenDispatcher(MoETokenDispatcher):
         pad_multiple = pad_multiple_for("moe_router_padding_for_quantization", padding)
         self.moe = moe_ops.Dispatcher(
             config.num_moe_experts, group=group_name_of(self.ep_group), backend=self.transport, pad_multiple=pad_multiple,
-            quant=self.quant, quant_block=self.quant_block, dequantize=self.quant is not None,
+            **self.wire_options(),
         )
         check_contiguous_experts(num_local_experts, local_expert_indices, self.moe)
         self.num_local_experts = num_local_experts

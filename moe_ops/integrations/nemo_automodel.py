@@ -34,6 +34,7 @@ from moe_ops.api import DispatchResult, QuantizedDispatchResult
 from moe_ops.comm import group_name_of
 from moe_ops.errors import MoEInputError
 from moe_ops.integrations.common import (
+    BoundTransport,
     Patches,
     bind_transport,
     check_contiguous_experts,
@@ -112,7 +113,7 @@ def _check_config(config: TokenDispatcherConfig) -> None:
         raise MoEInputError("moe_deepep_async_dispatch=True is not supported: moe_ops dispatch is a stream-ordered op")
 
 
-class MoEFlexTokenDispatcher:
+class MoEFlexTokenDispatcher(BoundTransport):
     """NeMo Automodel's ``MoEFlexTokenDispatcher`` on the moe_ops transport ``transport`` (class attribute;
     :func:`install` binds it). ``token_permutation2(hidden [.., H], num_local_tokens, token_probs [T, K],
     token_indices [T, K])`` returns ``(rows [N, H], tokens_per_expert [L] int64 on the host, probs [N] fp32,
@@ -123,12 +124,6 @@ class MoEFlexTokenDispatcher:
     shared_deepep_manager: ClassVar[Any] = None
     shared_hybridep_manager: ClassVar[Any] = None
     shared_uccl_manager: ClassVar[Any] = None
-    #: the moe_ops backend the dispatches run on
-    transport: ClassVar[str] = "auto"
-    #: the rows' format between ranks (``"fp8_e4m3"``, ``"int8"``; ``None``: the tokens' dtype) and its
-    #: columns per scale: they arrive dequantized, gradients straight through (moe_ops' ``dequantize=True``)
-    quant: ClassVar[str | None] = None
-    quant_block: ClassVar[int] = 128
 
     def __init__(
         self,
@@ -149,7 +144,7 @@ class MoEFlexTokenDispatcher:
         pad_multiple = pad_multiple_for("moe_router_expert_pad_multiple", config.moe_router_expert_pad_multiple)
         self.moe = moe_ops.Dispatcher(
             config.num_moe_experts, group=group_name_of(ep_group), backend=self.transport, pad_multiple=pad_multiple,
-            quant=self.quant, quant_block=self.quant_block, dequantize=self.quant is not None,
+            **self.wire_options(),
         )
         self.ep_size = self.moe.world_size
         check_contiguous_experts(num_local_experts, local_expert_indices, self.moe)

@@ -40,7 +40,7 @@ from torchtitan.models.common.token_dispatcher import (
 
 import moe_ops
 from moe_ops.api import DispatchResult, QuantizedDispatchResult
-from moe_ops.integrations.common import check_transport, pad_multiple_for
+from moe_ops.integrations.common import check_transport, pad_multiple_for, wire_options
 from moe_ops.plan import Layout
 
 UPSTREAM_VERSION = "0.3.0"
@@ -131,9 +131,7 @@ def _moe_dispatcher(config: MoEOpsTokenDispatcher.Config, ep_mesh: DeviceMesh | 
         max_recv_rows=config.max_recv_rows,
         pad_multiple=config.pad_multiple,
         backend=config.backend,
-        quant=config.quant,
-        quant_block=config.quant_block,
-        dequantize=config.quant is not None,
+        **wire_options(config.quant, config.quant_block),
     )
 
 
@@ -185,8 +183,8 @@ def moe_ops_aligned_dispatcher(
 
 class MoEOpsSelectiveAC(SelectiveAC):
     """torchtitan's per-op selective activation checkpointing with ``moe.dispatch`` (and
-    ``moe.dispatch_quantized``) and ``moe.combine`` saved, as it saves its own all-to-alls: the recompute in backward reuses their outputs instead of
-    exchanging tokens with the other ranks again."""
+    ``moe.dispatch_quantized``) and ``moe.combine`` saved, as it saves its own all-to-alls: the recompute in
+    backward reuses their outputs instead of exchanging tokens with the other ranks again."""
 
     @dataclass(kw_only=True, slots=True)
     class Config(SelectiveAC.Config):

@@ -235,12 +235,7 @@ def opcheck_task(rank: int, problem: Problem, backend: str, dispatch_checks: tup
     import torch.distributed as dist
 
     kwargs = dict(
-        num_experts=problem.num_experts, group_name=dist.group.WORLD.group_name, backend=backend,
-        layout=problem.layout,
-        capacity=problem.capacity,
-        max_tokens_per_rank=problem.max_tokens_per_rank,
-        max_recv_rows=problem.max_recv_rows,
-        pad_multiple=problem.pad_multiple,
+        num_experts=problem.num_experts, group_name=dist.group.WORLD.group_name, backend=backend, **problem.layout_kwargs(),
         zero_padding=True,  # opcheck compares outputs across runs: padding rows must be deterministic
     )
     x = problem.xs[rank].clone().requires_grad_()

@@ -54,14 +54,15 @@ class Problem:
         capacity = self.world_size * bound if self.capacity is None else self.capacity
         return -(-capacity // self.pad_multiple) * self.pad_multiple
 
+    def layout_kwargs(self) -> dict[str, object]:
+        """The layout options of this problem, as ``moe_ops.dispatch`` and the ops take them."""
+        return dict(layout=self.layout, capacity=self.capacity, max_tokens_per_rank=self.max_tokens_per_rank,
+                    max_recv_rows=self.max_recv_rows, pad_multiple=self.pad_multiple)
+
     def dispatch_kwargs(self, device: torch.device | str = "cpu") -> dict[str, object]:
         """``moe_ops.dispatch``'s keyword arguments of this problem, placement tensors on ``device``."""
         return dict(
-            layout=self.layout,
-            capacity=self.capacity,
-            max_tokens_per_rank=self.max_tokens_per_rank,
-            max_recv_rows=self.max_recv_rows,
-            pad_multiple=self.pad_multiple,
+            self.layout_kwargs(),
             expert_map=None if self.expert_map is None else self.expert_map.to(device),
             log2phy=None if self.log2phy is None else self.log2phy.to(device),
         )

@@ -41,6 +41,15 @@ class QuantizedResult:
     plain_grad_weights: Tensor  #: the same step with the unquantized dispatch (and the same expert rows)
 
 
+def _api_options(problem: Problem, backend: str, device: str) -> tuple[str | None, dict[str, object]]:
+    """``(group, moe_ops.dispatch's keyword arguments)`` for ``problem`` on the default group (none in a
+    one-rank run without one), padding rows zero."""
+    import torch.distributed as dist
+
+    group = dist.group.WORLD.group_name if dist.is_initialized() else None
+    return group, dict(group=group, backend=backend, zero_padding=True, **problem.dispatch_kwargs(device))
+
+
 def rank_task(rank: int, problem: Problem, spec: quant.QuantSpec, prequantized: bool, backend: str = "auto",
               device: str = "cpu", row_dtype: torch.dtype | None = None, with_gradient: bool = True) -> QuantizedResult:
     """Rank ``rank``'s quantized dispatch of ``problem`` (``prequantized``: ``x`` quantized by
@@ -49,12 +58,9 @@ def rank_task(rank: int, problem: Problem, spec: quant.QuantSpec, prequantized: 
     ``with_gradient``: combine's output), compared with an unquantized dispatch of ``x`` (in ``row_dtype``
     if given). Runs inside a gloo group of every rank
     (:class:`moe_ops.testing.harness.World`), or alone for a one-rank problem."""
-    import torch.distributed as dist
-
-    group = dist.group.WORLD.group_name if dist.is_initialized() else None
+    group, kwargs = _api_options(problem, backend, device)
     x = problem.xs[rank].to(device)
     idx = problem.topk_idx[rank].to(device)
-    kwargs = dict(group=group, backend=backend, zero_padding=True, **problem.dispatch_kwargs(device))
 
     def router_gradient(dispatch: object, rows: object) -> Tensor:
         w = problem.topk_weights[rank].to(device, copy=True).requires_grad_(with_gradient)
@@ -133,12 +139,9 @@ def straight_through_task(rank: int, problem: Problem, spec: quant.QuantSpec, ba
     tokens as ``quantize`` rounds them (quantized, then dequantized in ``x``'s dtype). Straight through
     the rounding, the two must agree exactly: rows, ``x``'s gradient and the router's. Returns
     ``(rows, grad_x, grad_weights)`` of each, CPU tensors."""
-    import torch.distributed as dist
-
-    group = dist.group.WORLD.group_name if dist.is_initialized() else None
+    group, kwargs = _api_options(problem, backend, device)
     x = problem.xs[rank].to(device)
     idx = problem.topk_idx[rank].to(device)
-    kwargs = dict(group=group, backend=backend, zero_padding=True, **problem.dispatch_kwargs(device))
 
     def step(tokens: Tensor, **quantized: object) -> tuple[Tensor, Tensor, Tensor]:
         xr = tokens.detach().clone().requires_grad_()
@@ -171,10 +174,8 @@ def _dispatch_options(problem: Problem, spec: quant.QuantSpec, backend: str) -> 
     """``moe.dispatch_quantized``'s options for ``problem`` on the default group (``quant`` as ``spec``)."""
     import torch.distributed as dist
 
-    return dict(num_experts=problem.num_experts, group_name=dist.group.WORLD.group_name, backend=backend, layout=problem.layout,
-                capacity=problem.capacity, max_tokens_per_rank=problem.max_tokens_per_rank, max_recv_rows=problem.max_recv_rows,
-                pad_multiple=problem.pad_multiple, zero_padding=True, quant=spec.mode, quant_block=spec.block,
-                round_scale=spec.round_scale)
+    return dict(num_experts=problem.num_experts, group_name=dist.group.WORLD.group_name, backend=backend, **problem.layout_kwargs(),
+                zero_padding=True, quant=spec.mode, quant_block=spec.block, round_scale=spec.round_scale)
 
 
 def opcheck_task(rank: int, problem: Problem, spec: quant.QuantSpec, backend: str) -> None:

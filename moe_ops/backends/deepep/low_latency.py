@@ -156,9 +156,10 @@ class DeepEPLowLatencyBackend(runtime.DeepEPBase):
 
     def check_rows(self, name: str, rows: Tensor, handle: list[Tensor], comm: Comm) -> None:
         super().check_rows(name, rows, handle, comm)
+        if name == "grad_recv_x" and rows.shape[-1] == 0:  # the router's gradient alone: no rows move, no buffer
+            return
         h = _Handle(handle, comm.world_size)
-        router_only = name == "grad_recv_x" and rows.shape[-1] == 0  # moe.dispatch_quantized's backward
-        if name != "grad_out" and not router_only and rows.shape[-1] != h.hidden:
+        if name != "grad_out" and rows.shape[-1] != h.hidden:
             raise MoEInputError(
                 f"{name} has hidden size {rows.shape[-1]}, but DeepEP's low-latency combine returns the "
                 f"dispatched hidden size {h.hidden}"
