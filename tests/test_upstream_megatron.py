@@ -56,12 +56,13 @@ def test_padding_for_quantization(worlds) -> None:
 
 
 @pytest.mark.multiproc
-def test_quantized_wire(worlds) -> None:
+@pytest.mark.parametrize("size", [1, 2])
+def test_quantized_wire(worlds, size: int) -> None:
     """``install(quant="fp8_e4m3")`` and ``MoELayer(quant=...)`` (Megatron-Core has no FP8 dispatch of its
     own): the rows cross the group in FP8 and reach Megatron's experts dequantized, so the layer's output and
     every gradient follow its all-gather layer's to FP8's rounding (measured: at most 5 % of the largest
     value) without equalling them, and the input's gradient arrives (straight through)."""
-    for rank, result in enumerate(worlds(2).run(tasks.training_task, tasks.TOKENS, None, "fp8_e4m3")):
+    for rank, result in enumerate(worlds(size).run(tasks.training_task, tasks.TOKENS, None, "fp8_e4m3")):
         for way in ("install", "subclass"):
             assert result[way].keys() == result["megatron"].keys()
             for name, ref in result["megatron"].items():

@@ -39,11 +39,12 @@ def test_layer_matches_nemo_torch_dispatcher(worlds, size: int, backend: str, pa
 
 
 @pytest.mark.multiproc
-def test_quantized_wire(worlds) -> None:
+@pytest.mark.parametrize(("size", "backend"), [(1, "auto"), (2, "collective")])
+def test_quantized_wire(worlds, size: int, backend: str) -> None:
     """``install(quant="fp8_e4m3")``: the rows cross the group in FP8 and reach NeMo's experts dequantized:
     output and every gradient within FP8's rounding of NeMo's ``dispatcher="torch"`` layer (at most 10 % of
     the largest value), not equal to it, and the input's gradient arrives (straight through)."""
-    for rank, result in enumerate(worlds(2).run(tasks.compare_task, "collective", None, "fp8_e4m3")):
+    for rank, result in enumerate(worlds(size).run(tasks.compare_task, backend, None, "fp8_e4m3")):
         assert result["moe_ops dispatcher"], result
         for name, ref in result["reference"].items():
             diff, scale = (result["ours"][name] - ref).abs().max().item(), ref.abs().max().item()

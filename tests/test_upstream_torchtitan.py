@@ -69,12 +69,14 @@ def test_one_rank(worlds) -> None:
 
 
 @pytest.mark.multiproc
-def test_quantized_wire(worlds) -> None:
+@pytest.mark.parametrize("size", [1, 2])
+def test_quantized_wire(worlds, size: int) -> None:
     """``quant``: the rows cross the EP group in FP8 (block scales) or INT8 (per token) and arrive in the
     model's dtype; training follows torchtitan's losses to the rounding (measured: 7e-5 FP8, 4e-5 INT8),
-    and our SAC saves the quantized dispatch too (one call per layer and step)."""
+    and our SAC saves the quantized dispatch too (one call per layer and step); EP = 1 (no mesh: this rank
+    alone, still quantized and dequantized) and EP = 2 over gloo."""
     setups = {"torchtitan": tasks.Setup(), "fp8": tasks.ours(quant="fp8_e4m3"), "int8": tasks.ours(quant="int8", quant_block=0)}
-    result = worlds(2).run(tasks.train_task, "qwen3", setups, STEPS)[0]
+    result = worlds(size).run(tasks.train_task, "qwen3", setups, STEPS)[0]
     for name in ("fp8", "int8"):
         once = STEPS * result[name]["moe layers"]
         assert result[name]["calls"] == {"dispatch": once, "combine": once}, (name, result[name]["calls"])
