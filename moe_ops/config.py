@@ -40,6 +40,11 @@ the same graph have drifted 130 s apart on a loaded host). ``MOE_OPS_PEER_TIMEOU
 ``symm_num_sms``: programs (one per streaming multiprocessor in practice) of the ``symm`` backend's
 kernel that stores rows into the peers' buffers; the rest of the GPU stays free for compute that
 overlaps the transfer. Default 32 (of 132 on an H100 or H200). ``MOE_OPS_SYMM_NUM_SMS`` sets it at import.
+
+``pdl``: launch the kernels of a dispatch with programmatic dependent launch on GPUs that have it (compute
+capability 9.0 and later): each of dispatch's kernels starts while the one before it finishes and waits on the
+device for its results, and the row copy loads its source rows before that wait. Default on;
+``MOE_OPS_PDL=0`` turns it off at import (for a comparison, or a driver that mishandles it).
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ kernels: str = os.environ.get("MOE_OPS_KERNELS", "auto")
 deepep_num_sms: int = int(os.environ.get("MOE_OPS_DEEPEP_NUM_SMS", "20"))
 symm_num_sms: int = int(os.environ.get("MOE_OPS_SYMM_NUM_SMS", "32"))
 peer_timeout_s: float = float(os.environ.get("MOE_OPS_PEER_TIMEOUT_S", "300"))
+pdl: bool = os.environ.get("MOE_OPS_PDL", "1") != "0"
 
 
 def handshake_every_call(static: bool, device_type: str) -> bool:

@@ -17,8 +17,8 @@ from moe_ops.backends.symm import put  # noqa: E402
 from moe_ops.stage.kernels import layout, reduce  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
-INT64_POINTERS = {"idx_ptr", "ids_ptr", "peers_ptr", "route_row_ptr", "row_src_ptr", "src_index_ptr"}
-INT32_POINTERS = {"rank_ptr", "chunk_base_ptr", "counts_ptr", "groups_ptr", "dropped_ptr", "meta_ptr"}
+INT64_POINTERS = {"idx_ptr", "fill_rows_ptr", "ids_ptr", "peers_ptr", "route_row_ptr", "row_src_ptr", "src_index_ptr"}
+INT32_POINTERS = {"hist_ptr", "rank_ptr", "chunk_base_ptr", "counts_ptr", "groups_ptr", "dropped_ptr", "meta_ptr"}
 ALIGNED = {"x_stride", "src_stride", "token_stride", "row_stride", "hidden", "payload_cols", "row_bytes",
            "meta_offset", "weights_offset", "bound", "capacity"}  # what run-time specialization finds 16-aligned
 
@@ -55,12 +55,12 @@ KERNELS = {
         "st.global.v4"
     ),
     "put_rows": (put._put_rows, dict(HAS_META=True, ROWS=8, BLOCK=2048, META_BLOCK=8), "st.global.v4"),
-    "scatter_rows": (layout._scatter_rows, dict(LAYOUT, PADDED=True, PAD=False, BOUNDED=False, ZERO=False, CHUNK=128), "st.global.v4"),
+    "scatter_rows": (layout._scatter_rows, dict(LAYOUT, PADDED=True, PAD=False, BOUNDED=False, ZERO=False, CHUNK=128, PDL=True), "st.global.v4"),
     "scatter_rows, bounded, pad_multiple, zero padding": (
-        layout._scatter_rows, dict(LAYOUT, PADDED=False, PAD=True, BOUNDED=True, ZERO=True, CHUNK=128), "st.global.v4"
+        layout._scatter_rows, dict(LAYOUT, PADDED=False, PAD=True, BOUNDED=True, ZERO=True, CHUNK=128, PDL=False), "st.global.v4"
     ),
     "scatter_rows, quantizing to fp8 (block scales)": (
-        layout._scatter_rows, dict(LAYOUT, PADDED=True, PAD=False, BOUNDED=False, ZERO=False, CHUNK=128, **QUANTIZING), "st.global.v4",
+        layout._scatter_rows, dict(LAYOUT, PADDED=True, PAD=False, BOUNDED=False, ZERO=False, CHUNK=128, PDL=True, **QUANTIZING), "st.global.v4",
         FP8_ROWS,
     ),
     "dispatch_small": (layout._dispatch_small, dict(SMALL, PADDED=True, PAD=False, BOUNDED=False, ZERO=False), "st.global.v4"),
@@ -79,3 +79,30 @@ def test_compiles_for_hopper_with_vector_access(name: str) -> None:
     fn, constexprs, vector, *pointers = KERNELS[name]
     code = ptx(fn, constexprs, *pointers)
     assert vector in code, f"{name}: no {vector} in its sm_90 PTX; scalar stores: {code.count('st.global.b16')}"
+
+
+PDL = {  # kernel: where its wait for the kernel before it must come (None: it waits for nothing, only lets the next start)
+    "_chunk_ranks": (layout._chunk_ranks, dict(CHUNK=128, BINS=256, FILL_BLOCK=1024), None),
+    "_expert_prefix": (layout._expert_prefix, dict(BINS=256, EXPERTS=32, ROWS=256), "ld.global"),
+    "_expert_groups": (layout._expert_groups, dict(BINS=256, PAD=True, BOUNDED=True), "ld.global"),
+    "_scatter_rows": (layout._scatter_rows, dict(LAYOUT, PADDED=False, PAD=False, BOUNDED=True, ZERO=False, CHUNK=128), "ld.global.b32"),
+}
+
+
+@pytest.mark.parametrize("name", PDL)
+def test_programmatic_dependent_launch(name: str) -> None:
+    """With ``PDL`` the dispatch kernels after the first wait (``griddepcontrol.wait``) before they read
+    what an earlier kernel wrote, and the row copy loads its source row before that wait; without it
+    neither instruction is emitted (the interpreter and GPUs before sm_90 get that variant)."""
+    fn, constexprs, first_dependent_load = PDL[name]
+    code = ptx(fn, dict(constexprs, PDL=True))
+    wait = code.find("griddepcontrol.wait")
+    if first_dependent_load is None:
+        assert wait < 0 and "griddepcontrol.launch_dependents" in code
+    else:
+        assert wait >= 0, f"{name}: no griddepcontrol.wait"
+        assert "griddepcontrol.launch_dependents" in code or name == "_scatter_rows"
+    if name == "_scatter_rows":  # the source row's 16-byte loads come before the wait, the workspace's loads after it
+        assert 0 <= code.find("ld.global.v4") < wait < code.find(first_dependent_load, wait)
+    off = ptx(fn, dict(constexprs, PDL=False))
+    assert "griddepcontrol" not in off

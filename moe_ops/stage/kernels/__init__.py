@@ -6,8 +6,16 @@ exactly what :mod:`moe_ops.stage.plain` computes in plain torch; backends reach 
 :mod:`moe_ops.stage`; the ``symm`` backend's put kernels use the block helpers below. Importing this package imports Triton.
 """
 
+import functools
+import os
+
+import torch
 import triton
 from torch import Tensor
+
+from moe_ops import config
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Block shapes come from short lists, so that the shapes met in practice compile few kernel variants.
 
@@ -32,3 +40,15 @@ def unit_columns(t: Tensor) -> bool:
     are unit-stride, or their stride is never used (one column, or no rows — an empty tensor counts as
     contiguous whatever its strides, so ``.contiguous()`` keeps them)."""
     return t.stride(-1) == 1 or t.shape[-1] <= 1 or t.numel() == 0
+
+
+@functools.cache
+def _has_pdl(device: int) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def pdl(t: Tensor) -> bool:
+    """Whether kernels on ``t``'s device launch with programmatic dependent launch (``config.pdl``; a CUDA
+    device of compute capability 9.0 or later; not under the interpreter): a kernel so launched may start
+    before the one it follows finishes, so it must ``gdc_wait`` before it reads what that one wrote."""
+    return config.pdl and t.is_cuda and not INTERPRETING and _has_pdl(t.device.index if t.device.index is not None else torch.cuda.current_device())

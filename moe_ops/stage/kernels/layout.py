@@ -33,7 +33,7 @@ from torch import Tensor
 from moe_ops import quant
 from moe_ops.plan import RowLayout
 from moe_ops.quant import QuantSpec
-from moe_ops.stage.kernels import bins_for, block_size, k_block, unit_columns
+from moe_ops.stage.kernels import bins_for, block_size, k_block, pdl, unit_columns
 from moe_ops.stage.kernels.quantize import _quantize_block, quantize_flags, quantize_rows
 
 CHUNK = 128  # routes ranked per program by one CHUNK x CHUNK comparison
@@ -69,8 +69,10 @@ def _row_routes(ids_ptr, j, top_k, num_local, K_BLOCK: tl.constexpr):
 def _chunk_ranks(
     ids_ptr, num_routes, num_chunks, num_local, rank_ptr, hist_ptr,
     fill_rows_ptr, fill_weights_ptr, num_fill,
-    CHUNK: tl.constexpr, BINS: tl.constexpr, FILL_BLOCK: tl.constexpr,
+    CHUNK: tl.constexpr, BINS: tl.constexpr, FILL_BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:  # the next kernel may start (and wait for this one's results)
+        tl.extra.cuda.gdc_launch_dependents()
     c = tl.program_id(0)
     if c < num_chunks:
         lane = tl.arange(0, CHUNK)
@@ -92,9 +94,12 @@ def _chunk_ranks(
 @triton.jit
 def _expert_prefix(
     hist_ptr, num_chunks, num_local, capacity, chunk_base_ptr, counts_ptr, dropped_ptr,
-    BINS: tl.constexpr, EXPERTS: tl.constexpr, ROWS: tl.constexpr,
+    BINS: tl.constexpr, EXPERTS: tl.constexpr, ROWS: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program b: experts [b*EXPERTS, (b+1)*EXPERTS), over every chunk."""
+    if PDL:  # launched early: wait for the histograms, let the next kernel start
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     e = tl.program_id(0) * EXPERTS + tl.arange(0, EXPERTS)
     total = tl.zeros([EXPERTS], tl.int32)
     for c0 in range(0, num_chunks, ROWS):
@@ -110,8 +115,15 @@ def _expert_prefix(
 
 
 @triton.jit
+def _row_slice(tokens_ptr, token_stride, j, hidden, H_BLOCK: tl.constexpr):
+    """This program's hidden block of source row ``j``: ``(columns, values)``."""
+    cols = tl.program_id(1) * H_BLOCK + tl.arange(0, H_BLOCK)
+    return cols, tl.load(tokens_ptr + j * token_stride + cols, mask=cols < hidden, other=0)
+
+
+@triton.jit
 def _write_routes(
-    tokens_ptr, token_stride, weights_ptr, j, route, in_row, keep, row, hidden,
+    cols, v, weights_ptr, j, route, in_row, keep, row, hidden,
     recv_x_ptr, recv_weights_ptr, route_row_ptr, row_src_ptr,
     scales_ptr, scale_stride, num_scales, recv_scales_ptr,
     K_BLOCK: tl.constexpr, H_BLOCK: tl.constexpr,
@@ -119,7 +131,8 @@ def _write_routes(
     ROUND_SCALE: tl.constexpr, AMAX_FLOOR: tl.constexpr,
 ):
     """Source row ``j``'s routes ``route [K_BLOCK]`` go to layout rows ``row`` where ``keep``: hidden block 0
-    records the maps and weights, every block copies its slice of the row to each kept row. ``SCALES``: 0
+    records the maps and weights, every block copies its slice ``v`` of the row (:func:`_row_slice`) to each
+    kept row. ``SCALES``: 0
     plain rows; 1 the row's ``num_scales`` scales (``scales_ptr``) go with it (block 0 copies them); 2 every
     block quantizes its slice (groups of ``GROUP`` columns) and stores the slice's scales."""
     row = tl.where(keep, row, -1)
@@ -132,8 +145,6 @@ def _write_routes(
             sv = tl.load(scales_ptr + j * scale_stride + sc, mask=sc < num_scales)
             tl.store(recv_scales_ptr + row[:, None] * num_scales + sc[None, :], tl.broadcast_to(sv[None, :], (K_BLOCK, S_BLOCK)),
                      mask=keep[:, None] & (sc[None, :] < num_scales))
-    cols = tl.program_id(1) * H_BLOCK + tl.arange(0, H_BLOCK)
-    v = tl.load(tokens_ptr + j * token_stride + cols, mask=cols < hidden, other=0)
     if SCALES == 2:
         v, scale = _quantize_block(v, QMAX, QMAX_INV, GROUP, INT8, ROUND_SCALE, AMAX_FLOOR, H_BLOCK)
         sc = tl.program_id(1) * (H_BLOCK // GROUP) + tl.arange(0, H_BLOCK // GROUP)
@@ -201,10 +212,13 @@ def _expert_rows(e, routes, start, group, kept, used, num_local, max_rows, hidde
 
 @triton.jit
 def _expert_groups(groups_ptr, num_local, pad_multiple, max_rows,
-                   BINS: tl.constexpr, PAD: tl.constexpr, BOUNDED: tl.constexpr):
+                   BINS: tl.constexpr, PAD: tl.constexpr, BOUNDED: tl.constexpr, PDL: tl.constexpr):
     """One program, ragged and bounded layouts: every expert's group of rows from its routes (``groups``
     ``[3*BINS : 4*BINS)``, written by ``_expert_prefix``): first row, rows and kept routes at ``[0, BINS)``,
     ``[BINS, 2*BINS)``, ``[2*BINS, 3*BINS)``, and the rows of every group at ``4*BINS``."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     bins = tl.arange(0, BINS)
     totals = tl.load(groups_ptr + 3 * BINS + bins, mask=bins < num_local, other=0)
     start, group, kept = _groups(totals, bins, num_local, pad_multiple, max_rows, PAD, BOUNDED)
@@ -223,15 +237,20 @@ def _scatter_rows(
     CHUNK: tl.constexpr, BINS: tl.constexpr, K_BLOCK: tl.constexpr, H_BLOCK: tl.constexpr,
     PADDED: tl.constexpr, PAD: tl.constexpr, BOUNDED: tl.constexpr, ZERO: tl.constexpr, P_BLOCK: tl.constexpr,
     SCALES: tl.constexpr, S_BLOCK: tl.constexpr, QMAX: tl.constexpr, QMAX_INV: tl.constexpr, GROUP: tl.constexpr, INT8: tl.constexpr,
-    ROUND_SCALE: tl.constexpr, AMAX_FLOOR: tl.constexpr,
+    ROUND_SCALE: tl.constexpr, AMAX_FLOOR: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program (j, b), ``j < num_tokens``: source row j, hidden block b. Every program of row j computes
     its routes' rows (a few loads); block 0 records them, every block copies its slice of the row to each
     of them. Ragged and bounded layouts: program (num_tokens + e, b) does expert e's bookkeeping
-    (:func:`_expert_rows`) from the groups ``_expert_groups`` wrote."""
+    (:func:`_expert_rows`) from the groups ``_expert_groups`` wrote. ``PDL``: launched before the kernels
+    it reads from finish; it loads its source rows, then waits for them (:func:`pdl`)."""
     j = tl.program_id(0)
     if j < num_tokens:
+        # the kernel's inputs first: with PDL these loads overlap the kernels before it
         row_j, route, in_row, key = _row_routes(ids_ptr, j, top_k, num_local, K_BLOCK)
+        cols, v = _row_slice(tokens_ptr, token_stride, row_j, hidden, H_BLOCK)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
         valid = key >= 0
         pos = tl.load(chunk_base_ptr + (route // CHUNK) * BINS + key, mask=valid, other=0) + tl.load(rank_ptr + route, mask=valid, other=0)
         if PADDED:  # slot pos of expert key, if it fits
@@ -240,10 +259,12 @@ def _scatter_rows(
         else:  # the expert's first row + pos, among its kept routes
             keep = valid & (pos < tl.load(groups_ptr + 2 * BINS + key, mask=valid, other=0))
             row = (tl.load(groups_ptr + key, mask=valid, other=0) + pos).to(tl.int64)
-        _write_routes(tokens_ptr, token_stride, weights_ptr, row_j, route, in_row, keep, row, hidden,
+        _write_routes(cols, v, weights_ptr, row_j, route, in_row, keep, row, hidden,
                       recv_x_ptr, recv_weights_ptr, route_row_ptr, row_src_ptr, scales_ptr, scale_stride, num_scales, recv_scales_ptr,
                       K_BLOCK, H_BLOCK, SCALES, S_BLOCK, QMAX, QMAX_INV, GROUP, INT8, ROUND_SCALE, AMAX_FLOOR)
     elif not PADDED:
+        if PDL:
+            tl.extra.cuda.gdc_wait()
         e = j - num_tokens
         _expert_rows(e, tl.load(groups_ptr + 3 * BINS + e), tl.load(groups_ptr + e), tl.load(groups_ptr + BINS + e),
                      tl.load(groups_ptr + 2 * BINS + e), tl.load(groups_ptr + 4 * BINS), num_local, max_rows, hidden,
@@ -341,7 +362,8 @@ def _dispatch_small(
             keep = valid
             if BOUNDED:  # the groups' rows past max_rows are cut
                 keep = valid & (row < max_rows)
-        _write_routes(tokens_ptr, token_stride, weights_ptr, row_j, route, in_row, keep, row, hidden,
+        cols, v = _row_slice(tokens_ptr, token_stride, row_j, hidden, H_BLOCK)
+        _write_routes(cols, v, weights_ptr, row_j, route, in_row, keep, row, hidden,
                       recv_x_ptr, recv_weights_ptr, route_row_ptr, row_src_ptr, scales_ptr, scale_stride, num_scales, recv_scales_ptr,
                       K_BLOCK, H_BLOCK, SCALES, S_BLOCK, QMAX, QMAX_INV, GROUP, INT8, ROUND_SCALE, AMAX_FLOOR)
     elif not PADDED:
@@ -462,20 +484,24 @@ def dispatch_rows(
         # one int32 workspace: per-route ranks, chunk histograms, per-chunk bases, the experts' groups
         work = torch.empty(all_routes + 2 * num_chunks * bins + 4 * bins + 1, dtype=torch.int32, device=device)
         rank, hist, chunk_base, groups = work.split([all_routes, num_chunks * bins, num_chunks * bins, 4 * bins + 1])
+        # each kernel after the first may start as the one before it finishes (PDL), and waits for its results
+        early = pdl(tokens)
+        follow = dict(PDL=early, **({"launch_pdl": True} if early else {}))
         _chunk_ranks[(max(num_chunks, triton.cdiv(slots, FILL_BLOCK)),)](
             ids, all_routes, num_chunks, num_local, rank, hist, row_src, recv_weights, slots,
-            CHUNK=CHUNK, BINS=bins, FILL_BLOCK=FILL_BLOCK,
+            CHUNK=CHUNK, BINS=bins, FILL_BLOCK=FILL_BLOCK, PDL=early,
         )
         experts = min(bins, 32)
         _expert_prefix[(bins // experts,)](hist, num_chunks, num_local, capacity if padded else -1, chunk_base,
-                                           counts if padded else groups[3 * bins:], dropped, BINS=bins, EXPERTS=experts, ROWS=max(1, 8192 // experts))
+                                           counts if padded else groups[3 * bins:], dropped, BINS=bins, EXPERTS=experts,
+                                           ROWS=max(1, 8192 // experts), **follow)
         if not padded:
-            _expert_groups[(1,)](groups, num_local, pad, max_rows, BINS=bins, PAD=pad > 1, BOUNDED=bounded)
+            _expert_groups[(1,)](groups, num_local, pad, max_rows, BINS=bins, PAD=pad > 1, BOUNDED=bounded, **follow)
         _scatter_rows[(m + (0 if padded else num_local), h_blocks)](
             tokens, tokens.stride(0), weights, ids, rank, chunk_base, groups,
             m, top_k, hidden, num_local, capacity, max_rows,
             recv_x_bytes, recv_weights, route_row, row_src, counts, dropped, *scale_args,
-            CHUNK=CHUNK, BINS=bins, **flags,
+            CHUNK=CHUNK, BINS=bins, **flags, **follow,
         )
     if cut:
         n = int(counts.sum())

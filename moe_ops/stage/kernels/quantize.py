@@ -6,8 +6,6 @@ quantized on the way into the layout), :func:`quantize_rows` quantizes rows befo
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -15,7 +13,7 @@ from torch import Tensor
 
 from moe_ops import quant
 from moe_ops.quant import QuantSpec
-from moe_ops.stage.kernels import unit_columns
+from moe_ops.stage.kernels import INTERPRETING, unit_columns
 
 ROWS_WARPS = 8
 DEQUANTIZE_H_BLOCK = 4096  # columns per program of dequantize_rows (H200: 197 us for 32768 x 7168 e4m3 -> bf16, 0.86x copy bandwidth)
@@ -23,7 +21,7 @@ DEQUANTIZE_WARPS = 4
 #: e4m3 through the GPU's own conversion (one instruction per two values); the interpreter, whose casts
 #: round ties away from zero, builds the bytes from the float32 bits instead (the same bytes: the CUDA
 #: tests compare the compiled kernels with plain torch, the CPU tests the interpreted ones)
-HARDWARE_CAST: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
+HARDWARE_CAST: tl.constexpr = tl.constexpr(not INTERPRETING)
 
 
 @triton.jit
