@@ -28,6 +28,7 @@ from torch import Tensor
 from moe_ops import quant
 from moe_ops.quant import QuantSpec
 from moe_ops.stage.kernels import block_size, k_block, unit_columns
+from moe_ops.stage.kernels.launch import launch
 from moe_ops.stage.kernels.quantize import _quantize_block, quantize_flags
 
 PUT_BLOCK = 2048  # payload elements per row of a tile
@@ -192,7 +193,7 @@ def put_rows(
     meta_words = 0 if meta is None else meta.shape[1]
     block = block_size(payload_cols, PUT_BLOCK)
     rows, grid = _launch_shape(block, payload_cols, num_slots, programs)
-    _put_rows[(grid,)](
+    launch(_put_rows, (grid,),
         src, src.stride(0), src_index, src_index if meta is None else meta, meta_words, peers,
         rank, bound, num_slots, payload_cols, row_bytes, meta_offset,
         HAS_META=meta is not None, ROWS=rows, BLOCK=block,
@@ -245,7 +246,7 @@ def put_tokens(
     elif quantize is not None:
         num_scales = quant.scale_columns(hidden, quantize.block)
         flags.update(SCALES=2)
-    _put_tokens[(grid,)](
+    launch(_put_tokens, (grid,),
         x, x.stride(0), topk_idx, topk_weights, peers,
         rank, bound, world * bound, num_tokens, top_k, num_local, world * num_local, hidden, row_bytes, meta_offset,
         weights_offset, source, source.stride(0), num_scales, scales_offset,

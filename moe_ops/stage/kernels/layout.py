@@ -34,6 +34,7 @@ from moe_ops import quant
 from moe_ops.plan import RowLayout
 from moe_ops.quant import QuantSpec
 from moe_ops.stage.kernels import bins_for, block_size, k_block, pdl, unit_columns
+from moe_ops.stage.kernels.launch import launch
 from moe_ops.stage.kernels.quantize import _quantize_block, quantize_flags, quantize_rows
 
 CHUNK = 128  # routes ranked per program by one CHUNK x CHUNK comparison
@@ -473,7 +474,7 @@ def dispatch_rows(
                  H_BLOCK=h_block, P_BLOCK=P_BLOCK, num_warps=SCATTER_WARPS, **scale_flags)
     bookkeeping = triton.cdiv(num_local, SMALL_E_BLOCK) if padded else num_local
     if all_routes <= SMALL_ROUTES or not m:
-        _dispatch_small[(m + bookkeeping, h_blocks)](
+        launch(_dispatch_small, (m + bookkeeping, h_blocks),
             tokens, tokens.stride(0), weights, ids, m, top_k, hidden, num_local, capacity, pad, max_rows,
             recv_x_bytes, recv_weights, route_row, row_src, counts, dropped, *scale_args,
             BINS=bins, R_BLOCK=SMALL_R_BLOCK, E_BLOCK=SMALL_E_BLOCK, **flags,
@@ -487,17 +488,18 @@ def dispatch_rows(
         # each kernel after the first may start as the one before it finishes (PDL), and waits for its results
         early = pdl(tokens)
         follow = dict(PDL=early, **({"launch_pdl": True} if early else {}))
-        _chunk_ranks[(max(num_chunks, triton.cdiv(slots, FILL_BLOCK)),)](
+        launch(_chunk_ranks, (max(num_chunks, triton.cdiv(slots, FILL_BLOCK)),),
             ids, all_routes, num_chunks, num_local, rank, hist, row_src, recv_weights, slots,
             CHUNK=CHUNK, BINS=bins, FILL_BLOCK=FILL_BLOCK, PDL=early,
         )
         experts = min(bins, 32)
-        _expert_prefix[(bins // experts,)](hist, num_chunks, num_local, capacity if padded else -1, chunk_base,
-                                           counts if padded else groups[3 * bins:], dropped, BINS=bins, EXPERTS=experts,
-                                           ROWS=max(1, 8192 // experts), **follow)
+        launch(_expert_prefix, (bins // experts,),
+            hist, num_chunks, num_local, capacity if padded else -1, chunk_base, counts if padded else groups[3 * bins:], dropped,
+            BINS=bins, EXPERTS=experts, ROWS=max(1, 8192 // experts), **follow,
+        )
         if not padded:
-            _expert_groups[(1,)](groups, num_local, pad, max_rows, BINS=bins, PAD=pad > 1, BOUNDED=bounded, **follow)
-        _scatter_rows[(m + (0 if padded else num_local), h_blocks)](
+            launch(_expert_groups, (1,), groups, num_local, pad, max_rows, BINS=bins, PAD=pad > 1, BOUNDED=bounded, **follow)
+        launch(_scatter_rows, (m + (0 if padded else num_local), h_blocks),
             tokens, tokens.stride(0), weights, ids, rank, chunk_base, groups,
             m, top_k, hidden, num_local, capacity, max_rows,
             recv_x_bytes, recv_weights, route_row, row_src, counts, dropped, *scale_args,

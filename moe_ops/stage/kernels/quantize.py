@@ -14,6 +14,7 @@ from torch import Tensor
 from moe_ops import quant
 from moe_ops.quant import QuantSpec
 from moe_ops.stage.kernels import INTERPRETING, unit_columns
+from moe_ops.stage.kernels.launch import launch
 
 ROWS_WARPS = 8
 DEQUANTIZE_H_BLOCK = 4096  # columns per program of dequantize_rows (H200: 197 us for 32768 x 7168 e4m3 -> bf16, 0.86x copy bandwidth)
@@ -119,7 +120,7 @@ def quantize_rows(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
     scales = torch.empty(m, num_scales, dtype=torch.float32, device=x.device)
     h_block = spec.block or triton.next_power_of_2(max(hidden, 1))
     if m:
-        _quantize_rows[(m, triton.cdiv(hidden, h_block))](
+        launch(_quantize_rows, (m, triton.cdiv(hidden, h_block)),
             x, x.stride(0), hidden, q_out, scales, num_scales, **quantize_flags(spec, h_block), H_BLOCK=h_block,
             num_warps=ROWS_WARPS,
         )
@@ -172,7 +173,7 @@ def dequantize_rows(q: Tensor, scales: Tensor, block: int, dtype: torch.dtype) -
     if rows:
         h_block = min(DEQUANTIZE_H_BLOCK, triton.next_power_of_2(hidden))
         bf16_bits = dtype == torch.bfloat16 and not HARDWARE_CAST
-        _dequantize_rows[(rows, triton.cdiv(hidden, h_block))](
+        launch(_dequantize_rows, (rows, triton.cdiv(hidden, h_block)),
             q if q.dtype == torch.int8 else q.view(torch.uint8), scales, scales.shape[-1], hidden,
             out.view(torch.int16) if bf16_bits else out, GROUP=block, INT8=q.dtype == torch.int8, BF16_BITS=bf16_bits, H_BLOCK=h_block,
             num_warps=DEQUANTIZE_WARPS,

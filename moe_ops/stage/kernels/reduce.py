@@ -19,6 +19,7 @@ import triton.language as tl
 from torch import Tensor
 
 from moe_ops.stage.kernels import block_size, k_block, unit_columns
+from moe_ops.stage.kernels.launch import launch
 
 REDUCE_H_BLOCK = 1024  # hidden elements per reduce program (tools/bench.py --sweep picks these)
 REDUCE_WARPS = 4
@@ -107,7 +108,7 @@ def _launch_reduce(
     picked = None if values is None else torch.empty(m, top_k, dtype=values.dtype, device=values.device)
     h_block = block_size(hidden, REDUCE_H_BLOCK)
     if m and (hidden or values is not None):
-        _reduce_rows[(m, max(triton.cdiv(hidden, h_block), 1))](
+        launch(_reduce_rows, (m, max(triton.cdiv(hidden, h_block), 1)),
             rows, rows.stride(0), route_row, rows if row_weights is None else row_weights, out,
             rows if values is None else values.contiguous(), out if picked is None else picked, top_k, hidden,
             HAS_WEIGHTS=row_weights is not None, UNIQUE=unique, GATHER=values is not None, ACC=_acc(rows.dtype),
@@ -143,7 +144,7 @@ def expand_grad(grad_tokens: Tensor, expert_out: Tensor, recv_weights: Tensor, r
     grad_expert_out, grad_weights = torch.empty_like(expert_out), torch.empty_like(recv_weights)
     grid = m + triton.cdiv(num_rows, PAD_ROWS)
     if grid:
-        _expand_grad[(grid,)](
+        launch(_expand_grad, (grid,),
             grad_tokens, route_row, recv_weights, expert_out, grad_expert_out, grad_weights, row_src.contiguous(),
             m, num_rows, top_k, hidden,
             ACC=_acc(expert_out.dtype), K_BLOCK=k_block(top_k), H_BLOCK=block_size(hidden, 512), PAD_ROWS=PAD_ROWS,
