@@ -41,6 +41,8 @@ CHUNK = 128  # routes ranked per program by one CHUNK x CHUNK comparison
 FILL_BLOCK = 1024  # padding slots reset per program
 SCATTER_H_BLOCK = 1024  # hidden elements per scatter program (tools/bench.py --sweep picks these)
 SCATTER_WARPS = 4
+PREFIX_EXPERTS = 32  # experts per _expert_prefix program
+RANK_WARPS = 2  # warps per _chunk_ranks program (H200: 2 beat 4 and 8 by 1.5-5 us at T = 4096)
 BYTE_H_BLOCK = 4096  # the same for one-byte (quantized) rows (tools/bench.py --quant measured it)
 SMALL_ROUTES = 2048  # up to this many routes, one launch (_dispatch_small) does all of dispatch
 SMALL_R_BLOCK = 512  # routes compared per step there
@@ -98,9 +100,9 @@ def _expert_prefix(
     BINS: tl.constexpr, EXPERTS: tl.constexpr, ROWS: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program b: experts [b*EXPERTS, (b+1)*EXPERTS), over every chunk."""
-    if PDL:  # launched early: wait for the histograms, let the next kernel start
-        tl.extra.cuda.gdc_wait()
+    if PDL:  # launched early: let the next kernel start too, then wait for the histograms
         tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     e = tl.program_id(0) * EXPERTS + tl.arange(0, EXPERTS)
     total = tl.zeros([EXPERTS], tl.int32)
     for c0 in range(0, num_chunks, ROWS):
@@ -218,8 +220,8 @@ def _expert_groups(groups_ptr, num_local, pad_multiple, max_rows,
     ``[3*BINS : 4*BINS)``, written by ``_expert_prefix``): first row, rows and kept routes at ``[0, BINS)``,
     ``[BINS, 2*BINS)``, ``[2*BINS, 3*BINS)``, and the rows of every group at ``4*BINS``."""
     if PDL:
-        tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     bins = tl.arange(0, BINS)
     totals = tl.load(groups_ptr + 3 * BINS + bins, mask=bins < num_local, other=0)
     start, group, kept = _groups(totals, bins, num_local, pad_multiple, max_rows, PAD, BOUNDED)
@@ -490,9 +492,9 @@ def dispatch_rows(
         follow = dict(PDL=early, **({"launch_pdl": True} if early else {}))
         launch(_chunk_ranks, (max(num_chunks, triton.cdiv(slots, FILL_BLOCK)),),
             ids, all_routes, num_chunks, num_local, rank, hist, row_src, recv_weights, slots,
-            CHUNK=CHUNK, BINS=bins, FILL_BLOCK=FILL_BLOCK, PDL=early,
+            CHUNK=CHUNK, BINS=bins, FILL_BLOCK=FILL_BLOCK, PDL=early, num_warps=RANK_WARPS,
         )
-        experts = min(bins, 32)
+        experts = min(bins, PREFIX_EXPERTS)
         launch(_expert_prefix, (bins // experts,),
             hist, num_chunks, num_local, capacity if padded else -1, chunk_base, counts if padded else groups[3 * bins:], dropped,
             BINS=bins, EXPERTS=experts, ROWS=max(1, 8192 // experts), **follow,
