@@ -114,6 +114,43 @@ def _plan_dispatch(
     return impl, plan
 
 
+#: plans of dispatches already checked, by :func:`_signature` (at most PLANS_KEPT, the oldest dropped first)
+_PLANS: dict[tuple[object, ...], tuple[Backend, DispatchPlan]] = {}
+PLANS_KEPT = 256
+
+
+def _meta(t: Tensor | None) -> tuple[object, ...] | None:
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
+
+
+def _signature(tensors: tuple[Tensor | None, ...], comm: Comm, o: DispatchOptions, q: QuantOptions | None) -> tuple[object, ...] | None:
+    """Everything step 1 of a dispatch reads (every tensor's shape, strides, dtype and device; the options;
+    the group; the registered backends), or ``None`` where a tensor is not a plain one (a subclass may
+    answer differently)."""
+    if not all(t is None or type(t) is Tensor for t in tensors):
+        return None
+    return (*(_meta(t) for t in tensors), comm, o, q, backends.registrations)
+
+
+def _planned(
+    x: Tensor, topk_idx: Tensor, topk_weights: Tensor, expert_map: Tensor | None, log2phy: Tensor | None, comm: Comm,
+    o: DispatchOptions, x_scales: Tensor | None, q: QuantOptions | None,
+) -> tuple[Backend, DispatchPlan]:
+    """:func:`_plan_dispatch`, once per signature (the lever of issue 17: a training step repeats the same
+    dispatch). Only where the backend's limits are metadata alone, as the base class's are: a backend that
+    checks state of its own (DeepEP's buffers, MC2's communication domain) checks every call."""
+    key = _signature((x, topk_idx, topk_weights, expert_map, log2phy, x_scales), comm, o, q)
+    known = None if key is None else _PLANS.get(key)
+    if known is not None:
+        return known
+    impl, plan = _plan_dispatch(x, topk_idx, topk_weights, expert_map, log2phy, comm, o, x_scales, q)
+    if key is not None and type(impl).check_dispatch is Backend.check_dispatch:
+        if len(_PLANS) >= PLANS_KEPT:
+            del _PLANS[next(iter(_PLANS))]
+        _PLANS[key] = impl, plan
+    return impl, plan
+
+
 def _check_group(impl: Backend, comm: Comm) -> None:
     """A transport between ranks needs their group: without ``group_name`` it would run on torch's default
     group (or fail inside torch), not on the group of one it was told."""
@@ -153,7 +190,7 @@ def _run_dispatch(
     comm = comm_for(o.group_name)
     handshake = Handshake.of(comm, "dispatch", DISPATCH_FIELDS, x.device)
     try:
-        impl, plan = _plan_dispatch(x, topk_idx, topk_weights, expert_map, log2phy, comm, o, x_scales, q)
+        impl, plan = _planned(x, topk_idx, topk_weights, expert_map, log2phy, comm, o, x_scales, q)
         impl.prepare(plan)
         if config.check_values:
             validation.check_values(topk_idx, topk_weights, o.num_experts if log2phy is None else log2phy.shape[0])

@@ -9,6 +9,7 @@ from moe_ops.plan import Kind
 
 _REGISTRY: dict[str, Backend] = {}
 _BY_CODE: dict[int, Backend] = {}
+registrations = 0  #: how many times :func:`register` ran (plans made before one may name a replaced backend)
 
 
 def register(backend: Backend) -> Backend:
@@ -17,7 +18,9 @@ def register(backend: Backend) -> Backend:
     clash = _BY_CODE.get(code)
     if clash is not None and clash.name != backend.name:
         raise ValueError(f"backend names {backend.name!r} and {clash.name!r} share the handle code {code}; rename one")
+    global registrations
     _REGISTRY[backend.name] = _BY_CODE[code] = backend
+    registrations += 1
     handshake.code(backend.name)  # lets agreement errors name a peer's backend
     return backend
 
