@@ -114,40 +114,47 @@ def _plan_dispatch(
     return impl, plan
 
 
-#: plans of dispatches already checked, by :func:`_signature` (at most PLANS_KEPT, the oldest dropped first)
-_PLANS: dict[tuple[object, ...], tuple[Backend, DispatchPlan]] = {}
-PLANS_KEPT = 256
+# A training step repeats the same calls, so their checks are not repeated (issue 17: host cost per call):
+# a call's metadata checks and plan are kept by its signature, everything they read, at most KEPT of
+# each (the oldest dropped first). Only where the backend's limits are metadata alone, as the base
+# class's are: a backend that checks state of its own (DeepEP's buffers, MC2's communication domain)
+# checks every call. A call that fails is never kept, so bad input raises every time.
+KEPT = 256
+_PLANS: dict[tuple[object, ...], tuple[Backend, DispatchPlan]] = {}  #: dispatches
+_CHECKED: dict[tuple[object, ...], tuple[Backend, handle.Header]] = {}  #: combine and the backward ops
 
 
 def _meta(t: Tensor | None) -> tuple[object, ...] | None:
     return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
 
 
-def _signature(tensors: tuple[Tensor | None, ...], comm: Comm, o: DispatchOptions, q: QuantOptions | None) -> tuple[object, ...] | None:
-    """Everything step 1 of a dispatch reads (every tensor's shape, strides, dtype and device; the options;
-    the group; the registered backends), or ``None`` where a tensor is not a plain one (a subclass may
-    answer differently)."""
+def _signature(tensors: tuple[object, ...], comm: Comm, *options: object) -> tuple[object, ...] | None:
+    """Everything a call's checks read: every tensor's shape, strides, dtype and device, the group, the
+    options and the registered backends; ``None`` where an argument is not a plain tensor (a subclass may
+    answer differently, and anything else fails the checks)."""
     if not all(t is None or type(t) is Tensor for t in tensors):
         return None
-    return (*(_meta(t) for t in tensors), comm, o, q, backends.registrations)
+    return (*(_meta(t) for t in tensors), comm, *options, backends.registrations)  # type: ignore[arg-type]
+
+
+def _keep(kept: dict[tuple[object, ...], Any], key: tuple[object, ...], value: object) -> None:
+    if len(kept) >= KEPT:
+        del kept[next(iter(kept))]
+    kept[key] = value
 
 
 def _planned(
     x: Tensor, topk_idx: Tensor, topk_weights: Tensor, expert_map: Tensor | None, log2phy: Tensor | None, comm: Comm,
     o: DispatchOptions, x_scales: Tensor | None, q: QuantOptions | None,
 ) -> tuple[Backend, DispatchPlan]:
-    """:func:`_plan_dispatch`, once per signature (the lever of issue 17: a training step repeats the same
-    dispatch). Only where the backend's limits are metadata alone, as the base class's are: a backend that
-    checks state of its own (DeepEP's buffers, MC2's communication domain) checks every call."""
+    """:func:`_plan_dispatch`, once per signature (see :data:`KEPT`)."""
     key = _signature((x, topk_idx, topk_weights, expert_map, log2phy, x_scales), comm, o, q)
     known = None if key is None else _PLANS.get(key)
     if known is not None:
         return known
     impl, plan = _plan_dispatch(x, topk_idx, topk_weights, expert_map, log2phy, comm, o, x_scales, q)
     if key is not None and type(impl).check_dispatch is Backend.check_dispatch:
-        if len(_PLANS) >= PLANS_KEPT:
-            del _PLANS[next(iter(_PLANS))]
-        _PLANS[key] = impl, plan
+        _keep(_PLANS, key, (impl, plan))
     return impl, plan
 
 
@@ -286,6 +293,26 @@ def _dispatch_quantized_fake(
 RowsArg = tuple[str, Tensor, int, tuple[torch.dtype, ...]]  # name, tensor, trailing dims, dtypes
 
 
+def _check_handle_call(
+    name: str, rows: Tensor, requested: str, comm: Comm, rows_args: list[RowsArg], handle_tensors: list[Tensor],
+    extra_check: Callable[[handle.Header], None],
+) -> tuple[Backend, handle.Header]:
+    """The checks of :func:`_handle_call`: the handle, the backend that made it, the rows against its layout."""
+    header = handle.read(handle_tensors)
+    impl = backends.producer(header.backend_code, requested)
+    backends.resolve(impl.name, rows.device.type, comm.world_size, header.kind)
+    _check_group(impl, comm)
+    if len(handle_tensors) != 1 + impl.handle_len(header.kind):
+        raise MoEInputError(
+            f"handle must be the {1 + impl.handle_len(header.kind)} tensors moe.dispatch returned for backend {impl.name!r}"
+        )
+    for arg, t, trailing, dtypes in rows_args:
+        validation.check_rows(arg, t, header.rows_shape, trailing, dtypes)
+    extra_check(header)
+    impl.check_rows(name, rows, handle_tensors[1:], comm)
+    return impl, header
+
+
 def _handle_call(
     op: str,
     requested: str,
@@ -302,19 +329,15 @@ def _handle_call(
     comm = comm_for(group_name)
     name, rows = moved
     handshake = Handshake.of(comm, op, HANDLE_FIELDS, rows.device) if agree else None
+    key = _signature((rows, *(t for _, t, _, _ in rows_args), *handle_tensors), comm, op, requested) \
+        if isinstance(handle_tensors, (list, tuple)) else None
     try:
-        header = handle.read(handle_tensors)
-        impl = backends.producer(header.backend_code, requested)
-        backends.resolve(impl.name, rows.device.type, comm.world_size, header.kind)
-        _check_group(impl, comm)
-        if len(handle_tensors) != 1 + impl.handle_len(header.kind):
-            raise MoEInputError(
-                f"handle must be the {1 + impl.handle_len(header.kind)} tensors moe.dispatch returned for backend {impl.name!r}"
-            )
-        for arg, t, trailing, dtypes in rows_args:
-            validation.check_rows(arg, t, header.rows_shape, trailing, dtypes)
-        extra_check(header)
-        impl.check_rows(name, rows, handle_tensors[1:], comm)
+        known = None if key is None else _CHECKED.get(key)
+        if known is None:
+            known = _check_handle_call(name, rows, requested, comm, rows_args, handle_tensors, extra_check)
+            if key is not None and type(known[0]).check_rows is Backend.check_rows:
+                _keep(_CHECKED, key, known)
+        impl, header = known
     except MoEInputError as error:
         if handshake is not None:
             handshake.fail(error)

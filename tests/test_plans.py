@@ -80,7 +80,7 @@ def test_backends_with_their_own_checks_check_every_call(planned: list[str], mon
 
 
 def test_kept_plans_are_bounded(planned: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ops, "PLANS_KEPT", 3)
+    monkeypatch.setattr(ops, "KEPT", 3)
     for tokens in range(1, 6):  # a ragged batch of another size each step: a signature each
         x, idx, w = _inputs(tokens)
         torch.ops.moe.dispatch(x, idx, w, num_experts=E)
@@ -98,3 +98,31 @@ def test_a_backend_registered_again_is_planned_afresh(planned: list[str]) -> Non
     backends.register(backends._REGISTRY["local"])  # (a user's backend of that name would take its place)
     torch.ops.moe.dispatch(x, idx, w, num_experts=E)
     assert len(planned) == 2
+
+
+def test_combine_and_backward_checks_once_per_signature(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same for the ops that take a handle: checked once per signature (rows, weights, every handle
+    tensor), bad input raising every call."""
+    monkeypatch.setattr(ops, "_CHECKED", {})
+    checks = ops._check_handle_call
+    calls: list[str] = []
+
+    def counting(name, *args, **kwargs):
+        calls.append(name)
+        return checks(name, *args, **kwargs)
+
+    monkeypatch.setattr(ops, "_check_handle_call", counting)
+    x, idx, w = _inputs()
+    recv_x, recv_w, _, _, handle = torch.ops.moe.dispatch(x, idx, w, num_experts=E)
+    for _ in range(3):
+        out = torch.ops.moe.combine(recv_x, recv_w, handle)
+        torch.ops.moe.dispatch_backward(recv_x, recv_w, handle)
+    assert calls == ["expert_out", "grad_recv_x"]
+    torch.testing.assert_close(out, x * w.sum(-1, keepdim=True))
+    for _ in range(2):
+        with pytest.raises(MoEInputError, match="recv_weights"):
+            torch.ops.moe.combine(recv_x, recv_w[:-1], handle)
+    assert calls == ["expert_out", "grad_recv_x", "expert_out", "expert_out"]
+    other = torch.ops.moe.dispatch(x[:5], idx[:5], w[:5], num_experts=E)  # another handle's shapes
+    torch.ops.moe.combine(other[0], other[1], other[4])
+    assert len(calls) == 5
