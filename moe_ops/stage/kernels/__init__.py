@@ -51,4 +51,6 @@ def pdl(t: Tensor) -> bool:
     """Whether kernels on ``t``'s device launch with programmatic dependent launch (``config.pdl``; a CUDA
     device of compute capability 9.0 or later; not under the interpreter): a kernel so launched may start
     before the one it follows finishes, so it must ``gdc_wait`` before it reads what that one wrote."""
-    return config.pdl and t.is_cuda and not INTERPRETING and _has_pdl(t.device.index if t.device.index is not None else torch.cuda.current_device())
+    if not (config.pdl and t.is_cuda) or INTERPRETING:
+        return False
+    return _has_pdl(torch.cuda.current_device() if t.device.index is None else t.device.index)

@@ -3,8 +3,8 @@
 ``JITFunction.run`` does more on every launch than finding the compiled kernel: it reads its knobs, asks
 the driver for the device and stream, builds a string key from the arguments' specialization and its
 options, checks the globals the kernel read, and builds launch metadata for hooks. On the H200 loaner's
-host that was 29 µs a launch against 9.5 µs for the compiled kernel's own launcher (docs/benchmarks.md,
-"Host cost per call"). :func:`launch` computes the arguments' specialization with Triton's own binder (the
+host that was 25–29 µs a launch against 9.5 µs for the compiled kernel's own launcher; through this module
+20 µs (the binder is most of the rest; docs/benchmarks.md, "Fourth session of 2026-12-02"). :func:`launch` computes the arguments' specialization with Triton's own binder (the
 arguments' types, 16-byte alignment of pointers, divisibility of integers: everything Triton picks a
 compiled kernel by), looks the compiled kernel up by it, and calls its launcher. The first launch of each
 specialization goes through ``kernel[grid](...)``, which compiles (or loads) and launches it, and so does
@@ -26,7 +26,7 @@ from moe_ops.stage.kernels import INTERPRETING
 
 #: Triton versions whose ``JITFunction.device_caches`` (``(kernels, keys, target, backend, binder)``) and
 #: ``CompiledKernel.run`` (``grid, stream, function, packed metadata, launch metadata, hooks, *arguments``)
-#: this module was checked against on a GPU (tests/test_kernels_cuda.py::test_launch_fast_path)
+#: this module was checked against on a GPU (tests/test_launch.py::test_fast_path_on_cuda)
 CHECKED = ("3.6.",)
 
 _compiled: dict[tuple[Any, ...], CompiledKernel] = {}

@@ -20,7 +20,10 @@ or four:
 A route's position inside its expert is (rows earlier chunks took) + (its rank in the chunk), so rows
 follow the routes' flat order, as the contract requires, and the result equals
 ``plain.expert_layout`` + ``plain.expand`` exactly. No aten op runs on the device but the allocations;
-the ragged layout reads its row count back only after every launch is queued.
+the ragged layout reads its row count back only after every launch is queued. On sm_90 and later,
+launches 2 to 4 use programmatic dependent launch (:func:`moe_ops.stage.kernels.pdl`): each starts
+while the one before it runs and waits on the device before it reads that one's results; the row copy
+loads its source rows first.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ CHUNK = 128  # routes ranked per program by one CHUNK x CHUNK comparison
 FILL_BLOCK = 1024  # padding slots reset per program
 SCATTER_H_BLOCK = 1024  # hidden elements per scatter program (tools/bench.py --sweep picks these)
 SCATTER_WARPS = 4
-PREFIX_EXPERTS = 32  # experts per _expert_prefix program
+PREFIX_EXPERTS = 32  # experts per _expert_prefix program (H200: 32 beat 8 and 16)
 RANK_WARPS = 2  # warps per _chunk_ranks program (H200: 2 beat 4 and 8 by 1.5-5 us at T = 4096)
 BYTE_H_BLOCK = 4096  # the same for one-byte (quantized) rows (tools/bench.py --quant measured it)
 SMALL_ROUTES = 2048  # up to this many routes, one launch (_dispatch_small) does all of dispatch
@@ -135,9 +138,8 @@ def _write_routes(
 ):
     """Source row ``j``'s routes ``route [K_BLOCK]`` go to layout rows ``row`` where ``keep``: hidden block 0
     records the maps and weights, every block copies its slice ``v`` of the row (:func:`_row_slice`) to each
-    kept row. ``SCALES``: 0
-    plain rows; 1 the row's ``num_scales`` scales (``scales_ptr``) go with it (block 0 copies them); 2 every
-    block quantizes its slice (groups of ``GROUP`` columns) and stores the slice's scales."""
+    kept row. ``SCALES``: 0 plain rows; 1 the row's ``num_scales`` scales (``scales_ptr``) go with it (block
+    0 copies them); 2 every block quantizes its slice (groups of ``GROUP`` columns) and stores its scales."""
     row = tl.where(keep, row, -1)
     if tl.program_id(1) == 0:
         tl.store(route_row_ptr + route, row, mask=in_row)
