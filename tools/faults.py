@@ -105,11 +105,13 @@ def cuda_hostile() -> int:
         config.kernels = kernels
         for layout in faults.SETUPS[backend].layouts:
             for id_dtype in (torch.int32, torch.int64):
-                p = faults.hostile_problem(backend, 1, layout, id_dtype)
-                counts, message = faults.hostile_task(0, p, backend, False, "cuda")
-                ok = not message and counts == faults.expected_counts(p, 0, False)
-                failed += not ok
-                print(f"{backend} kernels={kernels} {layout} {id_dtype}: {'ok' if ok else f'FAILED {counts} {message}'}", flush=True)
+                for tokens in (12, 1100):  # one launch; past SMALL_ROUTES routes, the four launches (PDL on sm_90+)
+                    p = faults.hostile_problem(backend, 1, layout, id_dtype, tokens=[tokens])
+                    counts, message = faults.hostile_task(0, p, backend, False, "cuda")
+                    ok = not message and counts == faults.expected_counts(p, 0, False)
+                    failed += not ok
+                    print(f"{backend} kernels={kernels} {layout} {id_dtype} T={tokens}: {'ok' if ok else f'FAILED {counts} {message}'}",
+                          flush=True)
     torch.cuda.synchronize()
     dist.destroy_process_group()
     return failed

@@ -151,10 +151,13 @@ def set_peer_timeout(rank: int, seconds: float) -> None:
     config.peer_timeout_s = seconds
 
 
-def hostile_problem(backend: str, world: int, layout: str, id_dtype: torch.dtype, seed: int = 0) -> Problem:
+def hostile_problem(
+    backend: str, world: int, layout: str, id_dtype: torch.dtype, seed: int = 0, tokens: list[int] | None = None
+) -> Problem:
     """Routing values chosen to break kernels: ids at the extremes of ``id_dtype``, just past the experts,
-    negative, repeated within a row; NaN and infinite weights; the last rank with no tokens."""
-    tokens = [12, 7, 9, 0][:world] if world > 1 else [12]
+    negative, repeated within a row; NaN and infinite weights; the last rank with no tokens (``tokens``:
+    per rank, by default 12, 7, 9, 0)."""
+    tokens = tokens or ([12, 7, 9, 0][:world] if world > 1 else [12])
     p = problem(backend, world, layout, tokens=tokens, seed=seed)
     junk = [torch.iinfo(id_dtype).min, torch.iinfo(id_dtype).max, p.num_experts, p.num_experts + 1, -2]
     non_finite = (float("nan"), float("inf"), -float("inf"))
