@@ -106,3 +106,35 @@ def test_placement_worked_example(device: str) -> None:
     assert d.tokens_per_expert.tolist() == [1, 2, 2, 0]
     assert d.recv_x[:, 0].tolist() == [0, 1, 2, 0, 2]
     assert d.recv_weights.tolist() == pytest.approx([0.1, 0.3, 0.6, 0.2, 0.5])
+
+
+@pytest.mark.parametrize("layout", ["ragged", "bounded", "padded"])
+def test_non_finite_rows_stay_with_their_token(device: str, layout: str) -> None:
+    """An expert row of inf (an overflow) reaches only the token it came from, and garbage in padding rows
+    (NaN here) reaches none: combine and dispatch's backward read nothing for masked, dropped or padding
+    routes, and combine's backward gives padding rows a zero weight gradient. (The plain path once
+    multiplied the row it gathered in a masked route's place by zero: inf * 0 = NaN in another token.)"""
+    torch.manual_seed(0)
+    tokens, hidden, experts, top_k = 6, 4, 4, 2
+    x = torch.randn(tokens, hidden, device=device)
+    w, idx = torch.topk(torch.rand(tokens, experts, device=device), top_k)
+    idx[3, 1] = -1  # token 3 has a masked route
+    kw = {"ragged": {}, "bounded": dict(max_recv_rows=tokens * top_k, max_tokens_per_rank=tokens),
+          "padded": dict(layout="padded", capacity=tokens, max_tokens_per_rank=tokens)}[layout]
+    d = moe_ops.dispatch(x, idx, w, experts, **kw)
+    rows = d.recv_x.detach().clone().reshape(-1, hidden)
+    sources = d.handle[2].reshape(-1)  # each layout row's flat route, -1 on padding rows
+    first = int((sources >= 0).nonzero()[0])
+    owner = int(sources[first]) // top_k
+    rows[first] = float("inf")
+    rows[sources < 0] = float("nan")
+    assert layout == "ragged" or bool((sources < 0).any()), "the layout must have padding rows to test"
+    rows = rows.view_as(d.recv_x)
+    others = [t for t in range(tokens) if t != owner]
+    out = torch.ops.moe.combine(rows, d.recv_weights, d.handle)
+    grad_x, _ = torch.ops.moe.dispatch_backward(rows, d.recv_weights, d.handle)
+    for name, y in (("combine", out), ("dispatch backward", grad_x)):
+        assert torch.isfinite(y[others]).all(), f"{name}: a non-finite row leaked into another token"
+        assert torch.isinf(y[owner]).all(), f"{name}: the row's own token lost it"
+    _, grad_w = torch.ops.moe.combine_backward(torch.ones_like(x), rows, d.recv_weights, d.handle)
+    assert torch.equal(grad_w.reshape(-1)[sources < 0], torch.zeros_like(grad_w.reshape(-1)[sources < 0]))

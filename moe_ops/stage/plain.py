@@ -142,11 +142,13 @@ def reduce(rows: Tensor, route_row: Tensor, row_weights: Tensor | None, unique: 
         route_row = routing.unique_routes(route_row)
     acc = _acc_dtype(rows.dtype)
     picked, valid = take_rows(rows, route_row)
-    scale = valid.to(acc)
+    term = picked.to(acc)
     if row_weights is not None:
         w, _ = take_rows(row_weights, route_row)
-        scale = scale * w.to(acc)
-    return (picked.to(acc) * scale.unsqueeze(-1)).sum(dim=1).to(rows.dtype)
+        term = term * w.to(acc).unsqueeze(-1)
+    # a route that reads no row adds 0, whatever the row it gathered in its place holds (an inf there
+    # times a zero weight would be NaN in another token's sum), as the kernels' masked loads do
+    return torch.where(valid.unsqueeze(-1), term, 0).sum(dim=1).to(rows.dtype)
 
 
 def gather_routes(row_values: Tensor, route_row: Tensor) -> Tensor:
@@ -165,5 +167,6 @@ def expand_grad(grad_tokens: Tensor, expert_out: Tensor, recv_weights: Tensor, r
     g, valid = take_rows(grad_tokens, token_of_row)
     g = torch.where(valid.unsqueeze(-1), g.to(acc), 0)
     grad_expert_out = (g * recv_weights.to(acc).unsqueeze(-1)).to(expert_out.dtype)
-    grad_recv_weights = (g * expert_out.to(acc)).sum(dim=-1).to(recv_weights.dtype)
+    # padding rows get 0 whatever they hold (an inf there times the zero gradient would be NaN)
+    grad_recv_weights = torch.where(valid, (g * expert_out.to(acc)).sum(dim=-1), 0).to(recv_weights.dtype)
     return grad_expert_out, grad_recv_weights
