@@ -7,19 +7,27 @@ import torch
 from torch import Tensor
 
 
-def take_rows(src: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
-    """``src[index]`` with garbage where ``index < 0``; returns ``(rows, valid mask)``."""
-    valid = index >= 0
-    if src.shape[0] == 0:  # every index is -1 then: nothing to read
-        return src.new_zeros(*index.shape, *src.shape[1:]), valid
-    rows = src.index_select(0, index.clamp(min=0).reshape(-1)).reshape(*index.shape, *src.shape[1:])
-    return rows, valid
+def split(index: Tensor) -> tuple[Tensor, Tensor]:
+    """``(safe, valid)``: ``index`` with ``0`` where it is ``< 0`` (any row of a non-empty source may be
+    read there), and where it is not."""
+    return index.clamp(min=0), index >= 0
+
+
+def gather(src: Tensor, index: Tensor, valid: Tensor | None = None) -> Tensor:
+    """``src[index]`` (rows) for a non-negative ``index`` of any shape, zero where not ``valid`` (``None``:
+    nowhere). float8 rows are moved as bytes (``where`` takes no float8). An empty ``src`` gives zeros (every
+    index is then a masked one)."""
+    if src.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        return gather(src.view(torch.uint8), index, valid).view(src.dtype)
+    if src.shape[0] == 0:
+        return src.new_zeros(*index.shape, *src.shape[1:])
+    rows = src.index_select(0, index.reshape(-1)).view(*index.shape, *src.shape[1:])
+    return rows if valid is None else torch.where(valid.view(*valid.shape, *([1] * (src.dim() - 1))), rows, 0)
 
 
 def take(src: Tensor, index: Tensor) -> Tensor:
     """``src[index]`` (rows), zero where ``index < 0``."""
-    rows, valid = take_rows(src, index)
-    return torch.where(valid.reshape(*valid.shape, *([1] * (src.dim() - 1))), rows, 0)
+    return gather(src, *split(index))
 
 
 def take_columns(values: Tensor, index: Tensor) -> Tensor:

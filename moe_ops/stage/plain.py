@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from moe_ops import routing
-from moe_ops.indexing import take_rows
+from moe_ops.indexing import gather, split
 from moe_ops.plan import RowLayout
 
 
@@ -41,7 +41,7 @@ def group_rows(counts: Tensor, rows: RowLayout) -> tuple[Tensor, Tensor]:
     group = counts if m == 1 else (counts.clamp(min=1) + (m - 1)).div(m, rounding_mode="floor") * m
     start = torch.cumsum(group, 0, dtype=group.dtype) - group
     if rows.kind == "bounded":
-        group = (rows.max_rows - start).clamp(min=0).minimum(group)
+        group = torch.rsub(start, rows.max_rows).clamp_(min=0).minimum(group)
     return start, group
 
 
@@ -71,9 +71,10 @@ def expert_layout(local_ids: Tensor, num_local: int, rows: RowLayout, num_routes
         bound = rows.max_rows
         _, tokens = group_rows(kept, rows)
         sources = order[:bound] if bound <= order.numel() else torch.nn.functional.pad(order, (0, bound - order.numel()), value=-1)
-        routed = torch.arange(bound, device=keys.device) < (keys < num_local).sum()
-        return ExpertLayout(
-            route_row=rank.masked_fill_((keys == num_local) | (rank >= bound), -1).view(m, k),
+        routed_count = torch.rsub(counts[num_local], m * k)  # on the device: no host read
+        routed = torch.arange(bound, device=keys.device) < routed_count
+        return ExpertLayout(  # a route's row is its rank, if it is routed and the rank is below R
+            route_row=rank.masked_fill_(rank >= routed_count.clamp(max=bound), -1).view(m, k),
             row_src=torch.where(routed, sources, -1),
             tokens_per_expert=tokens.to(torch.int32),
             dropped=(kept - tokens).to(torch.int32),
@@ -115,23 +116,20 @@ def expand_rows(tokens: Tensor, row_src: Tensor, top_k: int, padding: bool = Tru
     """Layout rows (``row_src.shape + [H]``) from token rows ``tokens [M, H]`` of any dtype: row ``r`` holds
     token ``row_src[r] // top_k``; padding rows (``row_src < 0``) are zero. ``padding=False``: ``row_src``
     has none (a ragged layout without pad_multiple), which saves the masking."""
-    if tokens.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):  # moved as bytes: where() takes no float8
-        return expand_rows(tokens.view(torch.uint8), row_src, top_k, padding).view(tokens.dtype)
     if not padding:
-        return tokens.index_select(0, row_src.div(top_k, rounding_mode="floor"))
-    token_of_row = torch.where(row_src >= 0, row_src // top_k, -1)
-    rows, valid = take_rows(tokens, token_of_row)
-    return torch.where(valid.unsqueeze(-1), rows, 0)
+        return gather(tokens, row_src.div(top_k, rounding_mode="floor"))
+    route, valid = split(row_src)
+    return gather(tokens, route.div(top_k, rounding_mode="floor"), valid)
 
 
 def expand(tokens: Tensor, weights: Tensor, row_src: Tensor, padding: bool = True) -> tuple[Tensor, Tensor]:
     """``(recv_x, recv_weights)``: :func:`expand_rows` of ``tokens`` and each row's router weight from
     ``weights [M, K]`` (``row_src.shape``, 0 on padding rows)."""
-    recv_x = expand_rows(tokens, row_src, weights.shape[1], padding)
+    flat = weights.reshape(-1)
     if not padding:
-        return recv_x, weights.reshape(-1).index_select(0, row_src)
-    recv_weights, valid = take_rows(weights.reshape(-1), row_src)
-    return recv_x, torch.where(valid, recv_weights, 0)
+        return expand_rows(tokens, row_src, weights.shape[1], False), gather(flat, row_src)
+    route, valid = split(row_src)
+    return gather(tokens, route.div(weights.shape[1], rounding_mode="floor"), valid), gather(flat, route, valid)
 
 
 def reduce(rows: Tensor, route_row: Tensor, row_weights: Tensor | None, unique: bool = False) -> Tensor:
@@ -141,11 +139,10 @@ def reduce(rows: Tensor, route_row: Tensor, row_weights: Tensor | None, unique: 
     if unique:
         route_row = routing.unique_routes(route_row)
     acc = _acc_dtype(rows.dtype)
-    picked, valid = take_rows(rows, route_row)
-    term = picked.to(acc)
+    index, valid = split(route_row)
+    term = gather(rows, index).to(acc)
     if row_weights is not None:
-        w, _ = take_rows(row_weights, route_row)
-        term = term * w.to(acc).unsqueeze(-1)
+        term = term * gather(row_weights, index).to(acc).unsqueeze(-1)
     # a route that reads no row adds 0, whatever the row it gathered in its place holds (an inf there
     # times a zero weight would be NaN in another token's sum), as the kernels' masked loads do
     return torch.where(valid.unsqueeze(-1), term, 0).sum(dim=1).to(rows.dtype)
@@ -153,8 +150,7 @@ def reduce(rows: Tensor, route_row: Tensor, row_weights: Tensor | None, unique: 
 
 def gather_routes(row_values: Tensor, route_row: Tensor) -> Tensor:
     """``[M, K]``: ``row_values[route_row]``, zero where ``route_row < 0``."""
-    picked, valid = take_rows(row_values, route_row)
-    return torch.where(valid, picked, 0)
+    return gather(row_values, *split(route_row))
 
 
 def expand_grad(grad_tokens: Tensor, expert_out: Tensor, recv_weights: Tensor, row_src: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -163,9 +159,8 @@ def expand_grad(grad_tokens: Tensor, expert_out: Tensor, recv_weights: Tensor, r
     <grad_tokens[j], expert_out[r]>`` (float32-accumulated); padding rows get 0. ``expert_out`` has
     ``row_src.shape + [H]``, ``recv_weights`` ``row_src.shape``."""
     acc = _acc_dtype(expert_out.dtype)
-    token_of_row = torch.where(row_src >= 0, row_src // k, -1)
-    g, valid = take_rows(grad_tokens, token_of_row)
-    g = torch.where(valid.unsqueeze(-1), g.to(acc), 0)
+    route, valid = split(row_src)
+    g = gather(grad_tokens, route.div(k, rounding_mode="floor"), valid).to(acc)
     grad_expert_out = (g * recv_weights.to(acc).unsqueeze(-1)).to(expert_out.dtype)
     # padding rows get 0 whatever they hold (an inf there times the zero gradient would be NaN)
     grad_recv_weights = torch.where(valid, (g * expert_out.to(acc)).sum(dim=-1), 0).to(recv_weights.dtype)
