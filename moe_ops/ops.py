@@ -138,8 +138,8 @@ def _signature(tensors: tuple[object, ...], comm: Comm, *options: object) -> tup
 
 
 def _keep(kept: dict[tuple[object, ...], Any], key: tuple[object, ...], value: object) -> None:
-    if len(kept) >= KEPT:
-        del kept[next(iter(kept))]
+    if len(kept) >= KEPT:  # the oldest goes (pop: another thread may have taken it already)
+        kept.pop(next(iter(kept), None), None)
     kept[key] = value
 
 
