@@ -36,6 +36,12 @@ class QuantizedDispatchResult(NamedTuple):
     handle: list[Tensor]
 
 
+def _check_dequantize(quant: str | None, dequantize: bool) -> None:
+    """``dequantize`` says how quantized rows arrive: without ``quant`` there are none."""
+    if dequantize and quant is None:
+        raise MoEInputError("dequantize=True needs quant= (the format the rows travel in)")
+
+
 def dispatch(
     x: Tensor,
     topk_idx: Tensor,
@@ -98,8 +104,7 @@ def dispatch(
         zero_padding=torch.is_grad_enabled() if zero_padding is None else zero_padding,
     )
     if x_scales is None and quant is None:
-        if dequantize:
-            raise MoEInputError("dequantize=True needs quant= (the format the rows travel in)")
+        _check_dequantize(quant, dequantize)
         return DispatchResult(*torch.ops.moe.dispatch(x, topk_idx, topk_weights, expert_map, log2phy, **options))
     out = torch.ops.moe.dispatch_quantized(
         x, topk_idx, topk_weights, x_scales, expert_map, log2phy, **options, quant=quant or "", quant_block=quant_block,
@@ -164,8 +169,7 @@ class Dispatcher:
         self.zero_padding = zero_padding
         if quant is not None:
             moe_quant.make_spec(quant, quant_block, round_scale)
-        elif dequantize:
-            raise MoEInputError("dequantize=True needs quant= (the format the rows travel in)")
+        _check_dequantize(quant, dequantize)
         self.quant, self.quant_block, self.round_scale, self.dequantize = quant, quant_block, round_scale, dequantize
 
     @property

@@ -31,7 +31,6 @@ import torch
 import torch.distributed as dist
 
 
-
 def _placeholder_for_torch_2_11() -> bool:
     """torchtitan 0.3.0's FSDP module imports ``DataParallelMeshDims`` from ``torch.distributed.fsdp``,
     which torch 2.11 (the GPU loaner's only CUDA torch) lacks. This benchmark runs one rank without FSDP,

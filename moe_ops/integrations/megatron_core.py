@@ -87,7 +87,6 @@ class MoEFlexTokenDispatcher(BoundTransport, MoETokenDispatcher):
     ``[T, H]``; ``combine_postprocess`` restores ``[S, B, H]``. One rank (no expert parallelism) works too.
     """
 
-
     def __init__(
         self,
         num_local_experts: int,

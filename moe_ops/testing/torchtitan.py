@@ -4,7 +4,8 @@ and with moe_ops put in the documented way: torchtitan's ``apply_overrides`` wit
 tests/test_upstream_torchtitan.py (CPU, gloo, EP = 2) and tools/bench_torchtitan.py (one GPU, EP = 1).
 
 What CPU needs, and no GPU run does (set here, never in the library): torchtitan falls back to ``"cuda"``
-as its device type where it finds no accelerator, so its meshes are put on ``"cpu"``; FSDP reduces gradients with a plain sum, then divides (gloo has no pre-multiplied sum).
+as its device type where it finds no accelerator, so its meshes are put on ``"cpu"``; FSDP reduces
+gradients with a plain sum, then divides (gloo has no pre-multiplied sum).
 torchtitan's trainer imports its data stack (``datasets``, ``torchdata``, tensorboard), so the step here is
 its ``train_step`` without it: forward, cross-entropy, backward, AdamW. Its FlexAttention takes the
 block-causal masks that stack builds (and compiles only for an accelerator), so on every device each
